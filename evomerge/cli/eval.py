@@ -1,0 +1,3 @@
+"""`evomerge eval` commands."""
+
+from evomerge.cli import app  # noqa: F401

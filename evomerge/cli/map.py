@@ -1,0 +1,3 @@
+"""`evomerge map` commands."""
+
+from evomerge.cli import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""`evomerge merge` commands."""
+
+from evomerge.cli import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""`evomerge recipe` commands."""
+
+from evomerge.cli import app  # noqa: F401

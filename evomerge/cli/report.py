@@ -1,0 +1,3 @@
+"""`evomerge report` commands."""
+
+from evomerge.cli import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""`evomerge search` commands."""
+
+from evomerge.cli import app  # noqa: F401

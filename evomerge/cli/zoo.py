@@ -1,0 +1,3 @@
+"""`evomerge zoo` commands."""
+
+from evomerge.cli import app  # noqa: F401

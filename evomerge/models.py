@@ -1,0 +1,199 @@
+"""Hugging Face model directories, read lazily and safely.
+
+A :class:`ModelDir` opens ``config.json`` and the safetensors index (sharded or not) and reads
+tensors one at a time, memory-mapped, so that merging never holds a whole model it does not
+need. Pickled ``*.bin`` weights are refused unless the caller opts in (``allow_pickle``), and
+then they are loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from evomerge.errors import ModelError
+from evomerge.recipe import TensorSite
+
+# Block index inside a tensor name: model.layers.3., transformer.h.3., blocks.3.
+_BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
+_EMBED_HINTS = ("embed", "wte", "wpe", "word_embeddings")
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def block_index(name: str) -> int | None:
+    m = _BLOCK_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def with_block_index(name: str, index: int) -> str:
+    """``model.layers.3.x`` → ``model.layers.<index>.x``."""
+    m = _BLOCK_RE.search(name)
+    if not m:
+        raise ValueError(f"{name} is not a block tensor")
+    return name[: m.start(1)] + str(index) + name[m.end(1):]
+
+
+def tensor_site(name: str, num_blocks: int) -> TensorSite:
+    """Classify a tensor into its layer group: ``embed``, ``layers.<i>`` or ``head``."""
+    block = block_index(name)
+    if block is not None:
+        return TensorSite(name=name, group=f"layers.{block}", block=block, num_blocks=num_blocks)
+    group = "embed" if any(h in name for h in _EMBED_HINTS) else "head"
+    return TensorSite(name=name, group=group, num_blocks=num_blocks)
+
+
+def layer_groups(num_blocks: int) -> list[str]:
+    return ["embed", *(f"layers.{i}" for i in range(num_blocks)), "head"]
+
+
+class ModelDir:
+    """A lazily read HF model directory (``config.json`` + safetensors weights)."""
+
+    def __init__(self, path: str | Path, allow_pickle: bool = False):
+        self.path = Path(path).expanduser()
+        if not self.path.is_dir():
+            raise ModelError(f"{self.path}: model directory not found")
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise ModelError(f"{self.path}: no config.json; is this a Hugging Face model directory?")
+        try:
+            self.config: dict = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{cfg}: malformed JSON ({e.msg}, line {e.lineno})") from None
+        self.allow_pickle = allow_pickle
+        self._weight_map, self._pickled = self._find_weights()
+        self._handles: dict[str, object] = {}
+        self._pickle_cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ discovery
+    def _find_weights(self) -> tuple[dict[str, str], bool]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
+            if missing:
+                raise ModelError(f"{self.path}: shard {missing[0]} listed in the index is missing")
+            return dict(weight_map), False
+        files = sorted(self.path.glob("*.safetensors"))
+        if files:
+            weight_map = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        weight_map[k] = f.name
+            return weight_map, False
+        pickles = sorted(self.path.glob("*.bin")) + sorted(self.path.glob("*.pt"))
+        if pickles:
+            if not self.allow_pickle:
+                raise ModelError(
+                    f"{self.path}: only pickled weights ({pickles[0].name}); pickles can run code, so "
+                    "they are refused. Convert to safetensors, or pass --allow-pickle if you trust them"
+                )
+            weight_map = {}
+            for f in pickles:
+                for k in self._load_pickle(f.name):
+                    weight_map[k] = f.name
+            return weight_map, True
+        raise ModelError(f"{self.path}: no *.safetensors weights found")
+
+    def _load_pickle(self, fname: str) -> dict[str, torch.Tensor]:
+        if fname not in self._pickle_cache:
+            sd = torch.load(self.path / fname, map_location="cpu", weights_only=True, mmap=True)
+            self._pickle_cache[fname] = sd
+        return self._pickle_cache[fname]
+
+    def _handle(self, fname: str):
+        h = self._handles.get(fname)
+        if h is None:
+            h = safe_open(str(self.path / fname), framework="pt")
+            self._handles[fname] = h
+        return h
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or [self.config.get("model_type", "unknown")]
+        return archs[0]
+
+    @property
+    def model_type(self) -> str:
+        return self.config.get("model_type", "unknown")
+
+    @property
+    def num_blocks(self) -> int:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in self.config:
+                return int(self.config[key])
+        blocks = [block_index(n) for n in self.tensor_names]
+        return 1 + max((b for b in blocks if b is not None), default=-1)
+
+    @cached_property
+    def tensor_names(self) -> list[str]:
+        return list(self._weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._weight_map
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._pickled:
+            return tuple(self.get(name).shape)
+        return tuple(self._handle(self._weight_map[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        if self._pickled:
+            return self.get(name).dtype
+        return _SAFETENSORS_DTYPES[self._handle(self._weight_map[name]).get_slice(name).get_dtype()]
+
+    def site(self, name: str) -> TensorSite:
+        return tensor_site(name, self.num_blocks)
+
+    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Read one tensor (memory-mapped for safetensors)."""
+        fname = self._weight_map.get(name)
+        if fname is None:
+            raise ModelError(f"{self.path}: no tensor named {name}")
+        if self._pickled:
+            t = self._load_pickle(fname)[name]
+        else:
+            t = self._handle(fname).get_tensor(name)
+        return t.to(device) if str(device) != "cpu" else t
+
+    def __repr__(self) -> str:
+        return f"ModelDir({str(self.path)!r})"
+
+
+def check_compatible(base: ModelDir, others: list[ModelDir]) -> None:
+    """Raise on the first difference that makes tensor-wise merging meaningless."""
+    for other in others:
+        if other.model_type != base.model_type:
+            raise ModelError(
+                f"architecture mismatch: {base.path} is {base.model_type} ({base.architecture}) "
+                f"but {other.path} is {other.model_type} ({other.architecture})"
+            )
+        ours, theirs = set(base.tensor_names), set(other.tensor_names)
+        if ours != theirs:
+            only_base = sorted(ours - theirs)
+            only_other = sorted(theirs - ours)
+            if only_base:
+                raise ModelError(f"tensor {only_base[0]} is in {base.path} but not in {other.path}")
+            raise ModelError(f"tensor {only_other[0]} is in {other.path} but not in {base.path}")
+        for name in base.tensor_names:
+            a, b = base.shape(name), other.shape(name)
+            if a != b:
+                raise ModelError(
+                    f"shape mismatch for {name}: {list(a)} in {base.path} vs {list(b)} in {other.path}"
+                )
