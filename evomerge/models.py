@@ -176,23 +176,37 @@ class ModelDir:
         return f"ModelDir({str(self.path)!r})"
 
 
-def check_compatible(base: ModelDir, others: list[ModelDir]) -> None:
-    """Raise on the first difference that makes tensor-wise merging meaningless."""
+def _block_template(name: str) -> str:
+    return with_block_index(name, 0) if block_index(name) is not None else name
+
+
+def check_compatible(base: ModelDir, others: list[ModelDir], same_depth: bool = True) -> None:
+    """Raise on the first difference that makes tensor-wise merging meaningless.
+
+    With ``same_depth=False`` (layer flows) models may differ in their number of blocks, but
+    every block must have the same tensors and shapes.
+    """
+    def layout(m: ModelDir) -> dict[str, str]:
+        if same_depth:
+            return {n: n for n in m.tensor_names}
+        return {_block_template(n): n for n in m.tensor_names}
+
+    ours = layout(base)
     for other in others:
         if other.model_type != base.model_type:
             raise ModelError(
                 f"architecture mismatch: {base.path} is {base.model_type} ({base.architecture}) "
                 f"but {other.path} is {other.model_type} ({other.architecture})"
             )
-        ours, theirs = set(base.tensor_names), set(other.tensor_names)
-        if ours != theirs:
-            only_base = sorted(ours - theirs)
-            only_other = sorted(theirs - ours)
+        theirs = layout(other)
+        if ours.keys() != theirs.keys():
+            only_base = sorted(ours.keys() - theirs.keys())
             if only_base:
-                raise ModelError(f"tensor {only_base[0]} is in {base.path} but not in {other.path}")
-            raise ModelError(f"tensor {only_other[0]} is in {other.path} but not in {base.path}")
-        for name in base.tensor_names:
-            a, b = base.shape(name), other.shape(name)
+                raise ModelError(f"tensor {ours[only_base[0]]} is in {base.path} but not in {other.path}")
+            only_other = sorted(theirs.keys() - ours.keys())
+            raise ModelError(f"tensor {theirs[only_other[0]]} is in {other.path} but not in {base.path}")
+        for key, name in ours.items():
+            a, b = base.shape(name), other.shape(theirs[key])
             if a != b:
                 raise ModelError(
                     f"shape mismatch for {name}: {list(a)} in {base.path} vs {list(b)} in {other.path}"

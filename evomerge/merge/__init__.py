@@ -1,0 +1,1 @@
+"""The merge engine: operators, layer flows, in-place materialisation and streaming export."""

@@ -1,0 +1,164 @@
+"""Layer flows: the merged network's block sequence, and how its input scales are stored.
+
+A slot ``(model, layer, scale)`` places block ``layer`` of ``model`` at the next position and
+multiplies the residual stream entering it by ``scale``. In a pre-norm transformer every block
+reads the stream through an RMSNorm (scale-invariant up to ε) and the final norm removes a global
+scale, so multiplying the stream by ``s_j`` before block ``j`` is equivalent to dividing the
+output projections (attention ``o_proj`` and MLP ``down_proj``) of block ``j`` and every later
+block by the cumulative scale ``S_j = s_0 · … · s_j``. evomerge stores the scaling that way:
+folded into those weights. The merged model is therefore a plain ``transformers`` model with a
+new ``num_hidden_layers`` — no custom code, and nothing a plain load could silently drop.
+Scales must be positive (a negative scale would flip the stream, which no norm undoes).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import torch
+
+from evomerge.errors import ConfigError
+from evomerge.models import ModelDir, block_index, with_block_index
+from evomerge.recipe import MERGED, Recipe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from evomerge.merge.materialize import OutputTensor, Sources
+
+# Families whose blocks read the residual stream only through a norm and add un-normalised
+# outputs back (pre-norm): the scale-folding identity holds for them.
+PRE_NORM_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "internlm2", "granite"}
+# Name fragments of the linear layers that write into the residual stream.
+OUTPUT_PROJECTIONS = (".self_attn.o_proj.", ".mlp.down_proj.", ".attn.c_proj.", ".mlp.c_proj.",
+                      ".self_attn.dense.", ".mlp.fc2.", ".attention.wo.", ".feed_forward.w2.")
+
+
+def embed_source(recipe: Recipe) -> str:
+    flow = recipe.layer_flow
+    if flow is not None and flow.embed_from is not None:
+        return flow.embed_from
+    if recipe.merge_method != "passthrough":
+        return MERGED
+    return "base" if recipe.base_model is not None else recipe.models[0].alias
+
+
+def _dir_for(sources: "Sources", alias: str) -> ModelDir:
+    return sources.reference if alias == MERGED else sources.dirs[alias]
+
+
+@lru_cache(maxsize=64)
+def _blocks(d: ModelDir) -> tuple[tuple[str, ...], dict[int, tuple[str, ...]]]:
+    """(non-block tensor names, block index → tensor names), in file order."""
+    outside: list[str] = []
+    blocks: dict[int, list[str]] = {}
+    for n in d.tensor_names:
+        b = block_index(n)
+        if b is None:
+            outside.append(n)
+        else:
+            blocks.setdefault(b, []).append(n)
+    return tuple(outside), {b: tuple(v) for b, v in blocks.items()}
+
+
+def is_output_projection(name: str) -> bool:
+    return any(frag in name for frag in OUTPUT_PROJECTIONS)
+
+
+def output_num_blocks(recipe: Recipe, sources: "Sources") -> int:
+    if recipe.layer_flow is None:
+        return sources.reference.num_blocks
+    return len(recipe.layer_flow.slots)
+
+
+def layout(recipe: Recipe, sources: "Sources") -> list["OutputTensor"]:
+    """Output tensors of a layer-flow merge, with cumulative inverse scales folded in."""
+    from evomerge.merge.materialize import OutputTensor
+
+    flow = recipe.layer_flow
+    assert flow is not None
+    scaled = any(s.scale != 1.0 for s in flow.slots)
+    family = sources.reference.model_type
+    if scaled and family not in PRE_NORM_FAMILIES:
+        raise ConfigError(
+            f"layer_flow scales need a pre-norm architecture ({', '.join(sorted(PRE_NORM_FAMILIES))}); "
+            f"{family} is not known to be one — use scale 1.0 everywhere"
+        )
+    head_src = embed_source(recipe)
+    outside, _ = _blocks(_dir_for(sources, head_src))
+    out: list[OutputTensor] = []
+    embed = [n for n in outside if sources.reference.site(n).group == "embed"]
+    head = [n for n in outside if n not in embed]
+    out += [OutputTensor(n, head_src, n) for n in embed]
+    cumulative = 1.0
+    for j, slot in enumerate(flow.slots):
+        d = _dir_for(sources, slot.model)
+        _, blocks = _blocks(d)
+        if slot.layer not in blocks:
+            raise ConfigError(
+                f"layer_flow.slots[{j}].layer = {slot.layer} is out of range: {slot.model} has "
+                f"{d.num_blocks} blocks (0–{d.num_blocks - 1})"
+            )
+        cumulative *= slot.scale
+        for n in blocks[slot.layer]:
+            fold = 1.0 / cumulative if is_output_projection(n) else 1.0
+            out.append(OutputTensor(with_block_index(n, j), slot.model, n, fold))
+    out += [OutputTensor(n, head_src, n) for n in head]
+    return out
+
+
+def layer_types_for(recipe: Recipe, sources: "Sources", n_blocks: int) -> list[str] | None:
+    """Per-block ``layer_types`` (sliding vs full attention) for configs that have them."""
+    types = sources.reference.config.get("layer_types")
+    if not types:
+        return None
+    if recipe.layer_flow is None:
+        return list(types)[:n_blocks]
+    result = []
+    for slot in recipe.layer_flow.slots:
+        src_types = _dir_for(sources, slot.model).config.get("layer_types") or types
+        result.append(src_types[slot.layer])
+    return result
+
+
+def output_config(recipe: Recipe, sources: "Sources") -> dict:
+    """``config.json`` of the merged model."""
+    cfg = dict(sources.reference.config)
+    n = output_num_blocks(recipe, sources)
+    cfg["num_hidden_layers"] = n
+    types = layer_types_for(recipe, sources, n)
+    if types is not None:
+        cfg["layer_types"] = types
+    if recipe.layer_flow is not None and "max_window_layers" in cfg:
+        cfg["max_window_layers"] = min(cfg["max_window_layers"], n)
+    return cfg
+
+
+def _block_list(model: torch.nn.Module) -> torch.nn.ModuleList:
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):
+            return module
+    raise ConfigError(f"cannot find the block list of {type(model).__name__}")
+
+
+def resize_blocks(model: torch.nn.Module, n: int, layer_types: list[str] | None = None) -> None:
+    """Make ``model`` run exactly ``n`` blocks, keeping spare blocks for later candidates.
+
+    ``transformers`` runs ``layers[: config.num_hidden_layers]``, so shrinking only lowers the
+    count; growing deep-copies an existing block once. Each block's ``layer_idx`` is its position
+    (the KV cache is indexed by it).
+    """
+    import copy
+
+    blocks = _block_list(model)
+    while len(blocks) < n:
+        blocks.append(copy.deepcopy(blocks[-1]))
+    for i, block in enumerate(blocks):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = i
+    cfg = model.config
+    cfg.num_hidden_layers = n
+    if layer_types is not None and hasattr(cfg, "layer_types"):
+        cfg.layer_types = list(layer_types)
+    elif getattr(cfg, "layer_types", None) is not None and len(cfg.layer_types) != n:
+        cfg.layer_types = (list(cfg.layer_types) + [cfg.layer_types[-1]] * n)[:n]
