@@ -71,9 +71,9 @@ class ModelDir:
         except json.JSONDecodeError as e:
             raise ModelError(f"{cfg}: malformed JSON ({e.msg}, line {e.lineno})") from None
         self.allow_pickle = allow_pickle
-        self._weight_map, self._pickled = self._find_weights()
         self._handles: dict[str, object] = {}
         self._pickle_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._weight_map, self._pickled = self._find_weights()
 
     # ------------------------------------------------------------------ discovery
     def _find_weights(self) -> tuple[dict[str, str], bool]:

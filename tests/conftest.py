@@ -13,6 +13,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)
 
+import transformers  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()
+
 REPO = Path(__file__).resolve().parents[1]
 
 
