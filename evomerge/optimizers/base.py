@@ -1,0 +1,273 @@
+"""The ask/tell interface every optimizer implements, and the registry behind ``make_optimizer``.
+
+Contract (docs/CONTRACTS.md, docs/optimizers.md):
+
+* maximise; genomes are float64 vectors inside ``[lower, upper]``;
+* ``ask()`` returns an :class:`Ask` with a fresh integer id, or ``None`` when the optimizer must
+  wait for outstanding tells (CMA-ES at its generation barrier);
+* ``tell(id, fitness, per_example=None, objectives=None)`` exactly once per asked id; a
+  non-finite value raises (the search loop maps failures to a finite penalty first);
+* ``state_bytes()`` / ``from_state_bytes()``: exact resume, RNG included. Asks that were
+  outstanding when the state was taken are **re-issued first, with the same ids and genomes**,
+  after a restore, so a loop that restores its last checkpoint and re-asks gets the candidates it
+  had (served from its cache) and then exactly the asks an uninterrupted run would have made.
+
+Subclasses implement ``_ask_new`` and ``_tell``; everything common (id bookkeeping, re-issue,
+validation, the best-so-far record, serialisation) lives here so it is written once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import pickle
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from evomerge.errors import ConfigError
+
+_FORMAT = "evomerge-optimizer/1"
+
+
+@dataclass
+class Ask:
+    """One candidate to evaluate. ``info`` carries optimizer-specific provenance (parents, ...)."""
+
+    id: int
+    genome: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _as_bounds(lower, upper, *, allow_infinite: bool, where: str) -> tuple[np.ndarray, np.ndarray]:
+    lo = np.asarray(lower, dtype=np.float64).reshape(-1).copy()
+    hi = np.asarray(upper, dtype=np.float64).reshape(-1).copy()
+    if lo.size == 0 or lo.shape != hi.shape:
+        raise ConfigError(
+            f"{where}: lower and upper bounds must be non-empty vectors of the same length "
+            f"(got {lo.size} and {hi.size}); check the search space"
+        )
+    if np.isnan(lo).any() or np.isnan(hi).any():
+        raise ConfigError(f"{where}: bounds contain NaN; check the search space")
+    if not allow_infinite and not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise ConfigError(f"{where}: needs finite bounds on every genome entry; bound the search space")
+    bad = np.flatnonzero(~(hi > lo))
+    if bad.size:
+        i = int(bad[0])
+        raise ConfigError(
+            f"{where}: upper bound must exceed lower bound; entry {i} has [{lo[i]}, {hi[i]}] "
+            f"({bad.size} such entries); fix the search space bounds"
+        )
+    return lo, hi
+
+
+def check_finite(value: float | np.ndarray, what: str) -> None:
+    """Raise ValueError on NaN/inf: failures must reach an optimizer as a finite penalty."""
+    arr = np.asarray(value, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(
+            f"{what} is not finite ({value if arr.ndim == 0 else 'array with NaN/inf'}); "
+            "the search loop must record failures and tell a finite penalty instead"
+        )
+
+
+class Optimizer(ABC):
+    """Base of all optimizers: seeded, maximising, ask/tell with ids, exactly resumable."""
+
+    name: ClassVar[str] = ""
+    #: whether the box may be unbounded (M2N2 on raw weights); others need finite bounds.
+    allows_infinite_bounds: ClassVar[bool] = False
+
+    def __init__(self, lower, upper, seed: int, x0=None):
+        self.lower, self.upper = _as_bounds(
+            lower, upper, allow_infinite=self.allows_infinite_bounds, where=f"optimizer {self.name!r}"
+        )
+        self.dim = int(self.lower.size)
+        self.seed = int(seed)
+        self.x0 = None if x0 is None else self._check_genome(x0, "x0")
+        self.n_asked = 0
+        self.n_told = 0
+        self._next_id = 0
+        self._pending: dict[int, Ask] = {}
+        self._reissue: list[int] = []
+        self._best: tuple[np.ndarray, float] | None = None
+
+    # ----------------------------------------------------------------- public API
+    def ask(self) -> Ask | None:
+        """Next candidate, or None while the optimizer waits for outstanding tells."""
+        while self._reissue:
+            i = self._reissue.pop(0)
+            if i in self._pending:
+                a = self._pending[i]
+                return Ask(a.id, a.genome.copy(), dict(a.info))
+        a = self._ask_new()
+        if a is None:
+            return None
+        self._pending[a.id] = a
+        self.n_asked += 1
+        return Ask(a.id, a.genome.copy(), dict(a.info))
+
+    def tell(
+        self,
+        id: int,
+        fitness: float,
+        per_example: np.ndarray | None = None,
+        objectives: np.ndarray | None = None,
+    ) -> None:
+        """Report the result of ask ``id``. Fitness is maximised; everything must be finite."""
+        id = int(id)
+        if id not in self._pending:
+            raise ValueError(f"{self.name}: tell for id {id}, which is not an outstanding ask (unknown or told twice)")
+        fitness = float(fitness)
+        check_finite(fitness, f"{self.name}: fitness of ask {id}")
+        if per_example is not None:
+            per_example = np.asarray(per_example, dtype=np.float64).reshape(-1)
+            check_finite(per_example, f"{self.name}: per-example scores of ask {id}")
+        if objectives is not None:
+            objectives = np.asarray(objectives, dtype=np.float64).reshape(-1)
+            check_finite(objectives, f"{self.name}: objectives of ask {id}")
+        ask = self._pending[id]
+        self._tell(ask, fitness, per_example, objectives)  # may raise: then nothing is recorded
+        del self._pending[id]
+        if id in self._reissue:
+            self._reissue.remove(id)
+        self.n_told += 1
+        if self._best is None or fitness > self._best[1]:
+            self._best = (ask.genome.copy(), fitness)
+
+    @property
+    def best(self) -> tuple[np.ndarray, float] | None:
+        """(genome, fitness) of the best told candidate so far, None before the first tell."""
+        if self._best is None:
+            return None
+        return self._best[0].copy(), self._best[1]
+
+    @property
+    def pending(self) -> list[int]:
+        """Ids asked but not yet told, in id order."""
+        return sorted(self._pending)
+
+    def state_bytes(self) -> bytes:
+        """Everything needed to continue exactly (pickle; a run directory's own checkpoint)."""
+        return pickle.dumps({"format": _FORMAT, "name": self.name, "object": self}, protocol=4)
+
+    @classmethod
+    def from_state_bytes(cls, blob: bytes) -> "Optimizer":
+        """Restore; outstanding asks are queued to be re-issued (same ids, same genomes) first."""
+        try:
+            data = pickle.loads(blob)
+        except Exception as exc:  # corrupt checkpoint: say so, not a pickle traceback
+            raise ConfigError(f"optimizer checkpoint is unreadable ({exc}); the run store may be damaged") from exc
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise ConfigError("optimizer checkpoint has an unknown format; it was not written by this evomerge")
+        obj = data["object"]
+        if not isinstance(obj, cls):
+            raise ConfigError(
+                f"optimizer checkpoint holds {data.get('name')!r}, not {cls.name or cls.__name__!r}; "
+                "restore it with load_optimizer()"
+            )
+        obj._reissue = sorted(obj._pending)
+        obj._after_restore()
+        return obj
+
+    # ---------------------------------------------------------------- for subclasses
+    @abstractmethod
+    def _ask_new(self) -> Ask | None:
+        """A new candidate (use ``self._new_ask``), or None to wait."""
+
+    @abstractmethod
+    def _tell(self, ask: Ask, fitness: float, per_example: np.ndarray | None, objectives: np.ndarray | None) -> None:
+        """Consume one result (already validated)."""
+
+    def _after_restore(self) -> None:
+        """Rebuild anything that pickling could not carry (RNGs of third-party objects)."""
+
+    def _new_ask(self, genome: np.ndarray, **info: Any) -> Ask:
+        a = Ask(self._next_id, np.asarray(genome, dtype=np.float64).copy(), info)
+        self._next_id += 1
+        return a
+
+    def _check_genome(self, x, what: str) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64).reshape(-1).copy()
+        if x.shape != self.lower.shape:
+            raise ConfigError(f"optimizer {self.name!r}: {what} has {x.size} entries, the search space has {self.dim}")
+        if not np.isfinite(x).all():
+            raise ConfigError(f"optimizer {self.name!r}: {what} contains NaN/inf")
+        out = np.flatnonzero((x < self.lower) | (x > self.upper))
+        if out.size:
+            i = int(out[0])
+            raise ConfigError(
+                f"optimizer {self.name!r}: {what}[{i}] = {x[i]} lies outside [{self.lower[i]}, {self.upper[i]}]; "
+                "move it inside the bounds"
+            )
+        return x
+
+    def _uniform(self, rng: np.random.Generator) -> np.ndarray:
+        """A uniform point in the (finite) box."""
+        return self.lower + rng.random(self.dim) * (self.upper - self.lower)
+
+
+# --------------------------------------------------------------------------- registry
+OPTIMIZERS: dict[str, type[Optimizer]] = {}
+
+
+def register(name: str) -> Callable[[type[Optimizer]], type[Optimizer]]:
+    """Class decorator: make an optimizer available to ``make_optimizer`` under ``name``."""
+
+    def deco(cls: type[Optimizer]) -> type[Optimizer]:
+        if name in OPTIMIZERS:
+            raise ValueError(f"optimizer {name!r} registered twice")
+        cls.name = name
+        OPTIMIZERS[name] = cls
+        return cls
+
+    return deco
+
+
+def _option_names(cls: type[Optimizer]) -> list[str]:
+    params = inspect.signature(cls.__init__).parameters
+    return [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY]
+
+
+def make_optimizer(name: str, lower, upper, seed: int, x0=None, **options: Any) -> Optimizer:
+    """Build an optimizer by name: ``cmaes``, ``cmaes:sep``, ``m2n2``, ``random``, ``optuna:tpe``...
+
+    The part after ``:`` is the optimizer's ``variant`` (CMA flavour, Optuna sampler).
+    Unknown names or options raise ConfigError listing what is valid.
+    """
+    from evomerge import optimizers as _pkg  # noqa: F401  (registers the built-ins)
+
+    family, _, variant = str(name).partition(":")
+    cls = OPTIMIZERS.get(family)
+    if cls is None:
+        raise ConfigError(
+            f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(OPTIMIZERS))} "
+            "(Optuna samplers as optuna:<sampler>)"
+        )
+    valid = _option_names(cls)
+    if variant:
+        if "variant" not in valid:
+            raise ConfigError(f"optimizer {family!r} has no variants; write just {family!r}")
+        options["variant"] = variant
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"optimizer {family!r}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}"
+        )
+    return cls(lower, upper, seed, x0=x0, **options)
+
+
+def load_optimizer(blob: bytes) -> Optimizer:
+    """Restore any optimizer from ``state_bytes()`` without knowing its class."""
+    return Optimizer.from_state_bytes(blob)
+
+
+def roulette(rng: np.random.Generator, weights: np.ndarray) -> int:
+    """Index drawn with probability ∝ weights (uniform when they sum to 0)."""
+    w = np.asarray(weights, dtype=np.float64)
+    total = float(w.sum())
+    if not (total > 0.0) or not math.isfinite(total):
+        return int(rng.integers(w.size))
+    return int(rng.choice(w.size, p=w / total))

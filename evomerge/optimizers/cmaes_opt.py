@@ -1,0 +1,123 @@
+"""CMA-ES through the ``cmaes`` library, in the unit box, one generation at a time.
+
+Why the unit box: merge genomes mix ranges ([0, 1] densities, [0, 2] weights); normalising makes
+one σ0 (1/6, Akiba et al.) sensible for all of them. Full CMA costs O(n²) memory and an O(n³)
+eigendecomposition, which is slow above ~1000 dimensions on a CPU, so above ``sep_threshold``
+(500) the separable (diagonal) variant is used automatically.
+
+Generation barrier: a whole generation is sampled when its first candidate is asked; ``ask``
+hands them out one by one and returns None once all are out and some are not yet told. The
+library's ``tell`` runs when the last result of the generation arrives (in id order, so the
+order in which workers finish does not matter).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from cmaes import CMA, SepCMA
+
+from evomerge.errors import ConfigError
+from evomerge.optimizers.base import Ask, Optimizer, register
+
+_VARIANTS = ("auto", "full", "sep")
+
+
+def default_popsize(n: int) -> int:
+    """4 + ⌊3 ln n⌋ (Hansen's default)."""
+    return 4 + math.floor(3 * math.log(n))
+
+
+@register("cmaes")
+class CMAES(Optimizer):
+    """CMA-ES (full or separable) with bounds; maximises.
+
+    Options: ``popsize`` (default 4+⌊3 ln n⌋), ``sigma0`` in unit-box units (1/6),
+    ``variant`` auto|full|sep (``cmaes:sep`` as a name), ``sep_threshold`` (500: auto switches to
+    separable CMA above it), ``n_max_resampling`` (library default 100: resample out-of-box
+    candidates that many times, then clip).
+    """
+
+    def __init__(
+        self,
+        lower,
+        upper,
+        seed: int,
+        x0=None,
+        *,
+        popsize: int | None = None,
+        sigma0: float = 1.0 / 6.0,
+        variant: str = "auto",
+        sep_threshold: int = 500,
+        n_max_resampling: int = 100,
+    ):
+        super().__init__(lower, upper, seed, x0=x0)
+        if variant not in _VARIANTS:
+            raise ConfigError(f"cmaes: unknown variant {variant!r}; choose one of {', '.join(_VARIANTS)}")
+        if not (sigma0 > 0 and math.isfinite(sigma0)):
+            raise ConfigError(f"cmaes: sigma0 must be a positive number (unit-box units), got {sigma0}")
+        self.popsize = default_popsize(self.dim) if popsize is None else int(popsize)
+        if self.popsize < 2:
+            raise ConfigError(f"cmaes: popsize must be at least 2, got {popsize}")
+        self.variant = ("sep" if self.dim > sep_threshold else "full") if variant == "auto" else variant
+        self.sigma0 = float(sigma0)
+        self._width = self.upper - self.lower
+        mean = np.full(self.dim, 0.5) if self.x0 is None else (self.x0 - self.lower) / self._width
+        bounds = np.tile([0.0, 1.0], (self.dim, 1))
+        lib = SepCMA if self.variant == "sep" else CMA
+        self._lib = lib(
+            mean=mean,
+            sigma=self.sigma0,
+            bounds=bounds,
+            n_max_resampling=int(n_max_resampling),
+            seed=self.seed % 2**32,
+            population_size=self.popsize,
+        )
+        self._gen: list[int] = []  # ids of the current generation, in ask order
+        self._handed = 0
+        self._unit: dict[int, np.ndarray] = {}  # id -> unit-box point (what the library sampled)
+        self._results: dict[int, float] = {}
+        self._asks: dict[int, Ask] = {}
+
+    @property
+    def generation(self) -> int:
+        """Completed generations."""
+        return int(self._lib.generation)
+
+    def _ask_new(self) -> Ask | None:
+        if not self._gen:
+            self._start_generation()
+        if self._handed == len(self._gen):
+            return None  # barrier: wait for this generation's tells
+        i = self._gen[self._handed]
+        self._handed += 1
+        return self._asks[i]
+
+    def _start_generation(self) -> None:
+        for k in range(self.popsize):
+            u = self._lib.ask()
+            g = np.clip(self.lower + u * self._width, self.lower, self.upper)
+            a = self._new_ask(g, generation=self.generation, member=k)
+            self._unit[a.id] = u
+            self._asks[a.id] = a
+            self._gen.append(a.id)
+
+    def _tell(self, ask, fitness, per_example, objectives) -> None:
+        self._results[ask.id] = fitness
+        if len(self._results) < len(self._gen):
+            return
+        solutions = [(self._unit[i], -self._results[i]) for i in self._gen]  # library minimises
+        self._lib.tell(solutions)
+        self._gen, self._handed, self._unit, self._results, self._asks = [], 0, {}, {}, {}
+
+    # The library drops its RandomState when pickled; carry the state ourselves.
+    def __getstate__(self) -> dict:
+        d = self.__dict__.copy()
+        d["_lib_rng_state"] = self._lib._rng.get_state()
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        rng_state = d.pop("_lib_rng_state")
+        self.__dict__.update(d)
+        self._lib._rng.set_state(rng_state)
