@@ -111,13 +111,21 @@ class CMAES(Optimizer):
         self._lib.tell(solutions)
         self._gen, self._handed, self._unit, self._results, self._asks = [], 0, {}, {}, {}
 
-    # The library drops its RandomState when pickled; carry the state ourselves.
+    # The library's own pickling is lossy for an exact resume: it drops its RandomState and
+    # stores C as a symmetric triangle (C is only symmetric up to rounding). Carry its attributes
+    # and RNG state verbatim instead.
     def __getstate__(self) -> dict:
         d = self.__dict__.copy()
-        d["_lib_rng_state"] = self._lib._rng.get_state()
+        lib = d.pop("_lib")
+        attrs = {k: v for k, v in lib.__dict__.items() if k != "_rng"}
+        d["_lib_state"] = (type(lib), attrs, lib._rng.get_state())
         return d
 
     def __setstate__(self, d: dict) -> None:
-        rng_state = d.pop("_lib_rng_state")
+        lib_type, attrs, rng_state = d.pop("_lib_state")
+        lib = lib_type.__new__(lib_type)
+        lib.__dict__.update(attrs)
+        lib._rng = np.random.RandomState()
+        lib._rng.set_state(rng_state)
         self.__dict__.update(d)
-        self._lib._rng.set_state(rng_state)
+        self._lib = lib
