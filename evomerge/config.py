@@ -1,0 +1,270 @@
+"""The search config: one YAML file that says what to merge, how to score it and how to search.
+
+Top-level keys (see ``examples/*.yaml`` and docs/search.md)::
+
+    name, seed
+    models:     {zoo: demo} | {base: DIR, experts: [DIR | {model: DIR, name: ALIAS}, ...]}
+    space:      ps | dfs | hybrid | task_vector | path.yaml | {type: ps, ...overrides}
+    objectives: [{task, metric, weight, split, limit}, ...]        # maximised: Σ weight·value
+    validation: {objectives: [...], when: best|final|all|none}     # or just a list of objectives
+    optimizer:  cmaes | {name: m2n2, options: {...}}
+    budget:     {evaluations: N, wall_time: 10m}                   # at least one
+    executor:   local | {type: ray, workers, num_cpus, num_gpus, ray_address, device, ...}
+    evaluation: {batch_size, evals_dir, dtype}
+    search:     {deterministic, window, checkpoint_every, failure_penalty, references, ...}
+
+Every error is one line naming the key, e.g. ``config.yaml: budget: give evaluations and/or
+wall_time``. Relative model paths are resolved against the current directory when the config
+is loaded, so a run directory's stored config is self-contained.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError
+from evomerge.recipe import InputModel, format_validation_error, load_yaml
+
+SPLITS = ("search", "validation", "test")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d)?\s*$")
+_UNIT = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from ``90``, ``"90s"``, ``"15m"``, ``"2h"``."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a duration; write e.g. 600, 90s, 15m or 2h")
+        seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    if not seconds > 0:
+        raise ValueError(f"duration must be positive, got {value!r}")
+    return seconds
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ObjectiveConfig(_Strict):
+    """One scored task: an lm-eval task of ``evals/`` (or ``python:pkg.module:function``)."""
+
+    task: str = Field(min_length=1)
+    metric: str | None = None  # default: the task's first metric
+    split: Literal["search", "validation", "test"] = "search"
+    weight: float = 1.0
+    limit: int | None = Field(default=None, ge=1)
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}:{self.split}"
+
+    def to_objective(self):
+        """The evaluator's :class:`~evomerge.evaluation.Objective`."""
+        from evomerge.evaluation import Objective
+
+        return Objective(task=self.task, metric=self.metric, split=self.split, weight=self.weight,
+                         limit=self.limit)
+
+
+class ExpertConfig(_Strict):
+    model: str
+    name: str | None = None
+
+
+class ModelsConfig(_Strict):
+    zoo: str | None = None  # a zoo preset: base and experts come from build_zoo(zoo)
+    base: str | None = None
+    experts: list[str | ExpertConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelsConfig":
+        if self.zoo is not None and (self.base is not None or self.experts):
+            raise ValueError("give either `zoo` or `base`/`experts`, not both")
+        if self.zoo is None and not self.experts:
+            raise ValueError("list the `experts` to merge (and usually a `base`), or name a `zoo`")
+        return self
+
+    def input_models(self) -> list[InputModel]:
+        out = []
+        for e in self.experts:
+            spec = ExpertConfig(model=e) if isinstance(e, str) else e
+            out.append(InputModel(model=spec.model, name=spec.name))
+        return out
+
+    def absolute(self) -> "ModelsConfig":
+        """Paths made absolute (relative ones are relative to the current directory)."""
+        def ab(p: str) -> str:
+            return str(Path(p).expanduser().resolve())
+
+        experts = [ExpertConfig(model=ab(m.model), name=m.name) for m in self.input_models()]
+        return self.model_copy(update={"base": ab(self.base) if self.base else None, "experts": experts})
+
+
+class OptimizerConfig(_Strict):
+    name: str = "cmaes"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class BudgetConfig(_Strict):
+    evaluations: int | None = Field(default=None, ge=1)
+    wall_time: float | None = None  # seconds; strings like "15m" are accepted
+
+    @field_validator("wall_time", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float | None:
+        return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _some(self) -> "BudgetConfig":
+        if self.evaluations is None and self.wall_time is None:
+            raise ValueError("give evaluations and/or wall_time (e.g. evaluations: 200, wall_time: 30m)")
+        return self
+
+
+class ExecutorConfig(_Strict):
+    type: Literal["local", "ray"] = "local"
+    workers: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, gt=0)  # per worker, always explicit for Ray actors
+    num_gpus: float = Field(default=0.0, ge=0)  # per worker; 1 on a GPU cluster
+    ray_address: str | None = None  # existing cluster (else RAY_ADDRESS, else a private local one)
+    device: str = "auto"  # auto: cuda when the worker sees a GPU, else cpu
+    torch_threads: int | None = Field(default=None, ge=1)  # default: num_cpus (at least 1)
+    max_retries: int = Field(default=2, ge=0)  # re-runs of a candidate whose worker died
+    max_restarts: int = Field(default=10, ge=0)  # worker restarts in a whole run before giving up
+    worker: str | None = None  # advanced: "module:factory" building a custom worker (tests, benchmarks)
+
+    @model_validator(mode="after")
+    def _local_one(self) -> "ExecutorConfig":
+        if self.type == "local" and self.workers != 1:
+            raise ValueError("the local executor runs exactly one in-process worker; use `type: ray` for more")
+        return self
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus))
+
+
+class ValidationConfig(_Strict):
+    objectives: list[ObjectiveConfig] = Field(default_factory=list)
+    when: Literal["best", "final", "all", "none"] = "best"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_split(cls, data: Any) -> Any:
+        if isinstance(data, list):
+            data = {"objectives": data}
+        if isinstance(data, dict) and isinstance(data.get("objectives"), list):
+            data = {**data, "objectives": [
+                {"split": "validation", **o} if isinstance(o, dict) else o for o in data["objectives"]
+            ]}
+        return data
+
+
+class EvaluationConfig(_Strict):
+    batch_size: int = Field(default=16, ge=1)
+    evals_dir: str | None = None  # default: the evaluator's (evals/ of the repository)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class SearchOptions(_Strict):
+    deterministic: bool = True  # tell results in ask order: same seed ⇒ same run, any timing
+    window: int | None = Field(default=None, ge=1)  # candidates in flight; default 1, or 2×workers
+    checkpoint_every: int = Field(default=1, ge=1)  # optimizer checkpoint every N tells
+    failure_penalty: float | None = None  # fitness told for failures; default: worst so far − 1
+    references: bool = True  # score the parents (search + validation) at the start
+    max_duplicate_asks: int = Field(default=1000, ge=1)  # stop when the optimizer only repeats itself
+    per_example_dtype: Literal["float32", "float16"] = "float32"
+
+
+class SearchConfig(_Strict):
+    name: str | None = None
+    seed: int = 0
+    models: ModelsConfig
+    space: Any = Field(default="ps", validate_default=True)
+    objectives: list[ObjectiveConfig] = Field(min_length=1)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    budget: BudgetConfig
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    search: SearchOptions = Field(default_factory=SearchOptions)
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _executor_name(cls, v: Any) -> Any:
+        return {"type": v} if isinstance(v, str) else v
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _space(cls, v: Any) -> Any:
+        from evomerge.spaces import parse_space_config
+
+        try:
+            return parse_space_config(v)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("space: ").removeprefix("space.")) from None
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> "SearchConfig":
+        for what, objs in (("objectives", self.objectives), ("validation", self.validation.objectives)):
+            keys = [o.key for o in objs]
+            dupes = sorted({k for k in keys if keys.count(k) > 1})
+            if dupes:
+                raise ValueError(f"{what}: {dupes[0]} is listed twice (task and split must be unique)")
+        if self.validation.when != "none" and not self.validation.objectives:
+            self.validation.when = "none"
+        return self
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def window(self) -> int:
+        if self.search.window is not None:
+            return self.search.window
+        return 1 if self.executor.workers == 1 else 2 * self.executor.workers
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=False)
+
+    def resolved(self) -> "SearchConfig":
+        """Paths made absolute (what a run directory stores)."""
+        ev = self.evaluation
+        if ev.evals_dir is not None:
+            ev = ev.model_copy(update={"evals_dir": str(Path(ev.evals_dir).expanduser().resolve())})
+        return self.model_copy(update={"models": self.models.absolute() if self.models.zoo is None else self.models,
+                                       "evaluation": ev})
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "config") -> "SearchConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(f"{where}: {_friendly(format_validation_error(e))}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SearchConfig":
+        return cls.from_dict(load_yaml(path), where=str(path))
+
+
+def _friendly(msg: str) -> str:
+    return (msg.replace("Field required", "required key is missing")
+               .replace("Extra inputs are not permitted", "unknown key (check the spelling)"))
+
+
+def load_config(path: str | Path) -> SearchConfig:
+    return SearchConfig.load(path)
