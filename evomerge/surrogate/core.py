@@ -1,0 +1,140 @@
+"""Plain MAP over an ``evaluate`` callable: plan → evaluate → fit surrogates → predicted front.
+
+These drivers are pure: ``evaluate(C) -> Y`` takes a batch of coefficient vectors (k × N) and
+returns their metrics (k × m, higher is better). The run-store/executor driver
+(:mod:`evomerge.surrogate.map_search`) passes an ``evaluate`` that goes through the normal search
+machinery; tests and benchmarks pass analytic functions or a zoo evaluator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+from evomerge.surrogate.design import default_budget, sampling_plan, validate_box
+from evomerge.surrogate.front import Front, surrogate_front
+from evomerge.surrogate.pareto import non_dominated_mask
+from evomerge.surrogate.quadratic import SurrogateSet
+
+__all__ = ["FrontOptions", "MapResult", "evaluate_checked", "fit_and_front", "plain_map", "spread_subset"]
+
+Evaluate = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class FrontOptions:
+    """How surrogates are fitted and their front searched (shared by every MAP variant)."""
+
+    links: str | Sequence[str] = "identity"
+    ridge: float = 1e-8
+    pop_size: int = 100
+    n_gen: int = 150
+    algorithm: str = "auto"
+
+
+@dataclass
+class MapResult:
+    """Everything a MAP run produced: evaluated points, surrogates, predicted front, history."""
+
+    C: np.ndarray  # evaluated coefficients (n × N)
+    Y: np.ndarray  # measured metrics (n × m)
+    surrogates: SurrogateSet
+    front: Front  # predicted front (surrogates, inside the box)
+    names: list[str]
+    history: list[dict] = field(default_factory=list)  # one entry per refit: n, r2, loo_rmse
+
+    @property
+    def n_evaluations(self) -> int:
+        return int(self.C.shape[0])
+
+    def evaluated_front(self) -> Front:
+        """The non-dominated evaluated points (measured, not predicted)."""
+        keep = non_dominated_mask(self.Y)
+        return Front(self.C[keep], self.Y[keep], list(self.names)).sorted()
+
+
+def evaluate_checked(evaluate: Evaluate, C: np.ndarray, n_objectives: int | None = None) -> np.ndarray:
+    """Call ``evaluate`` on a batch and check that it returned one finite row of metrics per point."""
+    Y = np.asarray(evaluate(np.asarray(C, dtype=float)), dtype=float)
+    if Y.ndim == 1:
+        Y = Y[:, None] if n_objectives in (None, 1) and Y.shape[0] == C.shape[0] else Y[None, :]
+    if Y.shape[0] != C.shape[0] or (n_objectives is not None and Y.shape[1] != n_objectives):
+        raise EvomergeError(
+            f"MAP evaluate: expected {C.shape[0]} rows of {n_objectives or 'm'} metrics, got shape {Y.shape}"
+        )
+    if not np.all(np.isfinite(Y)):
+        raise EvomergeError("MAP evaluate: got NaN/infinite metrics; failed evaluations must be retried or dropped")
+    return Y
+
+
+def fit_and_front(
+    C: np.ndarray,
+    Y: np.ndarray,
+    lower,
+    upper,
+    *,
+    options: FrontOptions | None = None,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+) -> tuple[SurrogateSet, Front]:
+    """Fit one quadratic per objective within the box and search their front inside it."""
+    o = options or FrontOptions()
+    lower, upper = validate_box(lower, upper)
+    S = SurrogateSet.fit(C, Y, links=o.links, ridge=o.ridge, box=(lower, upper), names=names)
+    F = surrogate_front(
+        S.predict, lower, upper, pop_size=o.pop_size, n_gen=o.n_gen, seed=seed,
+        algorithm=o.algorithm, x0=C, names=S.names,
+    )
+    return S, F
+
+
+def history_entry(S: SurrogateSet, n: int, **extra) -> dict:
+    return {"n": int(n), "r2": S.r2.tolist(), "loo_rmse": S.loo_rmse.tolist(), **extra}
+
+
+def plain_map(
+    evaluate: Evaluate,
+    lower,
+    upper,
+    *,
+    budget: int | None = None,
+    design: str = "sobol",
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+    options: FrontOptions | None = None,
+    include_origin: bool = False,
+) -> MapResult:
+    """MAP as published: one sampling plan of ``budget`` points ((N+1)(N+2) by default), one fit."""
+    lower, upper = validate_box(lower, upper)
+    n = default_budget(lower.size) if budget is None else int(budget)
+    C = sampling_plan(lower, upper, n, method=design, seed=seed, include_origin=include_origin)
+    Y = evaluate_checked(evaluate, C)
+    S, F = fit_and_front(C, Y, lower, upper, options=options, seed=seed, names=names)
+    return MapResult(C, Y, S, F, list(S.names), [history_entry(S, len(C))])
+
+
+def spread_subset(M: np.ndarray, k: int, include: Sequence[int] = ()) -> np.ndarray:
+    """Indices of ``k`` rows of ``M`` spread out in objective space (greedy farthest-point).
+
+    Starts from ``include`` (e.g. the preferred point) or from the two extremes of the first
+    objective; used to choose which predicted front points to re-evaluate ("verify").
+    """
+    M = np.atleast_2d(np.asarray(M, dtype=float))
+    n = M.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return np.empty(0, dtype=int)
+    chosen = list(dict.fromkeys(int(i) for i in include))[:k]
+    if not chosen:
+        chosen = [int(np.argmax(M[:, 0]))]
+    dist = np.min(np.linalg.norm(M[:, None, :] - M[chosen][None, :, :], axis=2), axis=1)
+    while len(chosen) < k:
+        i = int(np.argmax(dist))
+        if dist[i] <= 0:
+            break
+        chosen.append(i)
+        dist = np.minimum(dist, np.linalg.norm(M - M[i], axis=1))
+    return np.array(chosen, dtype=int)
