@@ -1,0 +1,184 @@
+"""MAP drivers on analytic problems: plain, Bayesian (sampler stays in the box), nested (pairing order)."""
+
+import numpy as np
+import pytest
+
+from evomerge.errors import EvomergeError
+from evomerge.surrogate.bayesian import CRITERIA, bayesian_map, hyperspherical_angles, propose
+from evomerge.surrogate.core import FrontOptions, plain_map, spread_subset
+from evomerge.surrogate.nested import closest_pair, gram_cosine, nested_map
+from evomerge.surrogate.pareto import inverted_generational_distance, non_dominated_mask
+
+FAST = FrontOptions(pop_size=40, n_gen=40)
+
+
+def _quadratic_tasks(C):
+    """Two 'accuracies' that are exact quadratics of the coefficients on [0, 1]²."""
+    c1, c2 = C[:, 0], C[:, 1]
+    return np.column_stack([0.3 + 0.5 * c1 - 0.2 * c1**2 - 0.15 * c2**2, 0.35 + 0.45 * c2 - 0.25 * c2**2 - 0.1 * c1 * c2])
+
+
+def _sigmoid_tasks(C):
+    c1, c2 = C[:, 0], C[:, 1]
+    m1 = 0.25 + 0.6 / (1 + np.exp(-(6 * c1 - 2.5 - 2.5 * c2**2)))
+    m2 = 0.3 + 0.55 / (1 + np.exp(-(5 * c2 - 2 - 3 * c1**2)))
+    return np.column_stack([m1, m2])
+
+
+def _grid_front(f, lo, hi, k=81):
+    g0, g1 = np.linspace(lo[0], hi[0], k), np.linspace(lo[1], hi[1], k)
+    G = np.array([[a, b] for a in g0 for b in g1])
+    Y = f(G)
+    return Y[non_dominated_mask(Y)]
+
+
+def test_plain_map_on_exact_quadratics_matches_the_true_front():
+    R = plain_map(_quadratic_tasks, [0, 0], [1, 1], seed=0, options=FAST, names=["a", "b"])
+    assert R.n_evaluations == 12
+    np.testing.assert_allclose(R.surrogates.r2, 1.0, atol=1e-8)
+    np.testing.assert_allclose(R.front.M, _quadratic_tasks(R.front.C), atol=1e-6)  # predictions are exact
+    assert inverted_generational_distance(R.front.M, _grid_front(_quadratic_tasks, [0, 0], [1, 1])) < 0.01
+    assert R.front.names == ["a", "b"] and R.history[0]["n"] == 12
+    E = R.evaluated_front()
+    assert non_dominated_mask(E.M).all() and len(E) <= 12
+    R2 = plain_map(_quadratic_tasks, [0, 0], [1, 1], seed=0, options=FAST, names=["a", "b"])
+    np.testing.assert_array_equal(R.front.C, R2.front.C)
+
+
+def test_plain_map_logit_link_on_a_non_quadratic_problem():
+    true = _grid_front(_sigmoid_tasks, [0, 0], [1.5, 1.5])
+    R = plain_map(_sigmoid_tasks, [0, 0], [1.5, 1.5], budget=20, seed=0, options=FrontOptions(links="logit", pop_size=60, n_gen=60))
+    assert np.all(R.surrogates.r2 > 0.9)
+    # what the user gets: the front's coefficients re-evaluated for real
+    assert inverted_generational_distance(_sigmoid_tasks(R.front.C), true) < 0.02
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+@pytest.mark.parametrize("focus", ["box", "front"])
+def test_bayesian_proposals_stay_in_the_box(criterion, focus):
+    lo, hi = np.array([-0.5, 0.2, 0.0]), np.array([1.0, 1.2, 0.4])
+    rng = np.random.default_rng(0)
+    C = lo + rng.random((14, 3)) * (hi - lo)
+    Y = np.column_stack([np.sin(3 * C[:, 0]) + C[:, 1], np.cos(2 * C[:, 2]) - C[:, 0] ** 3])
+    front = None
+    if focus == "front":
+        from evomerge.surrogate.core import fit_and_front
+
+        front = fit_and_front(C, Y, lo, hi, options=FAST)[1]
+    X = propose(C, Y, lo, hi, 5, criterion=criterion, focus=focus, front=front, seed=1, n_candidates=512)
+    assert X.shape == (5, 3)
+    assert np.all(X >= lo) and np.all(X <= hi)
+    assert len(np.unique(np.round(X, 9), axis=0)) == 5  # a batch of distinct points
+    X2 = propose(C, Y, lo, hi, 5, criterion=criterion, focus=focus, front=front, seed=1, n_candidates=512)
+    np.testing.assert_array_equal(X, X2)
+
+
+def test_variance_criterion_fills_the_empty_region_first():
+    rng = np.random.default_rng(0)
+    C = np.vstack([rng.uniform(0, 0.4, size=(12, 2)), [[1, 1]]])  # nothing in most of the box
+    Y = _quadratic_tasks(C) + 0.01 * rng.normal(size=(13, 2))
+    X = propose(C, Y, [0, 0], [1, 1], 3, criterion="variance", seed=0, n_candidates=512)
+    assert np.all(X.max(axis=1) > 0.6)
+
+
+def test_bayesian_map_runs_to_budget_or_target_error():
+    seen = []
+    R = bayesian_map(_sigmoid_tasks, [0, 0], [1.5, 1.5], budget=14, seed=0, options=FAST, on_step=seen.append)
+    assert R.n_evaluations == 14 and len(R.C) == len(R.Y) == 14
+    assert [h["n"] for h in R.history] == [8, 10, 12, 14] and R.history[-1]["stopped"] == "budget"
+    assert len(seen) == 4
+    assert np.all(R.C >= 0) and np.all(R.C <= 1.5)
+    # an exactly quadratic problem meets any target error at the first fit
+    Q = bayesian_map(_quadratic_tasks, [0, 0], [1, 1], budget=30, target_error=1e-6, options=FAST)
+    assert Q.n_evaluations == 8 and Q.history[-1]["stopped"] == "target_error"
+    with pytest.raises(EvomergeError, match="initial plan needs more than 6 points"):
+        bayesian_map(_quadratic_tasks, [0, 0], [1, 1], initial=6)
+    with pytest.raises(EvomergeError, match="unknown Bayesian MAP criterion 'ucb'"):
+        bayesian_map(_quadratic_tasks, [0, 0], [1, 1], criterion="ucb", budget=10, options=FAST)
+
+
+def test_evaluate_contract_is_checked():
+    with pytest.raises(EvomergeError, match="NaN"):
+        plain_map(lambda C: np.full((len(C), 2), np.nan), [0, 0], [1, 1], options=FAST)
+    with pytest.raises(EvomergeError, match="expected 12 rows"):
+        plain_map(lambda C: np.zeros((3, 2)), [0, 0], [1, 1], options=FAST)
+
+
+def test_hyperspherical_angles():
+    ang = hyperspherical_angles(np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]]))
+    np.testing.assert_allclose(ang, [[0, 0], [np.pi / 2, np.pi / 2], [np.pi / 2, 0], [np.pi / 4, 0]])
+    np.testing.assert_allclose(hyperspherical_angles(np.array([[1.0, 1.0]])), [[np.pi / 4]])
+
+
+def test_spread_subset_starts_from_the_included_point_and_spreads():
+    M = np.array([[0.0, 1.0], [0.1, 0.9], [0.5, 0.5], [0.9, 0.1], [1.0, 0.0]])
+    np.testing.assert_array_equal(spread_subset(M, 3, include=[2]), [2, 0, 4])
+    assert spread_subset(M, 10).size == 5
+
+
+# -- nested MAP ---------------------------------------------------------------------------------------
+
+
+def test_gram_cosine_and_closest_pair():
+    G = np.array([[1.0, 0.9, 0.0], [0.9, 1.0, 0.1], [0.0, 0.1, 1.0]])
+    np.testing.assert_allclose(gram_cosine(np.eye(3), G), G)
+    assert closest_pair(G) == (0, 1)
+    # a merged group's vector: cos(τ0 + τ1, τ2) = (0 + 0.1) / sqrt(3.8 · 1)
+    S = gram_cosine(np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), G)
+    assert S[0, 1] == pytest.approx(0.1 / np.sqrt(3.8))
+
+
+def _additive_tasks(N):
+    """Task k's metric rises with c_k and suffers from other coefficients (a quadratic per task)."""
+
+    def f(C):
+        C = np.atleast_2d(C)
+        return np.column_stack([0.2 + 0.6 * C[:, k] - 0.3 * C[:, k] ** 2 - 0.1 * (np.delete(C, k, axis=1) ** 2).sum(1) for k in range(N)])
+
+    return f
+
+
+def test_nested_map_pairs_the_closest_tasks_first():
+    # task vectors: 0~2 most aligned, then 1~3; the merged groups meet last
+    G = np.array(
+        [
+            [1.0, 0.1, 0.8, 0.0],
+            [0.1, 1.0, 0.0, 0.6],
+            [0.8, 0.0, 1.0, 0.1],
+            [0.0, 0.6, 0.1, 1.0],
+        ]
+    )
+    f = _additive_tasks(4)
+    calls = []
+
+    def evaluate(C):
+        calls.append(len(C))
+        return f(C)
+
+    R = nested_map(evaluate, 4, gram=G, budget_per_pair=12, options=FAST, seed=0)
+    assert R.order == [([0], [2]), ([1], [3]), ([0, 2], [1, 3])]
+    assert R.n_evaluations == 36 == sum(calls)
+    assert R.rounds[0].similarity == pytest.approx(0.8)
+    assert R.c.shape == (4,) and np.all(R.c >= 0)
+    # the final point is a combination of all four experts, each used
+    assert np.all(R.c > 0.05)
+    for rnd in R.rounds:
+        assert np.all(rnd.st >= 0) and np.all(rnd.st <= 1)
+
+
+def test_nested_map_metric_profile_similarity():
+    f = _additive_tasks(3)
+
+    def g(C):  # experts 0 and 1 help each other's tasks; 2 is on its own
+        Y = f(C)
+        Y[:, 0] += 0.3 * np.atleast_2d(C)[:, 1]
+        Y[:, 1] += 0.3 * np.atleast_2d(C)[:, 0]
+        return Y
+
+    R = nested_map(g, 3, similarity="metric_profile", budget_per_pair=12, options=FAST)
+    assert R.order[0] == ([0], [1])
+    assert R.n_evaluations == 4 + 2 * (12 + 1)
+    with pytest.raises(EvomergeError, match="needs the experts' Gram matrix"):
+        nested_map(g, 3)
+    with pytest.raises(EvomergeError, match="3 finite non-negative weights"):
+        nested_map(g, 3, preference=[1, 1], similarity="metric_profile")
