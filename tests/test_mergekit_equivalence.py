@@ -1,0 +1,163 @@
+"""evomerge vs ``mergekit-yaml`` on the same tiny models and the same configs.
+
+mergekit lives in a throwaway venv (``scripts/mergekit_venv.sh``; path from
+``EVOMERGE_MERGEKIT_VENV``, default ``/tmp/mergekit-venv``) and only ever runs in a subprocess:
+evomerge never imports it (LGPL). One subprocess runs every config through mergekit-yaml's own
+command (its click entry point, in-process, to pay torch's import once). Each config is also
+imported with :func:`recipe_from_mergekit` and merged by evomerge's engine; every tensor must
+match to float tolerance. Random methods (DARE, DELLA) are compared at density 1 only: their
+masks come from different random generators by design.
+
+Set ``EVOMERGE_EQUIV_REPORT=path.json`` to write the per-config max abs difference (the table
+in docs/operators.md comes from it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from evomerge.merge.materialize import Sources, merged_tensors
+from evomerge.mergekit_compat import recipe_from_mergekit
+
+VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/tmp/mergekit-venv"))
+MERGEKIT_YAML = VENV / "bin" / "mergekit-yaml"
+
+pytestmark = pytest.mark.skipif(
+    not MERGEKIT_YAML.exists(),
+    reason=f"mergekit venv not found at {VENV} (create it with scripts/mergekit_venv.sh "
+           "or set EVOMERGE_MERGEKIT_VENV)",
+)
+
+ATOL = 5e-6  # float32 round-off of differently ordered sums; weights here are O(0.1–1)
+
+# Each config uses the placeholders BASE, E0, E1, E2 for the model directories.
+CASES: dict[str, dict] = {
+    "linear": {"merge_method": "linear", "models": [
+        {"model": "E0", "parameters": {"weight": 0.5}}, {"model": "E1", "parameters": {"weight": 0.3}},
+        {"model": "E2", "parameters": {"weight": 0.4}}]},
+    "linear_base_is_input": {"merge_method": "linear", "base_model": "BASE", "parameters": {"weight": 0.2},
+                             "models": [{"model": "E0", "parameters": {"weight": 0.6}}, {"model": "E1"}]},
+    "task_arithmetic_gradients_filters": {
+        "merge_method": "task_arithmetic", "base_model": "BASE", "parameters": {"lambda": 0.8},
+        "models": [{"model": "E0", "parameters": {"weight": [0.2, 0.9]}},
+                   {"model": "E1", "parameters": {"weight": [{"filter": "mlp", "value": 0.7}, {"value": 0.3}]}},
+                   {"model": "E2", "parameters": {"weight": 0.5}}]},
+    "task_arithmetic_normalize": {
+        "merge_method": "task_arithmetic", "base_model": "BASE", "parameters": {"normalize": True},
+        "models": [{"model": "E0", "parameters": {"weight": 0.7}}, {"model": "E1", "parameters": {"weight": 0.6}}]},
+    "ties": {"merge_method": "ties", "base_model": "BASE", "models": [
+        {"model": "E0", "parameters": {"weight": 0.4, "density": 0.5}},
+        {"model": "E1", "parameters": {"weight": 0.3, "density": 0.7}},
+        {"model": "E2", "parameters": {"weight": 0.3, "density": 0.3}}]},
+    "ties_no_normalize_gradient_density": {
+        "merge_method": "ties", "base_model": "BASE", "parameters": {"normalize": False, "weight": 0.5},
+        "models": [{"model": "E0", "parameters": {"density": [0.2, 0.8]}},
+                   {"model": "E1", "parameters": {"density": [{"filter": "self_attn", "value": 0.4},
+                                                              {"value": [0.9, 0.3, 0.6]}]}},
+                   {"model": "E2", "parameters": {"density": 0.5, "weight": 0.8}}]},
+    "ties_rescale_negative_weight": {
+        "merge_method": "ties", "base_model": "BASE", "parameters": {"rescale": True, "lambda": 1.3},
+        "models": [{"model": "E0", "parameters": {"weight": 0.7, "density": 0.4}},
+                   {"model": "E1", "parameters": {"weight": -0.3, "density": 0.6}}]},
+    "dare_ties_density1": {"merge_method": "dare_ties", "base_model": "BASE", "models": [
+        {"model": "E0", "parameters": {"weight": 0.5}}, {"model": "E1", "parameters": {"weight": 0.4}},
+        {"model": "E2", "parameters": {"weight": 0.3}}]},
+    "dare_linear_density1": {"merge_method": "dare_linear", "base_model": "BASE", "models": [
+        {"model": "E0", "parameters": {"weight": 0.5, "density": 1.0}},
+        {"model": "E1", "parameters": {"weight": 0.4, "density": 1.0}}]},
+    "della_density1": {"merge_method": "della", "base_model": "BASE", "models": [
+        {"model": "E0", "parameters": {"weight": 0.5, "density": 1.0}},
+        {"model": "E1", "parameters": {"weight": 0.4, "density": 1.0}}]},
+    "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": "BASE", "models": [
+        {"model": "E0", "parameters": {"weight": 0.5, "density": 0.6, "gamma": 0.05}},
+        {"model": "E1", "parameters": {"weight": 0.5, "density": 0.8}}]},
+    "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": "BASE", "models": [
+        {"model": "E0", "parameters": {"weight": 0.5, "density": 0.6, "gamma": 0.1}},
+        {"model": "E1", "parameters": {"weight": 0.4, "density": 0.5, "gamma": 0.02}},
+        {"model": "E2", "parameters": {"weight": 0.3, "density": 0.9}}]},
+    "slerp": {"merge_method": "slerp", "base_model": "BASE",
+              "models": [{"model": "BASE"}, {"model": "E0"}],
+              "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]},
+                                   {"filter": "mlp", "value": [1.0, 0.2]}, {"value": 0.35}]}},
+    "slerp_slices_form": {"merge_method": "slerp", "base_model": "BASE",
+                          "slices": [{"sources": [{"model": "BASE", "layer_range": [0, 2]},
+                                                  {"model": "E1", "layer_range": [0, 2]}]}],
+                          "parameters": {"t": 0.6}},
+    "model_stock": {"merge_method": "model_stock", "base_model": "BASE",
+                    "models": [{"model": "E0"}, {"model": "E1"}, {"model": "E2"}]},
+    "model_stock_filter_wise": {"merge_method": "model_stock", "base_model": "BASE",
+                                "parameters": {"filter_wise": True},
+                                "models": [{"model": "E0"}, {"model": "E1"}, {"model": "E2"}]},
+    "passthrough_slices": {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "BASE", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "E0", "layer_range": [1, 2]}]},
+        {"sources": [{"model": "BASE", "layer_range": [1, 2]}]}]},
+}
+
+DRIVER = r"""
+import json, sys
+from mergekit.scripts.run_yaml import main
+for cfg, out in json.load(open(sys.argv[1])):
+    main([cfg, out, "--quiet", "--no-copy-tokenizer", "--no-write-model-card"], standalone_mode=False)
+"""
+
+
+def _fill(obj, paths):
+    if isinstance(obj, dict):
+        return {k: _fill(v, paths) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fill(v, paths) for v in obj]
+    return paths.get(obj, obj) if isinstance(obj, str) else obj
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mergekit")
+    paths = {"BASE": str(tiny_models["base"]), "E0": str(tiny_models["e0"]),
+             "E1": str(tiny_models["e1"]), "E2": str(tiny_models["e2"])}
+    jobs, configs = [], {}
+    for name, case in CASES.items():
+        cfg = _fill(case, paths)
+        cfg.setdefault("dtype", "float32")
+        configs[name] = cfg
+        (root / f"{name}.yml").write_text(yaml.safe_dump(cfg))
+        jobs.append([str(root / f"{name}.yml"), str(root / name)])
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    (root / "driver.py").write_text(DRIVER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([str(VENV / "bin" / "python"), str(root / "driver.py"), str(root / "jobs.json")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {name: (configs[name], root / name) for name in CASES}
+
+
+REPORT: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_mergekit(case, mergekit_outputs):
+    cfg, out_dir = mergekit_outputs[case]
+    theirs = {}
+    for f in sorted(out_dir.glob("*.safetensors")):
+        theirs.update(load_file(f))
+    recipe = recipe_from_mergekit(cfg)
+    ours = dict(merged_tensors(recipe, Sources.from_recipe(recipe)))
+    assert set(ours) == set(theirs)
+    worst = 0.0
+    for name, t in ours.items():
+        assert t.shape == theirs[name].shape, name
+        diff = float((t.float() - theirs[name].float()).abs().max())
+        worst = max(worst, diff)
+        assert diff <= ATOL, f"{case}: {name} differs by {diff:.3g}"
+    REPORT[case] = worst
+    path = os.environ.get("EVOMERGE_EQUIV_REPORT")
+    if path:
+        Path(path).write_text(json.dumps(REPORT, indent=1))
