@@ -16,8 +16,15 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """evomerge's cache root: ``$EVOMERGE_CACHE`` or ``~/.cache/evomerge``."""
-    return Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge").expanduser()
+    """evomerge's cache root, as the zoo's: ``$EVOMERGE_CACHE``, else ``<repo>/.cache`` in a
+    checkout, else ``~/.cache/evomerge``."""
+    env = os.environ.get("EVOMERGE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file():
+        return repo / ".cache"
+    return Path.home() / ".cache" / "evomerge"
 
 
 def datasets_cache_dir() -> Path:

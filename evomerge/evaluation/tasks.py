@@ -1,9 +1,10 @@
 """Find and build lm-eval tasks from an ``evals/`` directory, one split at a time.
 
-Split selection: a task's YAML lists every split as a key of ``dataset_kwargs.data_files``
-(``search`` / ``validation`` / ``test``); :meth:`TaskCatalog.build` overrides ``test_split``
-(the split lm-eval scores) with the one asked for. One YAML per task serves every split, and
-the plain ``lm_eval`` CLI scores whatever ``test_split`` the YAML names.
+Split selection: one YAML per task whose dataset holds every split (``search`` / ``validation``
+/ ``test``), either as keys of ``dataset_kwargs.data_files`` or as the splits a
+``custom_dataset`` function returns (the zoo's ``evals/zoo_utils.py``). :meth:`TaskCatalog.build`
+overrides ``test_split`` — the split lm-eval scores — with the one asked for; the plain
+``lm_eval`` CLI scores whatever ``test_split`` the YAML names.
 
 Relative ``data_files`` (and a relative local ``dataset_path``) are resolved against the YAML's
 own directory, then the current directory, so that tasks load from anywhere.
@@ -77,11 +78,6 @@ class TaskCatalog:
         _resolve_data_paths(cfg, Path(entry.yaml_path).parent, name)
         return cfg
 
-    def splits(self, name: str) -> list[str] | None:
-        """Split names declared in ``data_files`` (None when the dataset decides, e.g. custom)."""
-        files = (self.config(name).get("dataset_kwargs") or {}).get("data_files")
-        return list(files) if isinstance(files, dict) else None
-
     def build(self, name: str, split: str, *, key: str | None = None) -> Task:
         """Build the task scoring ``split``; its lm-eval name becomes ``key`` (unique per split)."""
         cfg = self.config(name)
@@ -91,19 +87,21 @@ class TaskCatalog:
             cfg["dataset_kwargs"] = kwargs
         cfg["task"] = key or name
         files = kwargs.get("data_files")
-        if isinstance(files, dict):
-            if split not in files:
-                raise EvomergeError(f"task {name!r} has no split {split!r}; its splits: {_listing(files)}")
-        else:
-            # Splits decided by the dataset itself (custom_dataset, a local dataset dir): load to list.
-            task = _construct(cfg)
-            available = list(getattr(task, "dataset", None) or [])
-            if split not in available:
-                raise EvomergeError(f"task {name!r} has no split {split!r}; its splits: {_listing(available)}")
-            if task.config.test_split == split:
-                return task
+        if isinstance(files, dict) and split not in files:
+            raise EvomergeError(f"task {name!r} has no split {split!r}; its splits: {_listing(files)}")
         cfg["test_split"] = split
-        return _construct(cfg)
+        try:
+            return _construct(cfg)
+        except KeyError:
+            if isinstance(files, dict):
+                raise
+            # Splits decided by the dataset itself (custom_dataset, a dataset dir): list them now.
+            default = self.config(name)
+            default["task"] = cfg["task"]
+            available = list(getattr(_construct(default), "dataset", None) or [])
+            if split in available:
+                raise
+            raise EvomergeError(f"task {name!r} has no split {split!r}; its splits: {_listing(available)}") from None
 
 
 def _construct(cfg: dict[str, Any]) -> Task:
