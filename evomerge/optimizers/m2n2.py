@@ -83,7 +83,8 @@ def _is_torch(x: Any) -> bool:
 def _dot(a, b) -> float:
     if _is_torch(a):
         return float((a.reshape(-1).double() * b.reshape(-1).double()).sum())
-    return float(np.dot(np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)))
+    # not np.dot: a threaded BLAS call per crossover spins badly on a shared, busy CPU
+    return float(np.einsum("i,i->", np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)))
 
 
 def slerp_omega(a_parts: Sequence[Any], b_parts: Sequence[Any]) -> float:
