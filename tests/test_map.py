@@ -182,3 +182,67 @@ def test_nested_map_metric_profile_similarity():
         nested_map(g, 3)
     with pytest.raises(EvomergeError, match="3 finite non-negative weights"):
         nested_map(g, 3, preference=[1, 1], similarity="metric_profile")
+
+
+# -- surrogate pre-screening ---------------------------------------------------------------------------
+
+
+def _bowl(x, centre):
+    return -float(np.sum((x - centre) ** 2 * np.arange(1, len(x) + 1)))
+
+
+def _drive(opt, f, n):
+    best, told = -np.inf, 0
+    while told < n:
+        a = opt.ask()
+        assert a is not None, "a wrapped optimizer must not stall"
+        assert np.all(a.genome >= opt.lower) and np.all(a.genome <= opt.upper)
+        v = f(a.genome)
+        opt.tell(a.id, v)
+        best, told = max(best, v), told + 1
+    return best
+
+
+@pytest.mark.parametrize("inner", ["cmaes", "m2n2", "random"])
+def test_prescreen_screens_after_warmup_and_resumes_exactly(inner):
+    from evomerge.optimizers.base import load_optimizer
+    from evomerge.surrogate.prescreen import Prescreen, make_prescreened
+
+    D = 4
+    centre = np.linspace(0.2, 0.8, D)
+    f = lambda x: _bowl(x, centre)  # noqa: E731
+    opt = make_prescreened(inner, np.zeros(D), np.ones(D), 0, prescreen={"k": 4, "keep": 1})
+    assert isinstance(opt, Prescreen) and opt.min_trials == 2 * (2 * D + 1)
+    _drive(opt, f, opt.min_trials)
+    assert opt.n_screened == 0  # pass-through during warm-up
+    _drive(opt, f, 12)
+    assert opt.n_screened >= 24  # three of every four proposals never evaluated
+    if opt.rejected == "drop":
+        assert len(opt.inner.pending) <= 1
+    # exact resume: same next asks after a state round trip
+    clone = load_optimizer(opt.state_bytes())
+    for _ in range(6):
+        a, b = opt.ask(), clone.ask()
+        np.testing.assert_array_equal(a.genome, b.genome)
+        opt.tell(a.id, f(a.genome))
+        clone.tell(b.id, f(b.genome))
+    assert make_prescreened(inner, np.zeros(D), np.ones(D), 0, prescreen=None).name == inner
+    assert make_prescreened(inner, np.zeros(D), np.ones(D), 0, prescreen={"enabled": False}).name == inner
+
+
+def test_prescreen_rejected_rank_below_kept_in_cma_generation():
+    from evomerge.optimizers.base import make_optimizer
+    from evomerge.surrogate.prescreen import Prescreen
+
+    told = []
+    inner = make_optimizer("cmaes", np.zeros(3), np.ones(3), 0, popsize=8)
+    orig = inner.tell
+    inner.tell = lambda i, v, *a: (told.append((i, v)), orig(i, v, *a))[1]  # record what CMA hears
+    opt = Prescreen(inner, k=4, keep=2, min_trials=16)
+    _drive(opt, lambda x: _bowl(x, np.array([0.3, 0.5, 0.7])), 16 + 4)
+    # after warm-up each batch of four: two real tells then two surrogate tells below both
+    real, fake = told[16:18], told[18:20]
+    assert max(v for _, v in fake) < min(v for _, v in real)
+    assert opt.n_screened == 4 and inner.generation == 3
+    with pytest.raises(Exception, match="keep <= k"):
+        Prescreen(make_optimizer("random", np.zeros(2), np.ones(2), 0), k=2, keep=3)

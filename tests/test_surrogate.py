@@ -135,6 +135,13 @@ def test_predictive_std_grows_away_from_data_and_roundtrip():
     np.testing.assert_array_equal(S2.predict_std(X), S.predict_std(X))
     assert S2.names == ["a", "b"] and S.predict(X).shape == (7, 2)
     np.testing.assert_allclose(S.r2, [m.r2, m.r2])
+    import pickle
+
+    ml = QuadraticSurrogate("logit").fit(C, 1 / (1 + np.exp(-y)), box=([0, 0], [1, 1]))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(ml)).predict(X), ml.predict(X))
+    # a separable quadratic (no cross terms) for long genomes: 2N+1 terms
+    sep = QuadraticSurrogate(interactions=False).fit(C[:5], C[:5, 0] ** 2 + C[:5, 1])
+    assert sep.coef.shape == (5,) and QuadraticSurrogate.from_dict(sep.to_dict()).interactions is False
 
 
 # -- sampling plans -------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from evomerge.surrogate.core import (
 )
 from evomerge.surrogate.design import sampling_plan, space_filling, validate_box
 from evomerge.surrogate.front import Front
-from evomerge.surrogate.quadratic import QuadraticSurrogate, SurrogateSet, n_quadratic_features, quadratic_features
+from evomerge.surrogate.quadratic import QuadraticSurrogate, SurrogateSet, n_quadratic_features
 
 __all__ = ["CRITERIA", "bayesian_map", "hyperspherical_angles", "propose"]
 
@@ -134,7 +134,7 @@ def _crit_bins(C, Y, S: SurrogateSet, cand, k, rng, ctx) -> np.ndarray:
 
 def _crit_variance(C, Y, S: SurrogateSet, cand, k, rng, ctx) -> np.ndarray:
     m0: QuadraticSurrogate = S.models[0]
-    Phi_c = quadratic_features(m0._to_unit(cand))
+    Phi_c = m0._features(cand)
     Ainv = m0._chol_inv_R @ m0._chol_inv_R.T  # (ΦᵀΦ + λD)⁻¹, shared by all objectives (same points)
     spread = _spread(Y)
     w = np.zeros(len(cand))

@@ -96,16 +96,19 @@ def get_link(name: str) -> Link:
 # Features
 
 
-def n_quadratic_features(n: int) -> int:
-    """(N+1)(N+2)/2: the number of coefficients of a full quadratic in N variables."""
-    return (n + 1) * (n + 2) // 2
+def n_quadratic_features(n: int, interactions: bool = True) -> int:
+    """(N+1)(N+2)/2 coefficients of a full quadratic in N variables; 2N+1 without cross terms."""
+    return (n + 1) * (n + 2) // 2 if interactions else 2 * n + 1
 
 
-def quadratic_features(u: np.ndarray) -> np.ndarray:
-    """Rows [u_i² (i), u_i u_j (i<j), u_i (i), 1] for each row of ``u`` (shape (n, N))."""
+def quadratic_features(u: np.ndarray, interactions: bool = True) -> np.ndarray:
+    """Rows [u_i² (i), u_i u_j (i<j), u_i (i), 1] for each row of ``u`` (shape (n, N)).
+
+    Without ``interactions`` the cross terms are left out (a separable quadratic, for long genomes).
+    """
     u = np.atleast_2d(np.asarray(u, dtype=float))
     n, d = u.shape
-    iu, ju = np.triu_indices(d, k=1)
+    iu, ju = np.triu_indices(d, k=1) if interactions else (np.empty(0, int), np.empty(0, int))
     return np.hstack([u**2, u[:, iu] * u[:, ju], u, np.ones((n, 1))])
 
 
@@ -134,7 +137,7 @@ class QuadraticSurrogate:
     leave-one-out residuals in metric space, from the hat matrix) and ``loo_rmse``.
     """
 
-    def __init__(self, link: str = "identity", ridge: float = 1e-8, eps: float = 1e-4):
+    def __init__(self, link: str = "identity", ridge: float = 1e-8, eps: float = 1e-4, interactions: bool = True):
         if ridge < 0 or not np.isfinite(ridge):
             raise EvomergeError(f"surrogate ridge must be a finite number >= 0, got {ridge}")
         if not 0 < eps < 0.5:
@@ -142,6 +145,7 @@ class QuadraticSurrogate:
         self.link = get_link(link)
         self.ridge = float(ridge)
         self.eps = float(eps)
+        self.interactions = bool(interactions)
         self.coef: np.ndarray | None = None
 
     # -- fitting ------------------------------------------------------------------------------
@@ -158,7 +162,7 @@ class QuadraticSurrogate:
             raise EvomergeError(f"surrogate fit: {n} points but {y.shape[0]} metric values")
         if not np.all(np.isfinite(y)):
             raise EvomergeError("surrogate fit: metric values contain NaN or infinity; drop failed trials first")
-        p = n_quadratic_features(d)
+        p = n_quadratic_features(d, self.interactions)
         if n < p:
             raise EvomergeError(
                 f"surrogate fit: a quadratic in {d} coefficients has {p} terms and needs at least {p} "
@@ -174,7 +178,7 @@ class QuadraticSurrogate:
         self.half = np.where(half > 0, half, 1.0)
 
         z = self.link.forward(y, self.eps)
-        Phi = quadratic_features(self._to_unit(C))
+        Phi = self._features(C)
         # Ridge on everything but the intercept, solved as an augmented least-squares problem
         # (better conditioned than the normal equations); its QR also gives the hat matrix.
         if np.linalg.matrix_rank(Phi) < p:
@@ -226,6 +230,9 @@ class QuadraticSurrogate:
     def _to_unit(self, C: np.ndarray) -> np.ndarray:
         return (C - self.center) / self.half
 
+    def _features(self, C: np.ndarray) -> np.ndarray:
+        return quadratic_features(self._to_unit(C), self.interactions)
+
     def _require_fitted(self) -> None:
         if self.coef is None:
             raise EvomergeError("surrogate: call fit() before predict()")
@@ -248,7 +255,7 @@ class QuadraticSurrogate:
         C = _as_points(C, len(self.lower))
         if not allow_extrapolation:
             self.check_in_box(C)
-        return quadratic_features(self._to_unit(C)) @ self.coef
+        return self._features(C) @ self.coef
 
     def predict(self, C, allow_extrapolation: bool = False) -> np.ndarray:
         """Predicted metric at each row of ``C`` (shape (n,))."""
@@ -261,7 +268,7 @@ class QuadraticSurrogate:
         the link's derivative. Small where the design pins the quadratic down, large where it does not.
         """
         z = self.predict_link(C, allow_extrapolation)
-        Phi = quadratic_features(self._to_unit(_as_points(C, len(self.lower))))
+        Phi = self._features(_as_points(C, len(self.lower)))
         G = Phi @ self._chol_inv_R
         var = self.sigma2_link * np.sum(G**2, axis=1)
         return np.abs(self.link.d_inverse(z)) * np.sqrt(var)
@@ -279,7 +286,7 @@ class QuadraticSurrogate:
         errs = np.empty(n)
         for f in folds:
             train = np.setdiff1d(np.arange(n), f)
-            m = QuadraticSurrogate(self.link.name, self.ridge, self.eps)
+            m = QuadraticSurrogate(self.link.name, self.ridge, self.eps, self.interactions)
             try:
                 m.fit(C[train], y[train], box=(self.lower, self.upper))
             except EvomergeError:
@@ -291,7 +298,7 @@ class QuadraticSurrogate:
         """(A, b, c0) with g(M(c)) ≈ cᵀAc + bᵀc + c0 in original coordinates (A symmetric)."""
         self._require_fitted()
         d = len(self.lower)
-        iu, ju = np.triu_indices(d, k=1)
+        iu, ju = np.triu_indices(d, k=1) if self.interactions else (np.empty(0, int), np.empty(0, int))
         Qm = np.diag(self.coef[:d])
         Qm[iu, ju] = Qm[ju, iu] = self.coef[d : d + len(iu)] / 2.0
         b_u = self.coef[d + len(iu) : -1]
@@ -304,6 +311,16 @@ class QuadraticSurrogate:
         return A, b, c0
 
     # -- persistence ----------------------------------------------------------------------------
+    def __getstate__(self) -> dict:  # links hold lambdas: pickle the link by name
+        d = self.__dict__.copy()
+        d["link"] = self.link.name
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        d = dict(d)
+        d["link"] = get_link(d["link"])
+        self.__dict__.update(d)
+
     def to_dict(self) -> dict:
         """JSON-able state (enough to predict and to report fit quality)."""
         self._require_fitted()
@@ -311,6 +328,7 @@ class QuadraticSurrogate:
             "link": self.link.name,
             "ridge": self.ridge,
             "eps": self.eps,
+            "interactions": self.interactions,
             "lower": self.lower.tolist(),
             "upper": self.upper.tolist(),
             "coef": self.coef.tolist(),
@@ -323,7 +341,7 @@ class QuadraticSurrogate:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuadraticSurrogate":
-        m = cls(d["link"], d["ridge"], d["eps"])
+        m = cls(d["link"], d["ridge"], d["eps"], d.get("interactions", True))
         m.lower = np.asarray(d["lower"], dtype=float)
         m.upper = np.asarray(d["upper"], dtype=float)
         m.center = (m.lower + m.upper) / 2.0
