@@ -271,7 +271,7 @@ def sparsify_(d: torch.Tensor, method: str, p: dict[str, Any], options: dict[str
         u.uniform_(generator=generator)
         u.lt_(probs)
         rows.mul_(u)
-        keep = probs
+        keep = probs.view_as(d)
     else:
         raise ValueError(f"unknown sparsification {method!r}")
     if rescale:
@@ -289,6 +289,9 @@ def _generalized_task_arithmetic(base, tensors, params, options, generator, out=
                                  sparsify: str | None, consensus: bool) -> torch.Tensor:
     """θ = θ0 + λ · mix(sparsify(τ_k)) / divisor — the family TIES, DARE, breadcrumbs and DELLA
     share with task arithmetic (as in mergekit)."""
+    for key, allowed in (("rescale_mode", ("l1", "inverse_p")), ("sign_method", ("sum", "count"))):
+        if options.get(key, allowed[0]) not in allowed:
+            raise ConfigError(f"parameters.{key} = {options[key]!r} is not one of {', '.join(allowed)}")
     res = _result(out, base)
     weights = [float(p["weight"]) for p in params]
     lam = float(options.get("lambda", 1.0))
@@ -335,10 +338,8 @@ def _generalized_task_arithmetic(base, tensors, params, options, generator, out=
             continue
         if method == "sum":  # γ = sign(Σ w_k τ̂_k)  (TIES paper, mergekit)
             sign.add_(d, alpha=w)
-        elif method == "count":  # γ = sign(Σ sign(w_k τ̂_k))  (majority vote)
+        else:  # "count": γ = sign(Σ sign(w_k τ̂_k))  (majority vote)
             sign.add_(torch.sign(d, out=tmp), alpha=math.copysign(1.0, w))
-        else:
-            raise ConfigError(f"parameters.sign_method = {method!r} is not 'sum' or 'count'")
     sign.ge_(0).mul_(2).sub_(1)  # ties (0) go to +1, as in mergekit
     res.zero_()
     divisor = scratch(len(tensors) + 2, base) if normalize else None
@@ -464,7 +465,6 @@ def model_stock(base, tensors, params, options, generator, *, out=None):
     """Model Stock: cos θ = mean pairwise cosine of the offsets τ_k (whole tensor, or per row
     with ``filter_wise``); t = K cos θ / (1 + (K−1) cos θ) (t = 0 when the denominator is
     below 1e-6); θ = t · mean(θ_k) + (1 − t) · θ0. Cosines use norms clamped to ≥ 1e-6."""
-    shape = base.shape
     filter_wise = bool(options.get("filter_wise", False))
     rows = (lambda x: x.reshape(x.shape[0], -1)) if filter_wise and base.dim() >= 2 else (
         lambda x: x.reshape(1, -1))
@@ -487,6 +487,8 @@ def model_stock(base, tensors, params, options, generator, *, out=None):
     singular = denom.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos), k * cos / torch.where(singular, 1.0, denom))
     # θ = θ0 + t · mean(τ_k): reuse the offsets, one fused pass per model
+    if out is not None and not out.is_contiguous():
+        return out.copy_(model_stock(base, tensors, params, options, generator))
     res = _result(out, base)
     r = rows(res)
     r.copy_(offs[0])
@@ -494,7 +496,7 @@ def model_stock(base, tensors, params, options, generator, *, out=None):
         r.add_(o)
     r.mul_((t / k).unsqueeze(1))
     r.add_(rows(base))
-    return res.view(shape)
+    return res
 
 
 @register("passthrough", needs_base=False, model_params={"scale": 1.0}, min_models=0)
