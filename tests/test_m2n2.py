@@ -214,6 +214,10 @@ def test_child_genome_is_the_split_slerp_of_its_parents():
     expected = split_slerp(genomes[p1], genomes[p2], child.info["split"], child.info["w"])
     assert np.array_equal(child.genome, expected)
     assert 0 <= child.info["split"] < 2 and 0 <= child.info["w"] < 1
+    plain = _m2n2(archive_size=2, init=[np.array([0.9, 0.1]), np.array([0.1, 0.8])], init_size=2, splitpoint=False)
+    for a, row in zip([plain.ask(), plain.ask()], [[1.0, 0.0], [0.0, 1.0]]):
+        plain.tell(a.id, 1.0, per_example=np.array(row))
+    assert all(plain.ask().info["split"] == 2 for _ in range(5))  # split = D: one ratio for all
 
 
 def test_x0_and_init_come_first():

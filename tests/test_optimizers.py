@@ -99,6 +99,15 @@ def test_resume_mid_flight_continues_exactly(name):
     assert ref_opt.n_told == got_opt.n_told == 40
 
 
+def test_resume_m2n2_small_archive_with_mutation():
+    def make():
+        return make_optimizer("m2n2", LO, HI, seed=9, archive_size=4, mutation=0.05)
+
+    ref, _ = drive(make(), 40)
+    got, _ = drive(make(), 40, crash_after=(2, 4, 9, 30))
+    assert same(ref, got)
+
+
 def test_resume_gp_sampler():
     ref, _ = drive(make_optimizer("optuna:gp", LO, HI, seed=5), 12, workers=1)
     got, _ = drive(make_optimizer("optuna:gp", LO, HI, seed=5), 12, workers=1, crash_after=(11,))
