@@ -97,9 +97,26 @@ def test_bayesian_map_runs_to_budget_or_target_error():
         bayesian_map(_quadratic_tasks, [0, 0], [1, 1], criterion="ucb", budget=10, options=FAST)
 
 
-def test_evaluate_contract_is_checked():
-    with pytest.raises(EvomergeError, match="NaN"):
-        plain_map(lambda C: np.full((len(C), 2), np.nan), [0, 0], [1, 1], options=FAST)
+def test_evaluate_contract_is_checked_and_failed_rows_are_dropped():
+    def half_nan(C):
+        Y = _quadratic_tasks(C)
+        Y[0, 1] = np.nan
+        return Y
+
+    with pytest.raises(EvomergeError, match="row of NaN"):
+        plain_map(half_nan, [0, 0], [1, 1], options=FAST)
+
+    def two_fail(C):
+        Y = _quadratic_tasks(C)
+        if len(C) > 7:
+            Y[[3, 7]] = np.nan  # failed evaluations
+        return Y
+
+    R = plain_map(two_fail, [0, 0], [1, 1], options=FAST)
+    assert R.n_failed == 2 and R.n_evaluations == 12 and len(R.C) == 10
+    np.testing.assert_allclose(R.surrogates.r2, 1.0, atol=1e-8)
+    B = bayesian_map(two_fail, [0, 0], [1, 1], budget=12, options=FAST)
+    assert B.n_evaluations == 12 and B.n_failed == 2 and len(B.C) == 10
     with pytest.raises(EvomergeError, match="expected 12 rows"):
         plain_map(lambda C: np.zeros((3, 2)), [0, 0], [1, 1], options=FAST)
 

@@ -33,15 +33,17 @@ from evomerge.surrogate.core import (
     Evaluate,
     FrontOptions,
     MapResult,
-    evaluate_checked,
+    Program,
+    drive,
     fit_and_front,
     history_entry,
+    split_failed,
 )
 from evomerge.surrogate.design import sampling_plan, space_filling, validate_box
 from evomerge.surrogate.front import Front
 from evomerge.surrogate.quadratic import QuadraticSurrogate, SurrogateSet, n_quadratic_features
 
-__all__ = ["CRITERIA", "bayesian_map", "hyperspherical_angles", "propose"]
+__all__ = ["CRITERIA", "bayesian_map", "bayesian_program", "hyperspherical_angles", "propose"]
 
 
 def hyperspherical_angles(C: np.ndarray) -> np.ndarray:
@@ -219,8 +221,7 @@ def propose(
     return np.clip(X, lower, upper)
 
 
-def bayesian_map(
-    evaluate: Evaluate,
+def bayesian_program(
     lower,
     upper,
     *,
@@ -235,12 +236,13 @@ def bayesian_map(
     names: Sequence[str] | None = None,
     options: FrontOptions | None = None,
     on_step: Callable[[dict], None] | None = None,
-) -> MapResult:
+) -> Program:
     """Bayesian MAP: an initial plan, then batches chosen by ``criterion`` until the budget is spent
     or every objective's leave-one-out RMSE is at most ``target_error``.
 
     Defaults: ``budget`` (N+1)(N+2) like plain MAP; ``initial`` the number of quadratic terms plus
-    N (the one-hot points and a Sobol fill); ``batch_size`` N.
+    N (the one-hot points and a Sobol fill); ``batch_size`` N. Failed evaluations (NaN rows) count
+    against the budget and are left out of the fits.
     """
     lower, upper = validate_box(lower, upper)
     d = lower.size
@@ -256,27 +258,46 @@ def bayesian_map(
         raise EvomergeError(f"Bayesian MAP: budget {budget} is below the initial plan of {initial} points")
     if batch < 1:
         raise EvomergeError(f"Bayesian MAP: batch_size must be >= 1, got {batch}")
+    if criterion not in CRITERIA:
+        raise EvomergeError(f"unknown Bayesian MAP criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
 
     C = sampling_plan(lower, upper, initial, method=design, seed=seed)
-    Y = evaluate_checked(evaluate, C)
+    Y = np.asarray((yield C), dtype=float)
+    spent = len(C)
+    C, Y, failed = split_failed(C, Y)
     history: list[dict] = []
     step = 0
     while True:
-        S = SurrogateSet.fit(C, Y, links=o.links, ridge=o.ridge, box=(lower, upper), names=names)
-        entry = history_entry(S, len(C), step=step)
+        try:
+            S = SurrogateSet.fit(C, Y, links=o.links, ridge=o.ridge, box=(lower, upper), names=names)
+        except EvomergeError:
+            if spent >= budget:
+                raise
+            S = None  # too many failures to fit yet: keep filling the box
+        entry = {"n": int(len(C)), "step": step} if S is None else history_entry(S, len(C), step=step)
         history.append(entry)
         if on_step:
             on_step(entry)
-        done_error = target_error is not None and np.all(S.loo_rmse <= target_error)
-        if done_error or len(C) >= budget:
+        done_error = S is not None and target_error is not None and bool(np.all(S.loo_rmse <= target_error))
+        if done_error or spent >= budget:
             entry["stopped"] = "target_error" if done_error else "budget"
             S, F = fit_and_front(C, Y, lower, upper, options=o, seed=seed, names=names)
-            return MapResult(C, Y, S, F, list(S.names), history)
-        # the front is only needed to focus on it; it is the expensive part of a step
-        F = fit_and_front(C, Y, lower, upper, options=o, seed=seed + step, names=names)[1] if focus == "front" else None
-        k = min(batch, budget - len(C))
-        X = propose(C, Y, lower, upper, k, criterion=criterion, surrogates=S, front=F, focus=focus,
-                    links=o.links, ridge=o.ridge, seed=seed * 7919 + step + 1)
-        Y_new = evaluate_checked(evaluate, X, Y.shape[1])
-        C, Y = np.vstack([C, X]), np.vstack([Y, Y_new])
+            return MapResult(C, Y, S, F, list(S.names), history, n_failed=failed)
+        k = min(batch, budget - spent)
+        if S is None:
+            X = space_filling(lower, upper, k, method="maximin", seed=seed + step + 1, existing=C)
+        else:
+            # the front is only needed to focus on it; it is the expensive part of a step
+            F = fit_and_front(C, Y, lower, upper, options=o, seed=seed + step, names=names)[1] if focus == "front" else None
+            X = propose(C, Y, lower, upper, k, criterion=criterion, surrogates=S, front=F, focus=focus,
+                        links=o.links, ridge=o.ridge, seed=seed * 7919 + step + 1)
+        Y_new = np.asarray((yield X), dtype=float)
+        spent += len(X)
+        X, Y_new, f_new = split_failed(X, Y_new)
+        C, Y, failed = np.vstack([C, X]), np.vstack([Y, Y_new]), failed + f_new
         step += 1
+
+
+def bayesian_map(evaluate: Evaluate, lower, upper, **kwargs) -> MapResult:
+    """:func:`bayesian_program` over an ``evaluate`` callable."""
+    return drive(bayesian_program(lower, upper, **kwargs), evaluate)

@@ -1,15 +1,21 @@
-"""Plain MAP over an ``evaluate`` callable: plan → evaluate → fit surrogates → predicted front.
+"""MAP as *programs*: generators that yield batches of coefficients and receive their metrics.
 
-These drivers are pure: ``evaluate(C) -> Y`` takes a batch of coefficient vectors (k × N) and
-returns their metrics (k × m, higher is better). The run-store/executor driver
-(:mod:`evomerge.surrogate.map_search`) passes an ``evaluate`` that goes through the normal search
-machinery; tests and benchmarks pass analytic functions or a zoo evaluator.
+A program (``plain_program``, :func:`evomerge.surrogate.bayesian.bayesian_program`,
+:func:`evomerge.surrogate.nested.nested_program`) yields a batch ``C`` (k × N) and is sent back
+``Y`` (k × m, higher is better; a row of NaN marks a failed evaluation, which is left out of every
+fit) until it returns its result. The same program runs
+
+- synchronously over an ``evaluate(C) -> Y`` callable (:func:`drive`: tests, benchmarks), and
+- inside the search loop as the ``map`` optimizer (:mod:`evomerge.surrogate.map_search`), which
+  feeds it told results through the executors and the run store and resumes by replaying them.
+
+Programs are deterministic functions of their arguments and of the metrics sent to them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 
@@ -19,9 +25,13 @@ from evomerge.surrogate.front import Front, surrogate_front
 from evomerge.surrogate.pareto import non_dominated_mask
 from evomerge.surrogate.quadratic import SurrogateSet
 
-__all__ = ["FrontOptions", "MapResult", "evaluate_checked", "fit_and_front", "plain_map", "spread_subset"]
+__all__ = [
+    "FrontOptions", "MapResult", "Program", "drive", "evaluate_checked", "fit_and_front", "plain_map",
+    "plain_program", "spread_subset", "verify_program",
+]
 
 Evaluate = Callable[[np.ndarray], np.ndarray]
+Program = Generator[np.ndarray, np.ndarray, Any]
 
 
 @dataclass
@@ -45,10 +55,13 @@ class MapResult:
     front: Front  # predicted front (surrogates, inside the box)
     names: list[str]
     history: list[dict] = field(default_factory=list)  # one entry per refit: n, r2, loo_rmse
+    n_failed: int = 0  # evaluations that failed (not in C/Y)
+    verified: dict | None = None  # re-evaluated front points: C, predicted, measured
 
     @property
     def n_evaluations(self) -> int:
-        return int(self.C.shape[0])
+        """Evaluations spent (failed ones included; verification not)."""
+        return int(self.C.shape[0]) + self.n_failed
 
     def evaluated_front(self) -> Front:
         """The non-dominated evaluated points (measured, not predicted)."""
@@ -57,17 +70,38 @@ class MapResult:
 
 
 def evaluate_checked(evaluate: Evaluate, C: np.ndarray, n_objectives: int | None = None) -> np.ndarray:
-    """Call ``evaluate`` on a batch and check that it returned one finite row of metrics per point."""
-    Y = np.asarray(evaluate(np.asarray(C, dtype=float)), dtype=float)
+    """Call ``evaluate`` on a batch; check it returned one row of metrics per point.
+
+    Rows may be all-NaN (a failed evaluation); anything else non-finite is an error.
+    """
+    C = np.atleast_2d(np.asarray(C, dtype=float))
+    Y = np.asarray(evaluate(C), dtype=float)
     if Y.ndim == 1:
         Y = Y[:, None] if n_objectives in (None, 1) and Y.shape[0] == C.shape[0] else Y[None, :]
     if Y.shape[0] != C.shape[0] or (n_objectives is not None and Y.shape[1] != n_objectives):
         raise EvomergeError(
             f"MAP evaluate: expected {C.shape[0]} rows of {n_objectives or 'm'} metrics, got shape {Y.shape}"
         )
-    if not np.all(np.isfinite(Y)):
-        raise EvomergeError("MAP evaluate: got NaN/infinite metrics; failed evaluations must be retried or dropped")
+    bad = ~np.isfinite(Y)
+    if np.any(bad & ~np.all(np.isnan(Y), axis=1, keepdims=True)):
+        raise EvomergeError("MAP evaluate: got NaN/infinite metrics; mark a failed evaluation by a row of NaN")
     return Y
+
+
+def drive(program: Program, evaluate: Evaluate):
+    """Run a MAP program synchronously: evaluate each batch it yields; return what it returns."""
+    try:
+        C = next(program)
+        while True:
+            C = program.send(evaluate_checked(evaluate, C))
+    except StopIteration as stop:
+        return stop.value
+
+
+def split_failed(C: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(successful C, successful Y, number failed): failed rows are all-NaN."""
+    ok = np.all(np.isfinite(Y), axis=1)
+    return C[ok], Y[ok], int((~ok).sum())
 
 
 def fit_and_front(
@@ -95,8 +129,7 @@ def history_entry(S: SurrogateSet, n: int, **extra) -> dict:
     return {"n": int(n), "r2": S.r2.tolist(), "loo_rmse": S.loo_rmse.tolist(), **extra}
 
 
-def plain_map(
-    evaluate: Evaluate,
+def plain_program(
     lower,
     upper,
     *,
@@ -106,14 +139,37 @@ def plain_map(
     names: Sequence[str] | None = None,
     options: FrontOptions | None = None,
     include_origin: bool = False,
-) -> MapResult:
+) -> Program:
     """MAP as published: one sampling plan of ``budget`` points ((N+1)(N+2) by default), one fit."""
     lower, upper = validate_box(lower, upper)
     n = default_budget(lower.size) if budget is None else int(budget)
     C = sampling_plan(lower, upper, n, method=design, seed=seed, include_origin=include_origin)
-    Y = evaluate_checked(evaluate, C)
+    Y = yield C
+    C, Y, failed = split_failed(C, np.asarray(Y, dtype=float))
     S, F = fit_and_front(C, Y, lower, upper, options=options, seed=seed, names=names)
-    return MapResult(C, Y, S, F, list(S.names), [history_entry(S, len(C))])
+    return MapResult(C, Y, S, F, list(S.names), [history_entry(S, len(C))], n_failed=failed)
+
+
+def plain_map(evaluate: Evaluate, lower, upper, **kwargs) -> MapResult:
+    """:func:`plain_program` over an ``evaluate`` callable."""
+    return drive(plain_program(lower, upper, **kwargs), evaluate)
+
+
+def verify_program(result: MapResult, k: int, preference: Sequence[float] | None = None) -> Program:
+    """Re-evaluate ``k`` predicted front points (spread out; the preferred one first) for real.
+
+    Fills ``result.verified`` with their coefficients, predicted and measured metrics; returns result.
+    """
+    from evomerge.surrogate.front import preference_index
+
+    F = result.front
+    include = [preference_index(F.M, preference)] if preference is not None else []
+    idx = spread_subset(F.M, k, include=include)
+    if idx.size == 0:
+        return result
+    Y = yield F.C[idx]
+    result.verified = {"C": F.C[idx].tolist(), "predicted": F.M[idx].tolist(), "measured": np.asarray(Y).tolist()}
+    return result
 
 
 def spread_subset(M: np.ndarray, k: int, include: Sequence[int] = ()) -> np.ndarray:

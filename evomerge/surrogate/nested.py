@@ -26,10 +26,12 @@ from typing import Sequence
 import numpy as np
 
 from evomerge.errors import EvomergeError
-from evomerge.surrogate.core import Evaluate, FrontOptions, MapResult, evaluate_checked, plain_map
+from evomerge.surrogate.core import Evaluate, FrontOptions, MapResult, Program, drive, plain_program
 from evomerge.surrogate.design import validate_box
 
-__all__ = ["NestedResult", "NestedRound", "SIMILARITIES", "closest_pair", "gram_cosine", "nested_map"]
+__all__ = [
+    "NestedResult", "NestedRound", "SIMILARITIES", "closest_pair", "gram_cosine", "nested_map", "nested_program",
+]
 
 
 def gram_cosine(A: np.ndarray, G: np.ndarray) -> np.ndarray:
@@ -84,8 +86,17 @@ class NestedResult:
         return [r.groups for r in self.rounds]
 
 
-def nested_map(
-    evaluate: Evaluate,
+def _mapped(sub: Program, forward, backward) -> Program:
+    """Run ``sub`` with its yielded batches mapped by ``forward`` and the replies by ``backward``."""
+    try:
+        X = next(sub)
+        while True:
+            X = sub.send(backward((yield forward(X))))
+    except StopIteration as stop:
+        return stop.value
+
+
+def nested_program(
     n_tasks: int,
     *,
     preference: Sequence[float] | None = None,
@@ -97,11 +108,11 @@ def nested_map(
     seed: int = 0,
     options: FrontOptions | None = None,
     names: Sequence[str] | None = None,
-) -> NestedResult:
+) -> Program:
     """Nested MAP over ``n_tasks`` experts, expert k serving task k.
 
-    ``evaluate(C)`` takes coefficient vectors over all N experts (k × N) and returns the N task
-    metrics (k × N). ``lower``/``upper`` bound each round's (s, t).
+    Yields coefficient vectors over all N experts (k × N) and is sent the N task metrics (k × N).
+    ``lower``/``upper`` bound each round's (s, t).
     """
     N = int(n_tasks)
     if N < 2:
@@ -127,8 +138,11 @@ def nested_map(
     n_evals = 0
     profiles: list[np.ndarray] = []
     if similarity == "metric_profile":
-        Y0 = evaluate_checked(evaluate, np.vstack([np.zeros(N), np.eye(N)]), N)
+        Y0 = np.asarray((yield np.vstack([np.zeros(N), np.eye(N)])), dtype=float)
         n_evals += N + 1
+        if not np.all(np.isfinite(Y0)):
+            raise EvomergeError("nested MAP: the base model or an expert failed to evaluate; "
+                                "metric-profile similarity needs all of them")
         base = Y0[0]
         profiles = [Y0[1 + k] - base for k in range(N)]
 
@@ -141,24 +155,34 @@ def nested_map(
         i, j = closest_pair(S)
         ga, gb = groups[i], groups[j]
         a, b = vectors[i], vectors[j]
-        wa, wb = p[ga] / max(p[ga].sum(), 1e-300), p[gb] / max(p[gb].sum(), 1e-300)
+        wa, wb = p[ga] / p[ga].sum() if p[ga].sum() > 0 else np.full(len(ga), 1 / len(ga)), \
+            p[gb] / p[gb].sum() if p[gb].sum() > 0 else np.full(len(gb), 1 / len(gb))
 
-        def evaluate_pair(ST: np.ndarray, a=a, b=b, ga=ga, gb=gb, wa=wa, wb=wb) -> np.ndarray:
-            Yfull = evaluate_checked(evaluate, ST[:, :1] * a + ST[:, 1:2] * b, N)
+        def to_full(ST: np.ndarray, a=a, b=b) -> np.ndarray:
+            return ST[:, :1] * a + ST[:, 1:2] * b
+
+        def to_pair(Yfull, ga=ga, gb=gb, wa=wa, wb=wb) -> np.ndarray:
+            Yfull = np.asarray(Yfull, dtype=float)
             return np.column_stack([Yfull[:, ga] @ wa, Yfull[:, gb] @ wb])
 
         label = ("+".join(names[t] for t in ga), "+".join(names[t] for t in gb))
-        R = plain_map(evaluate_pair, lo, hi, budget=budget_per_pair, seed=seed + len(rounds),
-                      options=options, names=list(label))
+        sub = plain_program(lo, hi, budget=budget_per_pair, seed=seed + len(rounds), options=options, names=list(label))
+        R: MapResult = yield from _mapped(sub, to_full, to_pair)
         n_evals += R.n_evaluations
-        st, pred = R.front.prefer([p[ga].sum(), p[gb].sum()])
+        st, pred = R.front.prefer([max(p[ga].sum(), 1e-12), max(p[gb].sum(), 1e-12)])
         vec = st[0] * a + st[1] * b
         rounds.append(NestedRound((list(ga), list(gb)), float(S[i, j]), R, st, pred, vec))
-        merged_tasks = ga + gb
         if similarity == "metric_profile":
-            y = evaluate_checked(evaluate, vec[None, :], N)[0]  # the merged model's real profile
+            y = np.asarray((yield vec[None, :]), dtype=float)[0]  # the merged model's real profile
             n_evals += 1
+            if not np.all(np.isfinite(y)):  # failed: fall back to the mean of its parts' profiles
+                y = base + (profiles[i] + profiles[j]) / 2.0
             profiles = [q for k, q in enumerate(profiles) if k not in (i, j)] + [y - base]
-        groups = [g for k, g in enumerate(groups) if k not in (i, j)] + [merged_tasks]
+        groups = [g for k, g in enumerate(groups) if k not in (i, j)] + [ga + gb]
         vectors = [v for k, v in enumerate(vectors) if k not in (i, j)] + [vec]
     return NestedResult(vectors[0], rounds, n_evals)
+
+
+def nested_map(evaluate: Evaluate, n_tasks: int, **kwargs) -> NestedResult:
+    """:func:`nested_program` over an ``evaluate`` callable."""
+    return drive(nested_program(n_tasks, **kwargs), evaluate)
