@@ -141,6 +141,7 @@ class ExecutorConfig(_Strict):
     max_retries: int = Field(default=2, ge=0)  # re-runs of a candidate whose worker died
     max_restarts: int = Field(default=10, ge=0)  # worker restarts in a whole run before giving up
     worker: str | None = None  # advanced: "module:factory" building a custom worker (tests, benchmarks)
+    worker_options: dict[str, Any] = Field(default_factory=dict)  # passed to a custom worker
 
     @model_validator(mode="after")
     def _local_one(self) -> "ExecutorConfig":

@@ -1,0 +1,55 @@
+"""The in-process executor: one worker in the search process (the embedded default).
+
+``poll`` runs the next queued task synchronously, so a search with this executor is strictly
+sequential and needs no extra processes; the model and experts live in the search process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from evomerge.executors.base import Executor
+from evomerge.executors.worker import Outcome, Task, WorkerSpec, make_worker
+
+
+class LocalExecutor(Executor):
+    kind = "local"
+
+    def __init__(self, spec: WorkerSpec, workers: int = 1):
+        super().__init__(spec, 1)
+        self._queue: deque[Task] = deque()
+        self._worker = None
+        self._running = False
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = make_worker(self.spec, "local")
+
+    def submit(self, task: Task) -> None:
+        self._queue.append(task)
+
+    def poll(self, timeout: float | None = None) -> list[Outcome]:
+        if not self._queue:
+            if timeout:
+                time.sleep(min(timeout, 0.01))
+            return []
+        self.start()
+        task = self._queue.popleft()
+        self._running = True
+        try:
+            return [self._worker.run(task)]
+        finally:
+            self._running = False
+
+    @property
+    def busy(self) -> int:
+        return int(self._running)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def close(self) -> None:
+        self._worker = None
+        self._queue.clear()

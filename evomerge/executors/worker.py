@@ -1,0 +1,178 @@
+"""A search worker: base and experts resident on one device, one model built once, recipes
+materialised in place and scored by prebuilt evaluators. Shared by both executors.
+
+The worker never raises for a bad candidate: a merge error, an out-of-memory error or a NaN
+metric becomes a failed :class:`Outcome` with the reason, so the search records it and goes on.
+Errors while *starting* (a model that cannot be read, a task that does not exist) do raise:
+nothing could be evaluated.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from evomerge.errors import ConfigError
+
+SEARCH, VALIDATION = "search", "validation"
+
+
+@dataclass
+class Task:
+    """One unit of work: score ``recipe_json`` on the objectives of ``splits``."""
+
+    id: int
+    recipe_json: str
+    splits: tuple[str, ...] = (SEARCH,)
+
+
+@dataclass
+class Score:
+    value: float
+    per_example: np.ndarray  # float32
+    doc_ids: np.ndarray  # int64
+
+
+@dataclass
+class Outcome:
+    """What a worker returns for a task (plain data: crosses process boundaries)."""
+
+    id: int
+    ok: bool
+    scores: dict[str, Score] = field(default_factory=dict)  # objective key -> score
+    seconds: dict[str, float] = field(default_factory=dict)  # merge_s, eval_s, total_s, ...
+    worker: str = ""
+    error: str | None = None
+    attempts: int = 1
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs to start, as plain data (sent to Ray actors)."""
+
+    models: dict[str, str]  # alias ("base", experts) -> directory
+    objectives: list[dict[str, Any]]  # search objectives (ObjectiveConfig dumps)
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    evals_dir: str | None = None
+    batch_size: int = 16
+    dtype: str = "float32"
+    device: str = "auto"
+    threads: int = 1
+    factory: str | None = None  # "module:callable" building a custom worker (spec, name) -> worker
+    tokenizer: str | None = None  # alias or directory; default: base, else the first model
+    options: dict[str, Any] = field(default_factory=dict)  # for custom workers
+
+
+class Worker(Protocol):
+    def run(self, task: Task) -> Outcome: ...
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_worker(spec: WorkerSpec, name: str) -> Worker:
+    """Build the worker (custom factory or :class:`ModelWorker`); raises if it cannot start."""
+    if spec.factory:
+        mod, _, fn = spec.factory.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"executor.worker: cannot import {spec.factory!r} ({e})") from None
+        return factory(spec, name)
+    return ModelWorker(spec, name)
+
+
+def failure(task: Task, name: str, error: str, t0: float, **seconds: float) -> Outcome:
+    return Outcome(id=task.id, ok=False, worker=name, error=error,
+                   seconds={"total_s": time.perf_counter() - t0, **seconds})
+
+
+def describe_exception(e: BaseException) -> str:
+    """One line: type, message and where it happened (the innermost frame of evomerge or torch)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {msg}{where}"
+
+
+class ModelWorker:
+    """The real worker (see module docstring). ``run`` is called once per candidate."""
+
+    def __init__(self, spec: WorkerSpec, name: str):
+        import torch
+        from transformers import AutoTokenizer
+
+        from evomerge.evaluation import Evaluator, Objective
+        from evomerge.merge.materialize import Sources, build_model
+        from evomerge.models import ModelDir
+
+        t0 = time.perf_counter()
+        self.name = name
+        torch.set_num_threads(max(1, int(spec.threads)))
+        self.device = resolve_device(spec.device)
+        dirs = {alias: ModelDir(path) for alias, path in spec.models.items()}
+        lazy = Sources(dirs)
+        lazy.check(same_depth=len({d.num_blocks for d in dirs.values()}) == 1)
+        self.sources = lazy.resident(self.device)
+        self.model = build_model(self.sources, self.device, dtype=getattr(torch, spec.dtype))
+        tok = spec.tokenizer or ("base" if "base" in spec.models else next(iter(spec.models)))
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.models.get(tok, tok))
+        self.evaluators = {}
+        for split, objs in ((SEARCH, spec.objectives), (VALIDATION, spec.validation)):
+            if objs:
+                self.evaluators[split] = Evaluator(
+                    [Objective(**o) for o in objs], self.tokenizer, evals_dir=spec.evals_dir,
+                    batch_size=spec.batch_size, device=self.device,
+                )
+        self.startup_s = time.perf_counter() - t0
+
+    def run(self, task: Task) -> Outcome:
+        from evomerge.merge.materialize import apply_in_place
+        from evomerge.recipe import Recipe
+
+        t0 = time.perf_counter()
+        merge_s = 0.0
+        try:
+            recipe = Recipe.model_validate_json(task.recipe_json)
+            merge_s = apply_in_place(self.model, recipe, self.sources)["merge_s"]
+            scores: dict[str, Score] = {}
+            eval_s, model_s = 0.0, 0.0
+            for split in task.splits:
+                ev = self.evaluators.get(split)
+                if ev is None:
+                    continue
+                res = ev.evaluate(self.model)
+                eval_s += res.seconds.get("total", 0.0)
+                model_s += res.seconds.get("model", 0.0)
+                for key, ts in res.scores.items():
+                    if not math.isfinite(ts.value):
+                        return failure(task, self.name, f"objective {key} is {ts.value} (NaN/inf metric)", t0,
+                                       merge_s=merge_s)
+                    scores[key] = Score(float(ts.value), np.asarray(ts.per_example, dtype=np.float32),
+                                        np.asarray(ts.doc_ids, dtype=np.int64))
+            return Outcome(id=task.id, ok=True, scores=scores, worker=self.name, seconds={
+                "merge_s": merge_s, "eval_s": eval_s, "model_s": model_s, "total_s": time.perf_counter() - t0})
+        except Exception as e:  # a bad candidate must never stop the search
+            _free_cuda_cache()
+            return failure(task, self.name, describe_exception(e), t0, merge_s=merge_s)
+
+
+def _free_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        pass

@@ -1,0 +1,562 @@
+"""The search loop: ask the optimizer, evaluate on workers, commit to the store, tell.
+
+Guarantees (docs/search.md):
+
+* **commit before tell** — every evaluation is a committed row of the run store before the
+  optimizer hears of it; optimizer + loop state is checkpointed after every tell
+  (``search.checkpoint_every``), so ``evomerge resume`` restores the last checkpoint, re-asks,
+  answers asks whose recipe is already stored without evaluating, and goes on;
+* **one evaluation per recipe** — an ask whose recipe hash is stored, or in flight, is answered
+  from there; the evaluation budget counts distinct recipes;
+* **deterministic** (``search.deterministic``, default) — results are told in ask order and new
+  asks happen only right after a tell, at most ``window`` candidates in flight, so the sequence
+  of asks and tells does not depend on timing: same seed ⇒ same run, interrupted or not, with
+  any number of workers for a fixed window. With ``deterministic: false`` results are told as
+  they arrive (fresher information, timing-dependent);
+* **failures never stop a run** — a failed or NaN evaluation is recorded with its reason and told
+  as a finite penalty (``search.failure_penalty``, default: worst fitness so far − 1).
+
+Staged spaces (hybrid) run one optimizer per stage over that stage's genes; the others stay at
+the best genome found so far. Validation objectives are scored for every new best (``best``),
+only for the final best (``final``), or with every candidate (``all``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from evomerge.config import SearchConfig
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.executors import Executor, Outcome, Task, WorkerSpec, make_executor
+from evomerge.executors.worker import SEARCH, VALIDATION
+from evomerge.recipe import InputModel, Recipe
+from evomerge.spaces import ModelPool, Space, make_space, parent_recipes
+from evomerge.store import RunStore, Scores, Trial, quantize
+
+STATE_VERSION = 1
+
+
+# ---------------------------------------------------------------------- public data
+@dataclass
+class Progress:
+    """A snapshot for displays (the CLI's live view)."""
+
+    stage: str
+    stage_index: int
+    stages: int
+    evaluations: int  # distinct recipes asked (the budget counter)
+    budget: int | None
+    wall_time: float | None
+    elapsed: float
+    best_fitness: float | None
+    best_validation: float | None
+    evaluated_here: int  # evaluations finished by this process (for the rate)
+    rate_per_min: float
+    busy: int
+    workers: int
+    queued: int
+    failures: int
+    cached: int  # asks answered without evaluating
+    references: dict[str, float | None] = field(default_factory=dict)
+    message: str = ""
+
+
+@dataclass
+class SearchSummary:
+    run_dir: Path
+    best: Trial | None
+    evaluations: int
+    failures: int
+    cached: int
+    elapsed: float
+    stopped: str  # why the search ended
+    references: dict[str, Trial] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- setup helpers
+def resolve_models(cfg: SearchConfig) -> ModelPool:
+    """The base and experts of a config (building or reusing the zoo for ``models.zoo``)."""
+    if cfg.models.zoo is not None:
+        from evomerge.zoo import build_zoo
+
+        info = build_zoo(cfg.models.zoo)
+        experts = [InputModel(model=str(p), name=n) for n, p in info.experts.items()]
+        return ModelPool.from_paths(str(info.base), experts)
+    return ModelPool.from_paths(cfg.models.base, cfg.models.input_models())
+
+
+def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
+    models = {"base": pool.base} if pool.base is not None else {}
+    models.update({e.alias: e.model for e in pool.experts})
+    return WorkerSpec(
+        models=models,
+        objectives=[o.model_dump() for o in cfg.objectives],
+        validation=[o.model_dump() for o in cfg.validation.objectives] if cfg.validation.when != "none" else [],
+        evals_dir=cfg.evaluation.evals_dir, batch_size=cfg.evaluation.batch_size, dtype=cfg.evaluation.dtype,
+        device=cfg.executor.device, threads=cfg.executor.threads, factory=cfg.executor.worker,
+        options=dict(cfg.executor.worker_options),
+    )
+
+
+def stage_bounds(cfg: SearchConfig, space: Space) -> list[tuple[int | None, float | None]]:
+    """Cumulative (evaluations, seconds) at which each stage ends."""
+    fr = np.cumsum([s.fraction for s in space.stages])
+    fr[-1] = 1.0
+    n, t = cfg.budget.evaluations, cfg.budget.wall_time
+    return [(None if n is None else max(1, int(round(n * f))), None if t is None else t * f) for f in fr]
+
+
+@dataclass
+class _Pending:
+    ask: Any  # optimizer Ask
+    seq: int
+    genome: np.ndarray  # the full genome
+    recipe_json: str
+    hash: str
+    trial: Trial | None = None  # set once the result is known (committed)
+
+
+@dataclass
+class _TaskInfo:
+    kind: str  # search | reference | validation
+    hash: str
+    recipe_json: str
+    seq: int | None = None
+    stage: int | None = None
+    genome: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+    name: str | None = None
+    trial_id: int | None = None
+
+
+# ---------------------------------------------------------------------- the loop
+class Search:
+    """One search run over a run directory (new or resumed). Use :func:`run_search`."""
+
+    def __init__(self, cfg: SearchConfig, store: RunStore, *, executor: Executor | None = None,
+                 on_progress: Callable[[Progress], None] | None = None, pool: ModelPool | None = None):
+        from evomerge.optimizers import load_optimizer, make_optimizer  # noqa: F401
+
+        self.cfg, self.store = cfg, store
+        self.pool = pool or resolve_models(cfg)
+        self.space = make_space(cfg.space, self.pool)
+        self.stages = self.space.stages
+        self.bounds = stage_bounds(cfg, self.space)
+        self.search_keys = [o.key for o in cfg.objectives]
+        self.weights = [o.weight for o in cfg.objectives]
+        self.signs = [1.0 if o.weight >= 0 else -1.0 for o in cfg.objectives]
+        self.val_keys = [o.key for o in cfg.validation.objectives] if cfg.validation.when != "none" else []
+        self.val_weights = {o.key: o.weight for o in cfg.validation.objectives}
+        self.window = cfg.window
+        self.dtype = cfg.search.per_example_dtype
+        self.on_progress = on_progress
+        self.executor = executor or make_executor(cfg.executor, worker_spec(cfg, self.pool))
+        self._check_optimizer()
+        # run-time (not checkpointed) bookkeeping
+        self.pending: dict[int, _Pending] = {}
+        self.inflight: dict[str, list[_Pending]] = {}  # recipe hash -> asks waiting on it
+        self.tasks: dict[int, _TaskInfo] = {}
+        self._task_ids = 0
+        self._val_requested: set[int] = set()
+        self._resolved: list[int] = []  # ask ids in resolution order (non-deterministic mode)
+        self._reissue_left = 0
+        self.evaluated_here = 0
+        self.cached = 0
+        self.t_start = time.monotonic()
+        self.stopped = ""
+        self.message = ""
+        self._refs: dict | None = None
+        self._n_refs = len(parent_recipes(self.pool)) if cfg.search.references else 0
+
+    # ------------------------------------------------------------------ optimizer per stage
+    def _check_optimizer(self) -> None:
+        """Fail on a bad optimizer name/options before any worker starts."""
+        from evomerge.optimizers import make_optimizer
+
+        g = self.stages[0].genes
+        make_optimizer(self.cfg.optimizer.name, self.space.lower[g], self.space.upper[g], self.cfg.seed,
+                       x0=self.space.x0[g], **self.cfg.optimizer.options)
+
+    def _new_optimizer(self, stage: int, fixed: np.ndarray):
+        from evomerge.optimizers import make_optimizer
+
+        g = self.stages[stage].genes
+        return make_optimizer(self.cfg.optimizer.name, self.space.lower[g], self.space.upper[g],
+                              self.cfg.seed + stage, x0=fixed[g], **self.cfg.optimizer.options)
+
+    def _fresh_state(self) -> dict:
+        return {
+            "version": STATE_VERSION, "stage": 0, "seq0": 0, "fixed": self.space.x0.copy(), "n_evals": 0,
+            "seen": set(), "n_told": 0, "n_asked": 0, "pending_ids": [], "best": None, "worst": None,
+            "worst_obj": None, "n_examples": None, "dup_streak": 0, "elapsed": 0.0, "failures": 0,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self) -> None:
+        st = self.state
+        st["pending_ids"] = sorted(self.pending)
+        st["elapsed_total"] = self.elapsed
+        blob = pickle.dumps({"state": {**st, "seen": sorted(st["seen"])}, "optimizer": self.opt.state_bytes()},
+                            protocol=4)
+        best = st["best"]
+        self.store.save_checkpoint(st["stage"], st["n_told"], blob, evaluations=st["n_evals"], elapsed=self.elapsed,
+                                   failures=st["failures"], updated=time.time(),
+                                   best_fitness=None if best is None else best["fitness"])
+
+    def _restore(self) -> bool:
+        from evomerge.optimizers import load_optimizer
+
+        ck = self.store.last_checkpoint()
+        if ck is None:
+            return False
+        data = pickle.loads(ck[2])
+        st = data["state"]
+        if st.get("version") != STATE_VERSION:
+            raise EvomergeError(f"{self.store.path}: checkpoint from another evomerge version; cannot resume")
+        st["seen"] = set(st["seen"])
+        st["elapsed"] = st.pop("elapsed_total", st["elapsed"])
+        self.state = st
+        self.opt = load_optimizer(data["optimizer"])
+        self._reissue_left = len(st["pending_ids"])
+        return True
+
+    @property
+    def elapsed(self) -> float:
+        return self.state["elapsed"] + (time.monotonic() - self.t_start)
+
+    # ------------------------------------------------------------------ budget
+    def _budget_left(self) -> bool:
+        n_end, t_end = self.bounds[self.state["stage"]]
+        if n_end is not None and self.state["n_evals"] >= n_end:
+            self.stopped = self.stopped or "evaluation budget"
+            return False
+        if t_end is not None and self.elapsed >= t_end:
+            self.stopped = "wall time"
+            return False
+        if self.state["dup_streak"] >= self.cfg.search.max_duplicate_asks:
+            self.stopped = f"optimizer repeated itself {self.state['dup_streak']} times"
+            return False
+        return True
+
+    # ------------------------------------------------------------------ asks
+    def _fill(self) -> None:
+        st = self.state
+        while self._reissue_left > 0:  # asks outstanding at the checkpoint, re-issued as they were
+            a = self.opt.ask()
+            if a is None or a.id not in st["pending_ids"]:
+                raise EvomergeError("optimizer did not re-issue its outstanding asks after restore; cannot resume")
+            self._reissue_left -= 1
+            self._add_ask(a, counted=False)
+        while len(self.pending) < self.window and self._budget_left():
+            a = self.opt.ask()
+            if a is None:
+                break
+            self._add_ask(a, counted=True)
+
+    def _add_ask(self, a, counted: bool) -> None:
+        st = self.state
+        stage = self.stages[st["stage"]]
+        genome = st["fixed"].copy()
+        genome[stage.genes] = a.genome
+        recipe = self.space.to_recipe(genome)
+        rjson, h = recipe.canonical_json(), recipe.hash()
+        p = _Pending(ask=a, seq=st["seq0"] + a.id, genome=genome, recipe_json=rjson, hash=h)
+        st["n_asked"] = max(st["n_asked"], a.id + 1)
+        if counted:
+            if h in st["seen"]:
+                st["dup_streak"] += 1
+            else:
+                st["seen"].add(h)
+                st["n_evals"] += 1
+                st["dup_streak"] = 0
+        self.pending[a.id] = p
+        stored = self.store.get(h, with_scores=True)
+        if stored is not None:
+            self.cached += 1
+            self._resolve(p, stored)
+        elif h in self.inflight:
+            self.inflight[h].append(p)
+        else:
+            splits = (SEARCH, VALIDATION) if self.cfg.validation.when == "all" and self.val_keys else (SEARCH,)
+            self._submit(_TaskInfo("search", h, rjson, seq=p.seq, stage=st["stage"], genome=genome,
+                                   info=dict(a.info)), splits)
+            self.inflight[h] = [p]
+
+    def _submit(self, info: _TaskInfo, splits: tuple[str, ...]) -> None:
+        self._task_ids += 1
+        self.tasks[self._task_ids] = info
+        self.executor.submit(Task(id=self._task_ids, recipe_json=info.recipe_json, splits=splits))
+
+    def _resolve(self, p: _Pending, trial: Trial) -> None:
+        p.trial = trial
+        self._resolved.append(p.ask.id)
+
+    # ------------------------------------------------------------------ outcomes
+    def _trial_from(self, o: Outcome, info: _TaskInfo) -> Trial:
+        t = Trial(recipe_hash=info.hash, recipe_json=info.recipe_json, status="ok" if o.ok else "failed",
+                  kind="search" if info.kind == "search" else "reference", name=info.name, seq=info.seq,
+                  stage=info.stage, genome=info.genome, worker=o.worker, attempts=o.attempts,
+                  seconds=dict(o.seconds), info=info.info, error=o.error)
+        if o.ok:
+            missing = [k for k in self.search_keys if k not in o.scores]
+            if missing:
+                t.status, t.error = "failed", f"worker returned no score for {missing[0]}"
+            else:
+                t.metrics = {k: float(o.scores[k].value) for k in self.search_keys}
+                t.fitness = float(sum(w * t.metrics[k] for k, w in zip(self.search_keys, self.weights)))
+                if not np.isfinite(t.fitness):
+                    t.status, t.error, t.fitness = "failed", f"fitness is {t.fitness}", None
+            vals = {k: float(o.scores[k].value) for k in self.val_keys if k in o.scores}
+            t.validation = vals or None
+            t.scores = {k: Scores(quantize(s.per_example, self.dtype), np.asarray(s.doc_ids))
+                        for k, s in o.scores.items()}
+        return t
+
+    def _handle(self, o: Outcome) -> None:
+        info = self.tasks.pop(o.id)
+        if info.kind == "validation":
+            if o.ok:
+                metrics = {k: float(o.scores[k].value) for k in self.val_keys if k in o.scores}
+                scores = {k: Scores(quantize(s.per_example, self.dtype), np.asarray(s.doc_ids))
+                          for k, s in o.scores.items()}
+            else:
+                metrics, scores = {"error": o.error or "failed"}, {}
+            self.store.set_validation(info.trial_id, metrics, scores, self.dtype)
+            best = self.state["best"]
+            if best is not None and best["trial_id"] == info.trial_id and o.ok:
+                best["validation"] = self._val_fitness(metrics)
+            return
+        trial = self._trial_from(o, info)
+        if self.store.get(info.hash) is None:
+            self.store.add_trial(trial, self.dtype)  # COMMIT before any tell
+        else:  # the same recipe was stored meanwhile (a reference and an ask at once)
+            trial = self.store.get(info.hash, with_scores=True)
+        self.evaluated_here += 1
+        for p in self.inflight.pop(info.hash, []):
+            self._resolve(p, trial)
+
+    def _val_fitness(self, metrics: dict | None) -> float | None:
+        if not metrics or "error" in metrics or not all(k in metrics for k in self.val_keys):
+            return None
+        return float(sum(self.val_weights[k] * metrics[k] for k in self.val_keys))
+
+    # ------------------------------------------------------------------ tells
+    def _next_tellable(self) -> _Pending | None:
+        if not self.pending:
+            return None
+        if self.cfg.search.deterministic:
+            p = self.pending[min(self.pending)]
+            return p if p.trial is not None else None
+        while self._resolved:
+            i = self._resolved.pop(0)
+            if i in self.pending:
+                return self.pending[i]
+        return None
+
+    def _penalty(self) -> tuple[float, np.ndarray | None, np.ndarray]:
+        st = self.state
+        fit = self.cfg.search.failure_penalty
+        if fit is None:
+            fit = -1.0 if st["worst"] is None else st["worst"] - 1.0
+        obj = np.array(st["worst_obj"]) - 1.0 if st["worst_obj"] is not None else np.full(len(self.search_keys), fit)
+        per = None if st["n_examples"] is None else np.zeros(st["n_examples"])
+        return float(fit), per, obj
+
+    def _tell(self, p: _Pending) -> None:
+        st = self.state
+        t = p.trial
+        if t.ok:
+            fitness = float(t.fitness)
+            per = np.concatenate([t.scores[k].values for k in self.search_keys]).astype(np.float64) \
+                if all(k in t.scores for k in self.search_keys) else None
+            obj = np.array([t.metrics[k] * s for k, s in zip(self.search_keys, self.signs)])
+        else:
+            fitness, per, obj = self._penalty()
+            st["failures"] += 1
+        if per is not None and st["n_examples"] is not None and per.size != st["n_examples"]:
+            per = None
+        self.opt.tell(p.ask.id, fitness, per_example=per, objectives=obj)
+        del self.pending[p.ask.id]
+        st["n_told"] += 1
+        if t.ok:
+            if st["n_examples"] is None and per is not None:
+                st["n_examples"] = int(per.size)
+            st["worst"] = fitness if st["worst"] is None else min(st["worst"], fitness)
+            st["worst_obj"] = obj.tolist() if st["worst_obj"] is None else np.minimum(st["worst_obj"], obj).tolist()
+            best = st["best"]
+            if best is None or fitness > best["fitness"]:
+                st["best"] = {"fitness": fitness, "seq": p.seq, "hash": p.hash, "genome": p.genome.copy(),
+                              "trial_id": t.id, "validation": self._val_fitness(t.validation)}
+                if self.cfg.validation.when == "best":
+                    self._request_validation(t)
+
+    def _request_validation(self, t: Trial) -> None:
+        if not self.val_keys or t.id is None or t.id in self._val_requested:
+            return
+        if t.validation is not None and all(k in t.validation for k in self.val_keys):
+            return
+        self._val_requested.add(t.id)
+        self._submit(_TaskInfo("validation", t.recipe_hash, t.recipe_json, trial_id=t.id), (VALIDATION,))
+
+    # ------------------------------------------------------------------ references
+    def _submit_references(self) -> None:
+        if not self.cfg.search.references:
+            return
+        splits = (SEARCH, VALIDATION) if self.val_keys else (SEARCH,)
+        for name, recipe in parent_recipes(self.pool).items():
+            h = recipe.hash()
+            if self.store.get(h) is not None or h in self.inflight:
+                continue
+            self._submit(_TaskInfo("reference", h, recipe.canonical_json(), name=name), splits)
+            self.inflight[h] = []
+
+    # ------------------------------------------------------------------ main
+    def _poll(self) -> None:
+        for o in self.executor.poll(timeout=0.2):
+            self._handle(o)
+        self._report()
+
+    def _report(self) -> None:
+        if self.on_progress is None:
+            return
+        st = self.state
+        best = st["best"]
+        run_s = max(1e-9, time.monotonic() - self.t_start)
+        if self._refs is None or len(self._refs) < self._n_refs:
+            self._refs = {name: t.fitness for name, t in self.store.references().items()}
+        refs = self._refs
+        n_end, t_end = self.bounds[-1]
+        self.on_progress(Progress(
+            stage=self.stages[min(st["stage"], len(self.stages) - 1)].name, stage_index=st["stage"],
+            stages=len(self.stages), evaluations=st["n_evals"], budget=n_end, wall_time=t_end,
+            elapsed=self.elapsed, best_fitness=None if best is None else best["fitness"],
+            best_validation=None if best is None else best.get("validation"), evaluated_here=self.evaluated_here,
+            rate_per_min=60.0 * self.evaluated_here / run_s, busy=self.executor.busy, workers=self.executor.workers,
+            queued=self.executor.queued, failures=st["failures"], cached=self.cached, references=refs,
+            message=self.message,
+        ))
+
+    def _run_stage(self) -> None:
+        st = self.state
+        self._fill()
+        told_since = 0
+        while self.pending:
+            p = self._next_tellable()
+            if p is None:
+                self._poll()
+                continue
+            self._tell(p)
+            self._fill()
+            told_since += 1
+            if told_since >= self.cfg.search.checkpoint_every:
+                self._checkpoint()
+                told_since = 0
+            self._report()
+        if told_since:
+            self._checkpoint()
+
+    def _next_stage(self) -> bool:
+        st = self.state
+        if st["stage"] + 1 >= len(self.stages):
+            return False
+        best = st["best"]
+        fixed = best["genome"].copy() if best is not None else st["fixed"]
+        st.update(stage=st["stage"] + 1, seq0=st["seq0"] + st["n_asked"], fixed=fixed, n_told=0, n_asked=0,
+                  pending_ids=[], dup_streak=0)
+        self.stopped = ""
+        self.opt = self._new_optimizer(st["stage"], fixed)
+        self.message = f"stage {st['stage'] + 1}/{len(self.stages)}: {self.stages[st['stage']].name}"
+        return True
+
+    def _finish_validation(self) -> None:
+        best = self.state["best"]
+        if best is not None and self.cfg.validation.when in ("best", "final"):
+            t = self.store.get(best["hash"])
+            if t is not None:
+                self._request_validation(t)
+        while self.tasks:  # references and validations still running
+            for o in self.executor.poll(timeout=0.2):
+                self._handle(o)
+            self._report()
+
+    def run(self, resume: bool = False) -> SearchSummary:
+        if resume and self._restore():
+            pass
+        else:
+            self.state = self._fresh_state()
+            self.opt = self._new_optimizer(0, self.state["fixed"])
+        self.store.set_meta(status="running", pid=os.getpid(), space=self.space.describe(),
+                            genes=self.space.names, stages=[s.name for s in self.stages])
+        self.executor.start()
+        status = "interrupted"
+        try:
+            self._submit_references()
+            while True:
+                self._run_stage()
+                if not self._next_stage():
+                    break
+                self._checkpoint()
+            self._finish_validation()
+            status = "finished"
+        finally:
+            self.store.set_meta(status=status, elapsed=self.elapsed, evaluations=self.state["n_evals"],
+                                failures=self.state["failures"], updated=time.time(),
+                                stopped=self.stopped or "all stages done",
+                                best_fitness=None if self.state["best"] is None else self.state["best"]["fitness"])
+            self.executor.close()
+        return self.summary()
+
+    def summary(self) -> SearchSummary:
+        best = self.state["best"]
+        trial = self.store.get(best["hash"]) if best is not None else None
+        return SearchSummary(run_dir=self.store.run_dir, best=trial, evaluations=self.state["n_evals"],
+                             failures=self.state["failures"], cached=self.cached, elapsed=self.elapsed,
+                             stopped=self.stopped or "all stages done", references=self.store.references())
+
+
+# ---------------------------------------------------------------------- entry points
+def run_search(config: SearchConfig | str | Path, run_dir: str | Path, *, resume: bool = False,
+               executor: Executor | None = None, on_progress: Callable[[Progress], None] | None = None,
+               budget: dict | None = None, executor_overrides: dict | None = None) -> SearchSummary:
+    """Run (or resume, with ``resume=True`` and ``config=None``) a search in ``run_dir``.
+
+    ``budget`` / ``executor_overrides`` change the stored config on resume (e.g. more
+    evaluations, another Ray address).
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        store = RunStore(run_dir)
+        cfg = SearchConfig.from_dict(store.meta("config"), where=f"{run_dir} (stored config)")
+        updates = {}
+        if budget:
+            updates["budget"] = cfg.budget.model_copy(update=budget)
+        if executor_overrides:
+            updates["executor"] = cfg.executor.model_copy(update=executor_overrides)
+        if updates:
+            cfg = SearchConfig.from_dict({**cfg.to_dict(), **{k: v.model_dump() for k, v in updates.items()}},
+                                         where="resume options")
+            store.set_meta(config=cfg.to_dict())
+    else:
+        if not isinstance(config, SearchConfig):
+            config = SearchConfig.load(config)
+        cfg = config.resolved()
+        if executor_overrides:
+            cfg = SearchConfig.from_dict({**cfg.to_dict(), "executor": {**cfg.executor.model_dump(), **executor_overrides}},
+                                         where="command-line options")
+        if RunStore.exists(run_dir):
+            raise ConfigError(f"{run_dir}: already holds a run; continue it with `evomerge resume {run_dir}` "
+                              "or choose another --run-dir")
+        store = RunStore(run_dir, create=True)
+        store.set_meta(config=cfg.to_dict(), name=cfg.name or run_dir.name, created=time.time(), status="new")
+    try:
+        search = Search(cfg, store, executor=executor, on_progress=on_progress)
+        return search.run(resume=resume)
+    finally:
+        store.close()

@@ -1,0 +1,220 @@
+"""The search loop: end to end with fake and real workers, cache, failures, stages, kill -9 + resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from evomerge.config import SearchConfig
+from evomerge.errors import ConfigError
+from evomerge.search import run_search
+from evomerge.store import RunStore
+
+TESTS = Path(__file__).resolve().parent
+
+
+def config(tiny_models, tmp_path, **over) -> dict:
+    cfg = {
+        "name": "t",
+        "models": {"base": str(tiny_models["base"]), "experts": [str(tiny_models[f"e{k}"]) for k in range(3)]},
+        "space": "task_vector",
+        "objectives": [{"task": "fake"}],
+        "validation": [{"task": "fake"}],
+        "optimizer": "cmaes",
+        "budget": {"evaluations": 24},
+        "executor": {"worker": "search_fakes:FakeWorker", "worker_options": {"log": str(tmp_path / "log.txt")}},
+        "seed": 3,
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return cfg
+
+
+def log_lines(tmp_path) -> list[tuple[str, str, str]]:
+    p = tmp_path / "log.txt"
+    return [tuple(line.split()) for line in p.read_text().splitlines()] if p.exists() else []
+
+
+def sequence(run_dir) -> list[tuple]:
+    with RunStore(run_dir) as s:
+        return [(t.seq, t.recipe_hash, t.status, t.fitness) for t in s.trials()]
+
+
+def test_end_to_end_with_fake_worker(tiny_models, tmp_path):
+    seen = []
+    out = run_search(SearchConfig.from_dict(config(tiny_models, tmp_path)), tmp_path / "run", on_progress=seen.append)
+    assert out.evaluations == 24 and out.stopped == "evaluation budget" and out.failures == 0
+    with RunStore(tmp_path / "run") as s:
+        trials = s.trials()
+        assert len(trials) == 24 and [t.seq for t in trials] == sorted(t.seq for t in trials)
+        assert s.meta("status") == "finished" and s.meta("evaluations") == 24
+        refs = s.references()
+        assert sorted(refs) == ["base", "e0", "e1", "e2"] and all(r.validation for r in refs.values())
+        best = s.best()
+        assert best.recipe_hash == out.best.recipe_hash
+        # the best beats the start point and every parent; it has validation metrics
+        assert best.fitness > trials[0].fitness and best.fitness > max(r.fitness for r in refs.values())
+        assert best.validation and "fake:validation" in best.validation
+        assert best.genome.shape == (3,) and best.seconds["total_s"] > 0 and best.worker == "local"
+        np.testing.assert_allclose(best.genome, [float(m.parameters["weight"]) for m in best.recipe.models], atol=1e-4)
+    # each recipe evaluated once on the search split
+    search_evals = Counter(h for _, h, splits in log_lines(tmp_path) if "search" in splits)
+    assert max(search_evals.values()) == 1
+    last = seen[-1]
+    assert last.evaluations == 24 and last.best_fitness == pytest.approx(best.fitness) and last.workers == 1
+    assert set(last.references) == {"base", "e0", "e1", "e2"}
+
+
+def test_same_seed_same_run_and_other_seed_differs(tiny_models, tmp_path):
+    a = run_search(SearchConfig.from_dict(config(tiny_models, tmp_path)), tmp_path / "a")
+    b = run_search(SearchConfig.from_dict(config(tiny_models, tmp_path)), tmp_path / "b")
+    c = run_search(SearchConfig.from_dict(config(tiny_models, tmp_path, seed=4)), tmp_path / "c")
+    assert sequence(tmp_path / "a") == sequence(tmp_path / "b") != sequence(tmp_path / "c")
+    assert a.best.recipe_hash == b.best.recipe_hash
+
+
+def test_identical_recipes_are_evaluated_once(tiny_models, tmp_path):
+    # 0 decimals: coefficients in {0, 1, 2}, so only 3³ = 27 recipes exist
+    cfg = config(tiny_models, tmp_path, optimizer="random", space={"type": "task_vector", "decimals": 0},
+                 budget={"evaluations": 100}, search={"max_duplicate_asks": 40, "references": False})
+    out = run_search(SearchConfig.from_dict(cfg), tmp_path / "run")
+    assert out.evaluations <= 27 and out.cached > 0 and out.stopped.startswith("optimizer repeated itself")
+    search_evals = Counter(h for _, h, splits in log_lines(tmp_path) if "search" in splits)
+    with RunStore(tmp_path / "run") as s:
+        assert len(search_evals) == s.count() == out.evaluations
+    assert max(search_evals.values()) == 1
+
+
+@pytest.mark.parametrize("fault", ["fail_above", "nan_above"])
+def test_failures_are_recorded_and_penalised(tiny_models, tmp_path, fault):
+    cfg = config(tiny_models, tmp_path, optimizer="random", budget={"evaluations": 30},
+                 executor={"worker_options": {fault: 1.2}})
+    out = run_search(SearchConfig.from_dict(cfg), tmp_path / "run")
+    with RunStore(tmp_path / "run") as s:
+        failed = s.trials(status="failed")
+        assert out.failures == len(failed) > 0 and out.evaluations == 30
+        assert all(t.fitness is None and t.error for t in failed)
+        assert ("too large" if fault == "fail_above" else "NaN") in failed[0].error
+        assert all(max(t.genome) > 1.2 for t in failed)
+        assert s.best().status == "ok" and s.meta("status") == "finished"
+
+
+def test_hybrid_runs_ps_then_dfs_from_the_best_ps_merge(tiny_models, tmp_path):
+    cfg = config(tiny_models, tmp_path, space={"type": "hybrid", "ps": {"granularity": "global",
+                                                                          "parameters": {"weight": None}}},
+                 budget={"evaluations": 20}, validation=[], search={"references": False})
+    out = run_search(SearchConfig.from_dict(cfg), tmp_path / "run")
+    assert out.evaluations == 20
+    with RunStore(tmp_path / "run") as s:
+        trials = s.trials()
+        st0 = [t for t in trials if t.stage == 0]
+        st1 = [t for t in trials if t.stage == 1]
+        assert len(st0) == 10 and len(st1) == 10 and max(t.seq for t in st0) < min(t.seq for t in st1)
+        assert all(t.recipe.layer_flow is None for t in st0)
+        best0 = max(st0, key=lambda t: (t.fitness, -t.seq))
+        for t in st1:  # stage 2 keeps the best PS parameters and adds a layer flow over merge + experts
+            assert [m.parameters for m in t.recipe.models] == [m.parameters for m in best0.recipe.models]
+            np.testing.assert_array_equal(t.genome[:3], best0.genome[:3])
+        flows = [t.recipe.layer_flow for t in st1 if t.recipe.layer_flow is not None]
+        assert flows and all(f.embed_from == "merge" for f in flows)
+
+
+def test_wall_time_budget(tiny_models, tmp_path):
+    cfg = config(tiny_models, tmp_path, budget={"wall_time": "1s"}, executor={"worker_options": {"sleep": 0.1}},
+                 search={"references": False})
+    t0 = time.time()
+    out = run_search(SearchConfig.from_dict(cfg), tmp_path / "run")
+    assert out.stopped == "wall time" and 3 <= out.evaluations <= 15 and time.time() - t0 < 10
+
+
+def test_resume_extends_budget_and_equals_a_longer_run(tiny_models, tmp_path):
+    run_search(SearchConfig.from_dict(config(tiny_models, tmp_path, budget={"evaluations": 10})), tmp_path / "a")
+    again = run_search(None, tmp_path / "a", resume=True)  # finished: nothing more to do
+    assert again.evaluations == 10
+    run_search(None, tmp_path / "a", resume=True, budget={"evaluations": 30})
+    run_search(SearchConfig.from_dict(config(tiny_models, tmp_path, budget={"evaluations": 30})), tmp_path / "b")
+    assert sequence(tmp_path / "a") == sequence(tmp_path / "b") and len(sequence(tmp_path / "a")) == 30
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_search(SearchConfig.from_dict(config(tiny_models, tmp_path)), tmp_path / "a")
+
+
+@pytest.mark.parametrize("optimizer", ["cmaes", "m2n2"])
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_models, tmp_path, optimizer):
+    cfg = config(tiny_models, tmp_path, optimizer=optimizer, budget={"evaluations": 40},
+                 executor={"worker_options": {"sleep": 0.03, "log": str(tmp_path / "log.txt")}})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    code = "import sys; from evomerge.search import run_search; run_search(sys.argv[1], sys.argv[2])"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(tmp_path / "killed")], env=env)
+    t0 = time.time()
+    n = 0
+    while n < 15 and time.time() - t0 < 60 and proc.poll() is None:
+        time.sleep(0.05)
+        if (tmp_path / "killed" / "evomerge.sqlite").exists():
+            with RunStore(tmp_path / "killed") as s:
+                n = s.count()
+    assert proc.poll() is None, "the search finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with RunStore(tmp_path / "killed") as s:
+        committed = {t.recipe_hash for t in s.trials(kind=None)}
+        assert s.meta("status") == "running" and 15 <= len(committed) < 44
+    before = len(log_lines(tmp_path))
+    out = run_search(None, tmp_path / "killed", resume=True)
+    resumed = [h for _, h, splits in log_lines(tmp_path)[before:] if "search" in splits]
+    assert not committed & set(resumed), "a committed evaluation was repeated"
+    ref = run_search(SearchConfig.from_dict(cfg), tmp_path / "uninterrupted")
+    assert sequence(tmp_path / "killed") == sequence(tmp_path / "uninterrupted")
+    assert out.best.recipe_hash == ref.best.recipe_hash and out.evaluations == ref.evaluations == 40
+
+
+CONFIG_ERRORS = [
+    ("models: {experts: [a]}\nobjectives: [{task: x}]\n", "budget: required key is missing"),
+    ("models: {experts: [a]}\nobjectives: []\nbudget: {evaluations: 3}\n", "objectives: List should have at least 1"),
+    ("models: {}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\n", "models: list the `experts`"),
+    ("models: {experts: [a], zoo: demo}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\n", "either `zoo`"),
+    ("models: {experts: [a]}\nobjectives: [{task: x, split: train}]\nbudget: {evaluations: 3}\n",
+     "objectives.0.split: Input should be 'search', 'validation' or 'test'"),
+    ("models: {experts: [a]}\nobjectives: [{task: x}, {task: x}]\nbudget: {evaluations: 3}\n", "x:search is listed twice"),
+    ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 0}\n", "budget.evaluations"),
+    ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {wall_time: soon}\n", "'soon' is not a duration"),
+    ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\nspace: {type: ps, granularity: rows}\n",
+     "space: granularity: Input should be"),
+    ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\nexecutor: {type: local, workers: 2}\n",
+     "exactly one in-process worker"),
+    ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\nexecutor: {type: slurm}\n",
+     "executor.type: Input should be 'local' or 'ray'"),
+    ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\nbudgett: 1\n", "budgett: unknown key"),
+    ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\nvalidation: {when: sometimes}\n",
+     "validation.when"),
+    ("- just\n- a list\n", "expected a mapping at the top level"),
+    ("models: {experts: [a]\n", "malformed YAML"),
+]
+
+
+@pytest.mark.parametrize("text,message", CONFIG_ERRORS)
+def test_malformed_configs_give_one_line_errors(tmp_path, text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        SearchConfig.load(p)
+    assert message in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith(str(p))
+
+
+def test_bad_optimizer_is_reported_before_workers_start(tiny_models, tmp_path):
+    cfg = config(tiny_models, tmp_path, optimizer={"name": "cmaes", "options": {"popsize": 1}})
+    with pytest.raises(ConfigError, match="popsize"):
+        run_search(SearchConfig.from_dict(cfg), tmp_path / "run")
+    cfg = config(tiny_models, tmp_path, optimizer="annealing")
+    with pytest.raises(ConfigError, match="unknown optimizer"):
+        run_search(SearchConfig.from_dict(cfg), tmp_path / "run2")
