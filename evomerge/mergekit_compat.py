@@ -453,7 +453,8 @@ def recipe_to_mergekit(recipe: Recipe) -> dict:
     if recipe.tokenizer_source is not None:
         tok = recipe.tokenizer_source
         out["tokenizer_source"] = "base" if tok == "base" and "base_model" in out else paths.get(tok, tok)
-    return out
+    order = ["merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source"]
+    return {k: out[k] for k in order if k in out}
 
 
 def dump_mergekit(config: dict) -> str:
