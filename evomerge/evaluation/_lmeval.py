@@ -70,6 +70,13 @@ _QUIET_LOGGERS = ("lm_eval", "datasets", "transformers.generation")
 _BAR_MODULES = (lm_eval.api.task, lm_eval.api.model, lm_eval.models.huggingface)
 
 
+def _silenced(bar):
+    def tqdm(*args, **kwargs):  # callers pass disable=False explicitly: override it
+        return bar(*args, **{**kwargs, "disable": True})
+
+    return tqdm
+
+
 @contextmanager
 def quiet():
     """Silence lm-eval's per-call INFO/WARNING chatter and progress bars for the block."""
@@ -80,7 +87,7 @@ def quiet():
     datasets.utils.logging.disable_progress_bar()
     bars = [(m, m.tqdm) for m in _BAR_MODULES]
     for m, bar in bars:
-        m.tqdm = functools.partial(bar, disable=True)
+        m.tqdm = _silenced(bar)
     try:
         yield
     finally:

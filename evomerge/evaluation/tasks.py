@@ -104,11 +104,14 @@ class TaskCatalog:
             raise EvomergeError(f"task {name!r} has no split {split!r}; its splits: {_listing(available)}") from None
 
 
+FEWSHOT_SEED = 1234  # lm-eval's default, so few-shot prompts match the plain lm_eval CLI
+
+
 def _construct(cfg: dict[str, Any]) -> Task:
     with quiet():
-        if "class" in cfg:  # a Python task class registered by YAML
-            return cfg["class"](config=cfg)
-        return ConfigurableTask(config=cfg)
+        task = cfg["class"](config=cfg) if "class" in cfg else ConfigurableTask(config=cfg)
+    task.set_fewshot_seed(FEWSHOT_SEED)
+    return task
 
 
 def _resolve_data_paths(cfg: dict[str, Any], base: Path, task: str) -> None:
