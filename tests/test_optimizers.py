@@ -257,3 +257,25 @@ def test_checkpoint_of_one_kind_does_not_load_as_another():
     blob = make_optimizer("random", LO, HI, seed=0).state_bytes()
     with pytest.raises(ConfigError, match="holds 'random'"):
         CMAES.from_state_bytes(blob)
+
+
+@pytest.mark.parametrize("name", ["random", "m2n2", "optuna:tpe"])
+def test_discard_forgets_an_ask(name):
+    opt = make_optimizer(name, LO, HI, seed=0)
+    a, b = opt.ask(), opt.ask()
+    opt.discard(a.id)
+    assert opt.pending == [b.id]
+    back = load_optimizer(opt.state_bytes())
+    assert back.ask().id == b.id  # a discarded ask is not re-issued
+    with pytest.raises(ValueError, match="not an outstanding ask"):
+        opt.discard(a.id)
+    opt.tell(b.id, 1.0)
+    assert opt.n_told == 1
+
+
+def test_cmaes_refuses_discard():
+    opt = make_optimizer("cmaes", LO, HI, seed=0)
+    a = opt.ask()
+    with pytest.raises(ValueError, match="needs every member told"):
+        opt.discard(a.id)
+    assert opt.pending == [a.id]

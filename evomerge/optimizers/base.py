@@ -137,6 +137,20 @@ class Optimizer(ABC):
         if self._best is None or fitness > self._best[1]:
             self._best = (ask.genome.copy(), fitness)
 
+    def discard(self, id: int) -> None:
+        """Forget an outstanding ask that will never be evaluated (e.g. rejected by a pre-screen).
+
+        Steady-state optimizers (m2n2, random, optuna) allow it; CMA-ES raises, because its
+        generation needs every member told (tell a penalty instead).
+        """
+        id = int(id)
+        if id not in self._pending:
+            raise ValueError(f"{self.name}: discard of id {id}, which is not an outstanding ask")
+        self._discard(self._pending[id])
+        del self._pending[id]
+        if id in self._reissue:
+            self._reissue.remove(id)
+
     @property
     def best(self) -> tuple[np.ndarray, float] | None:
         """(genome, fitness) of the best told candidate so far, None before the first tell."""
@@ -180,6 +194,9 @@ class Optimizer(ABC):
     @abstractmethod
     def _tell(self, ask: Ask, fitness: float, per_example: np.ndarray | None, objectives: np.ndarray | None) -> None:
         """Consume one result (already validated)."""
+
+    def _discard(self, ask: Ask) -> None:
+        """Drop optimizer-side state of an ask that will never be told (default: nothing to drop)."""
 
     def _after_restore(self) -> None:
         """Rebuild anything that pickling could not carry (RNGs of third-party objects)."""

@@ -111,6 +111,12 @@ class CMAES(Optimizer):
         self._lib.tell(solutions)
         self._gen, self._handed, self._unit, self._results, self._asks = [], 0, {}, {}, {}
 
+    def _discard(self, ask) -> None:
+        raise ValueError(
+            f"cmaes: ask {ask.id} cannot be discarded, its generation needs every member told; "
+            "tell it a (penalty) fitness instead"
+        )
+
     # The library's own pickling is lossy for an exact resume: it drops its RandomState and
     # stores C as a symmetric triangle (C is only symmetric up to rounding). Carry its attributes
     # and RNG state verbatim instead.

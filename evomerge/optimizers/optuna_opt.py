@@ -116,6 +116,13 @@ class OptunaSearch(Optimizer):
             warnings.simplefilter("ignore")
             self._study.tell(self._trial_of.pop(ask.id), values)
 
+    def _discard(self, ask) -> None:
+        from optuna.trial import TrialState
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._study.tell(self._trial_of.pop(ask.id), state=TrialState.FAIL)  # samplers skip FAIL
+
     @property
     def study(self):
         """The live Optuna study (read it; drive it only through ask/tell)."""
