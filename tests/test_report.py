@@ -281,7 +281,13 @@ def test_heat_map_values_are_the_engine_resolution(run_data):
     assert rows["math · weight"] == [w0["embed"], *w0["layers"], w0["head"]]
     assert rows["math · density"] == [0.7, 0.7, 0.7, 0.7]
     # a gradient [0.5, 0.9] over 2 blocks: embed t=0, blocks at t=0 and 1, head t=1
-    assert rows["&lt;script&gt;alert(1)&lt;/script&gt; · density"] == [0.5, 0.5, 0.9, 0.9]
+    from evomerge.report.html import short_labels
+
+    (label,) = short_labels([f"{EVIL} · density"])
+    assert label == "<script>alert(…ript> · density"  # long names are cut in the middle, then escaped
+    assert rows[label.replace("<", "&lt;").replace(">", "&gt;")] == [0.5, 0.5, 0.9, 0.9]
+    assert short_labels(["a" * 40, "a" * 40, "b"]) == ["a" * 14 + "…" + "a" * 15, "a" * 14 + "…" + "a" * 15 + " (2)", "b"]
+    assert d["heatmap_range"] == [0.0, 1.0]  # one colour scale for every trial
 
 
 def test_names_from_configs_are_escaped(tmp_path):

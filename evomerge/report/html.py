@@ -103,7 +103,7 @@ def _recipe_payload(data: ReportData, recipe_dict: dict | None) -> dict:
             "hash": r.hash(),
         },
         "grid": None if grid is None else {
-            "rows": short_labels([figures.ptext(r) for r in grid.rows]), "columns": grid.columns,
+            "rows": [figures.ptext(r) for r in short_labels(grid.rows)], "columns": grid.columns,
             "z": [[_finite(None if v is None else round(v, 5)) for v in row] for row in grid.z]},
         "flow": layer_flow(r),
         "recipe_yaml": r.to_yaml(),
