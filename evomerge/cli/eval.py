@@ -46,9 +46,16 @@ def eval_command(
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... [default: cuda if available]."),
     engine: str = typer.Option("fast", "--engine", help="fast | lm-eval (reference, slower)."),
+    threads: int = typer.Option(None, "--threads", min=1,
+                                help="CPU threads for torch [default: torch's]; 1 on a busy machine."),
 ) -> None:
     """Score MODEL_DIR on each objective and print every metric."""
+    import torch
+
     from evomerge.evaluation import Evaluator, Objective
+
+    if threads:
+        torch.set_num_threads(threads)
 
     objectives = [Objective.parse(spec, limit=limit) for spec in objective]
     model, tokenizer = load_model_dir(model_dir, device)
