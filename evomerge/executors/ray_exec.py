@@ -1,0 +1,238 @@
+"""The Ray executor: a pool of Ray actors, each a resident :class:`~evomerge.executors.worker.ModelWorker`.
+
+Each actor holds the base and experts on its own device (``num_gpus=1`` each on a GPU cluster,
+CPU actors otherwise; ``num_cpus`` is always explicit) and a model built once; candidates are
+materialised in place. Scheduling is asynchronous: a task goes to a free actor as soon as one
+is free (``ray.wait`` on the running calls), so no worker idles while tasks are queued.
+
+Cluster: ``address`` (``executor.ray_address`` / ``--ray-address``), else ``RAY_ADDRESS`` (set
+by ``ray job submit``), else a private local cluster started here with exactly the CPUs the
+workers need, no dashboard and a small object store.
+
+Dead workers: when an actor dies (process exit, OOM kill), evomerge kills what is left of it,
+starts a fresh actor in its slot and re-runs the candidate, up to ``max_retries`` times per
+candidate; then the candidate is recorded as failed with the reason and the run goes on. More
+than ``max_restarts`` restarts in one run means something is wrong with every worker: the run
+stops with the last reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from collections import deque
+
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.executors.base import Executor
+from evomerge.executors.worker import Outcome, Task, WorkerSpec, make_worker
+
+STARTUP_TIMEOUT_S = 600.0
+
+
+class _Actor:
+    """The body of a Ray actor: builds the worker once, then runs tasks."""
+
+    def __init__(self, spec: WorkerSpec, name: str):
+        # Ray sets OMP_NUM_THREADS from num_cpus; ModelWorker also sets torch's thread count.
+        self.worker = make_worker(spec, name)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def run(self, task: Task) -> Outcome:
+        return self.worker.run(task)
+
+
+def death_reason(e: BaseException) -> str:
+    """A one-line reason from a Ray actor/worker error."""
+    text = " ".join(str(e).split())
+    for marker in ("OutOfMemoryError", "out of memory", "killed", "exit code", "exited", "SIGKILL", "SIGSEGV"):
+        i = text.find(marker)
+        if i >= 0:
+            return f"{type(e).__name__}: …{text[max(0, i - 80): i + 120]}…"
+    return f"{type(e).__name__}: {text[:240]}"
+
+
+class RayExecutor(Executor):
+    kind = "ray"
+
+    def __init__(self, spec: WorkerSpec, workers: int = 1, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                 address: str | None = None, max_retries: int = 2, max_restarts: int = 10,
+                 temp_dir: str | None = None):
+        super().__init__(spec, workers)
+        self.num_cpus, self.num_gpus = float(num_cpus), float(num_gpus)
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.max_retries, self.max_restarts = max_retries, max_restarts
+        self.temp_dir = temp_dir or os.path.join(tempfile.gettempdir(), f"evomerge-ray-{os.getuid()}")
+        self._owns_ray = False
+        self._actors: list = []
+        self._idle: deque[int] = deque()
+        self._queue: deque[tuple[Task, int]] = deque()
+        self._running: dict = {}  # ObjectRef -> (slot, task, attempt)
+        self.last_death: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def _init_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        if self.address:
+            ray.init(address=self.address, log_to_driver=True)
+        else:
+            need = max(1, int(round(self.workers * self.num_cpus + 0.4999)))
+            ray.init(address="local", num_cpus=need, include_dashboard=False, _temp_dir=self.temp_dir,
+                     object_store_memory=128 * 1024 ** 2, log_to_driver=True, configure_logging=False)
+        self._owns_ray = True
+
+    def _check_resources(self) -> None:
+        import ray
+
+        have = ray.cluster_resources()
+        cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+        where = "this machine" if self._owns_ray and not self.address else "the Ray cluster"
+        if self.num_gpus > 0 and gpus < self.num_gpus:
+            raise ConfigError(
+                f"executor.num_gpus is {self.num_gpus:g} per worker but {where} has {gpus:g} GPUs; an actor "
+                "would wait forever. Set executor.num_gpus: 0 for CPU workers"
+            )
+        if self.workers * self.num_cpus > cpus + 1e-9:
+            msg = (f"executor: {self.workers} workers × {self.num_cpus:g} CPUs need {self.workers * self.num_cpus:g} "
+                   f"CPUs but {where} has {cpus:g}; lower executor.workers or executor.num_cpus")
+            if self._owns_ray or not self.address:
+                raise ConfigError(msg)
+
+    def _new_actor(self, slot: int):
+        import ray
+
+        cls = ray.remote(_Actor).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0,
+                                         max_task_retries=0)
+        return cls.remote(self.spec, f"ray-{slot}")
+
+    def start(self) -> None:
+        if self._actors:
+            return
+        import ray
+
+        self._init_ray()
+        self._check_resources()
+        self._actors = [self._new_actor(i) for i in range(self.workers)]
+        pings = {a.ping.remote(): i for i, a in enumerate(self._actors)}
+        try:
+            ready, rest = ray.wait(list(pings), num_returns=len(pings), timeout=STARTUP_TIMEOUT_S)
+            if rest:
+                raise EvomergeError(f"{len(rest)} Ray workers did not start within {STARTUP_TIMEOUT_S:.0f} s; "
+                                    "is the cluster short of CPUs/GPUs for executor.num_cpus/num_gpus?")
+            for ref in ready:
+                ray.get(ref)
+        except ray.exceptions.RayError as e:
+            self.close()
+            cause = getattr(e, "cause", None) or e
+            raise EvomergeError(f"a search worker could not start: {_short(cause)}") from None
+        self._idle = deque(range(self.workers))
+
+    def close(self) -> None:
+        try:
+            import ray
+        except ImportError:  # pragma: no cover
+            return
+        for a in self._actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self._actors, self._running = [], {}
+        self._idle.clear()
+        self._queue.clear()
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False
+
+    # ------------------------------------------------------------------ scheduling
+    def submit(self, task: Task) -> None:
+        self._queue.append((task, 1))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._idle and self._queue:
+            slot = self._idle.popleft()
+            task, attempt = self._queue.popleft()
+            ref = self._actors[slot].run.remote(task)
+            self._running[ref] = (slot, task, attempt)
+
+    def _restart(self, slot: int, reason: str) -> None:
+        import ray
+
+        self.restarts += 1
+        self.last_death = reason
+        if self.restarts > self.max_restarts:
+            raise EvomergeError(
+                f"search workers died {self.restarts} times (executor.max_restarts = {self.max_restarts}); "
+                f"last reason: {reason}"
+            )
+        try:
+            ray.kill(self._actors[slot], no_restart=True)
+        except Exception:
+            pass
+        self._actors[slot] = self._new_actor(slot)
+
+    def poll(self, timeout: float | None = None) -> list[Outcome]:
+        import ray
+
+        self._dispatch()
+        if not self._running:
+            if timeout:
+                time.sleep(min(timeout, 0.01))
+            return []
+        ready, _ = ray.wait(list(self._running), num_returns=1, timeout=timeout)
+        if ready:  # collect everything else that is done too
+            ready, _ = ray.wait(list(self._running), num_returns=len(self._running), timeout=0)
+        out: list[Outcome] = []
+        for ref in ready:
+            slot, task, attempt = self._running.pop(ref)
+            try:
+                o = ray.get(ref)
+                o.attempts = attempt
+                self._idle.append(slot)
+                out.append(o)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError) as e:
+                reason = death_reason(e)
+                self._restart(slot, reason)
+                self._idle.append(slot)
+                if attempt <= self.max_retries:
+                    self._queue.appendleft((task, attempt + 1))
+                else:
+                    out.append(Outcome(id=task.id, ok=False, worker=f"ray-{slot}", attempts=attempt,
+                                       error=f"worker died on each of {attempt} attempts; last: {reason}"))
+            except ray.exceptions.RayError as e:  # an exception escaped the worker: not a death
+                self._idle.append(slot)
+                out.append(Outcome(id=task.id, ok=False, worker=f"ray-{slot}", attempts=attempt,
+                                   error=_short(getattr(e, "cause", None) or e)))
+        self._dispatch()
+        return out
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXC_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.*)$")
+
+
+def _short(e: BaseException) -> str:
+    """The innermost ``SomeError: message`` line of a (Ray-wrapped) error, else its first words."""
+    lines = _ANSI.sub("", str(e)).splitlines()
+    for line in reversed(lines):
+        m = _EXC_LINE.match(line)
+        if m:
+            return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2).strip()[:300]}"
+    text = " ".join(" ".join(lines).split())
+    return f"{type(e).__name__}: {text[:300]}"
