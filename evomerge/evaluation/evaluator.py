@@ -8,9 +8,9 @@
 Engines: ``"fast"`` (default) builds every request, prompt and token batch once and reruns only
 the model, lm-eval's filters and its metrics per call; ``"lm-eval"`` calls
 ``lm_eval.evaluator.evaluate`` every time (the reference: on the tiny zoo its harness costs
-110-210 % of model compute against 4-8 % for ``"fast"``, see ``docs/evaluation.md``). Both reuse one ``HFLM`` per model object and never use
-lm-eval's response cache (its key ignores the model, so it would return stale answers after a
-weight swap).
+110-210 % of model compute against 4-8 % for ``"fast"``, see ``docs/evaluation.md``). Both
+reuse one ``HFLM`` per model object and never use lm-eval's response cache (its key ignores the
+model, so it would return stale answers after a weight swap).
 """
 
 from __future__ import annotations
