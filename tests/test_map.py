@@ -263,3 +263,151 @@ def test_prescreen_rejected_rank_below_kept_in_cma_generation():
     assert opt.n_screened == 4 and inner.generation == 3
     with pytest.raises(Exception, match="keep <= k"):
         Prescreen(make_optimizer("random", np.zeros(2), np.ones(2), 0), k=2, keep=3)
+
+
+# -- MAP through the search loop and the run store ---------------------------------------------------
+
+
+class MapFakeWorker:
+    """Custom worker for ``executor.worker: test_map:MapFakeWorker``: objective k of expert weights w is
+    0.2 + 0.6 w_k − 0.3 w_k² − 0.1 Σ_{j≠k} w_j² (an exact quadratic); ``fail_above`` fails large weights."""
+
+    def __init__(self, spec, name):
+        self.name, self.opts = name, dict(spec.options)
+        self.keys = [o["task"] + ":" + o["split"] for o in spec.objectives]
+
+    def run(self, task):
+        from evomerge.executors.worker import Outcome, Score, failure
+        from evomerge.recipe import Recipe
+
+        r = Recipe.model_validate_json(task.recipe_json)
+        w = np.array([float(m.parameters.get("weight", 0.0)) for m in r.models])
+        if self.opts.get("fail_above") is not None and w.max() > self.opts["fail_above"]:
+            return failure(task, self.name, "ValueError: too large", 0.0)
+        scores = {}
+        for k, key in enumerate(self.keys):
+            v = _fake_metric(w, k)
+            scores[key] = Score(v, np.full(4, v, dtype=np.float32), np.arange(4))
+        return Outcome(id=task.id, ok=True, scores=scores, worker=self.name, seconds={"total_s": 0.0})
+
+
+def _fake_metric(w, k):
+    w = np.asarray(w, dtype=float)
+    return float(0.2 + 0.6 * w[k] - 0.3 * w[k] ** 2 - 0.1 * (np.delete(w, k) ** 2).sum()) if k < w.size else 0.0
+
+
+def _map_config(tiny_models, experts=2, **map_opts):
+    return {
+        "models": {"base": str(tiny_models["base"]), "experts": [str(tiny_models[f"e{k}"]) for k in range(experts)]},
+        "space": {"type": "task_vector", "bounds": [0.0, 1.0], "decimals": None},
+        "objectives": [{"task": f"t{k}"} for k in range(experts)],
+        "executor": {"worker": "test_map:MapFakeWorker"},
+        "search": {"references": False},
+        "map": {"pop_size": 40, "n_gen": 40, **map_opts},
+    }
+
+
+@pytest.mark.parametrize("variant", ["plain", "bayesian", "nested"])
+def test_map_optimizer_resumes_exactly_mid_batch(variant):
+    from evomerge.optimizers.base import load_optimizer
+    from evomerge.surrogate.map_search import MapOptimizer
+
+    f = lambda c: np.array([_fake_metric(c, 0), _fake_metric(c, 1)])  # noqa: E731
+    extra = {"similarity": "metric_profile"} if variant == "nested" else {"budget": 14} if variant == "bayesian" else {}
+
+    def run(interrupt_at=None):
+        o = MapOptimizer([0, 0], [1, 1], 0, variant=variant, verify=2, pop_size=30, n_gen=20, **extra)
+        seen = []
+        while (a := o.ask()) is not None:
+            if len(seen) == interrupt_at:
+                o = load_optimizer(o.state_bytes())  # a checkpoint taken with this ask outstanding
+                b = o.ask()
+                assert b.id == a.id and np.array_equal(b.genome, a.genome)
+            y = f(a.genome)
+            o.tell(a.id, float(y.sum()), objectives=y)
+            seen.append((a.genome.tolist(), a.info["map"]))
+        return seen, o
+
+    full, o1 = run()
+    resumed, o2 = run(interrupt_at=9)
+    assert full == resumed and o1.done and o2.done
+    assert full[-1][1] == "verify" and {t for _, t in full[:-2]} == {variant}
+
+
+def test_map_run_end_to_end_store_replay_and_pareto_cli(tiny_models, tmp_path, capsys, monkeypatch):
+    from evomerge.cli import main
+    from evomerge.store import RunStore
+    from evomerge.surrogate.map_search import predicted_front, replay_map, run_map
+
+    monkeypatch.chdir(tmp_path)
+    out = run_map(_map_config(tiny_models), tmp_path / "run", verify=3, prefer=[1, 1])
+    assert out.kind == "plain" and out.evaluations == 15
+    s = out.summary
+    assert s["complete"] and s["n_evaluations"] == 12 and s["objectives"] == ["t0:search", "t1:search"]
+    np.testing.assert_allclose(s["r2"], 1.0, atol=1e-6)  # the fake metrics are exact quadratics
+    # verification: predicted == measured (exact surrogates); the preferred point comes first
+    v = s["verified"]
+    np.testing.assert_allclose(v["predicted"], v["measured"], atol=1e-5)
+    c0 = np.array(v["C"][0])
+    F = out.result.front
+    fresh = [i for i in range(len(F)) if not any(np.allclose(F.C[i], c) for c in out.result.C)]
+    assert c0 == pytest.approx(F.C[fresh][np.argmax(F.M[fresh].sum(1))])
+    with RunStore(tmp_path / "run") as st:
+        trials = st.trials()
+        assert len(trials) == 15 and [t.info["map"] for t in trials].count("verify") == 3
+        assert st.meta("map")["front"] == s["front"]
+        assert st.meta("status") == "finished"
+        assert len(st.pareto(["t0:search", "t1:search"])) >= 2
+    assert predicted_front(tmp_path / "run")["front"] == s["front"]
+    refit = predicted_front(tmp_path / "run", refit=True)
+    assert refit["kind"] == "refit" and refit["n_evaluations"] == 15
+    # replaying the store gives the same front
+    again, summary, n = replay_map(tmp_path / "run")
+    assert n == 15 and summary["front"] == s["front"]
+    # the CLI
+    assert main(["pareto", str(tmp_path / "run")]) == 0
+    text = capsys.readouterr().out
+    assert "evaluated front" in text and "predicted front" in text and "verified" in text and "t1:search" in text
+    assert main(["pareto", str(tmp_path / "nowhere")]) == 2
+
+
+def test_map_cli_bayesian_with_failures(tiny_models, tmp_path, monkeypatch):
+    import yaml
+
+    from evomerge.cli import main
+    from evomerge.store import RunStore
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _map_config(tiny_models, kind="bayesian", budget=14)
+    cfg["executor"]["worker_options"] = {"fail_above": 0.97}  # the one-hot corners fail
+    (tmp_path / "map.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["map", str(tmp_path / "map.yaml"), "--run-dir", str(tmp_path / "run")]) == 0
+    with RunStore(tmp_path / "run") as st:
+        m = st.meta("map")
+        assert m["kind"] == "bayesian" and m["n_evaluations"] == 14 and m["n_failed"] >= 2
+        assert st.count(status="failed") == m["n_failed"]
+        assert np.all(np.array(m["front"]["C"]) <= 1.0)
+    assert main(["map", str(tmp_path / "map.yaml"), "--run-dir", str(tmp_path / "run")]) == 2  # exists
+    assert main(["map", str(tmp_path / "map.yaml"), "--kind", "grid"]) == 2
+
+
+def test_map_nested_with_task_vector_gram(tiny_models, tmp_path, monkeypatch):
+    from evomerge.surrogate.map_search import map_search_config, run_map, task_vector_gram
+
+    monkeypatch.chdir(tmp_path)
+    paths = [tiny_models[f"e{k}"] for k in range(3)]
+    G = task_vector_gram(tiny_models["base"], paths)
+    assert G.shape == (3, 3) and np.allclose(G, G.T) and np.all(np.diag(G) > 0)
+    cfg, space = map_search_config(_map_config(tiny_models, experts=3, kind="nested", budget_per_pair=12))
+    assert cfg.budget.evaluations == 24 and np.allclose(cfg.optimizer.options["gram"], G)
+    out = run_map(_map_config(tiny_models, experts=3, kind="nested"), tmp_path / "run", verify=1)
+    rounds = out.summary["nested"]["rounds"]
+    assert len(rounds) == 2 and out.summary["nested"]["measured"] is not None
+    first = rounds[0]["groups"]
+    S = G / np.sqrt(np.outer(np.diag(G), np.diag(G)))
+    i, j = np.unravel_index(np.argmax(np.where(np.eye(3) > 0, -np.inf, S)), S.shape)
+    assert sorted(first[0] + first[1]) == sorted([f"t{i}:search", f"t{j}:search"])
+    with pytest.raises(Exception, match="one objective per expert"):
+        bad = _map_config(tiny_models, experts=3, kind="nested")
+        bad["objectives"] = bad["objectives"][:2]
+        map_search_config(bad)

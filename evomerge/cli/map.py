@@ -1,3 +1,149 @@
-"""`evomerge map` commands."""
+"""`evomerge map` (run plain / Bayesian / nested MAP) and `evomerge pareto` (show fronts)."""
 
-from evomerge.cli import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from evomerge.cli import app, console
+from evomerge.errors import ConfigError, EvomergeError
+
+
+def _parse_prefer(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ConfigError(f"--prefer: expected comma-separated numbers such as 1,1 or 0.7,0.3; got {text!r}") from None
+
+
+@app.command("map")
+def map_command(
+    config: Path = typer.Argument(..., help="Search config YAML (models, objectives; optional `map:` section)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run directory (default runs/<config name>-map)."),
+    kind: Optional[str] = typer.Option(None, "--kind", "-k", help="plain | bayesian | nested (default: config, else plain)."),
+    prefer: Optional[str] = typer.Option(None, "--prefer", help="Preference weights per objective, e.g. 1,1."),
+    verify: Optional[int] = typer.Option(None, "--verify", help="Re-evaluate this many predicted front points."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the MAP run in --run-dir."),
+) -> None:
+    """Fit quadratic surrogates of each objective over the merge coefficients (MAP) and predict the Pareto front."""
+    from evomerge.surrogate.map_search import KINDS, run_map
+
+    if kind is not None and kind not in KINDS:
+        raise ConfigError(f"--kind: choose one of {', '.join(KINDS)}, got {kind!r}")
+    if not resume and not config.is_file():
+        raise ConfigError(f"{config}: no such config file")
+    out_dir = run_dir or Path("runs") / f"{config.stem}-map"
+    last = {"n": -1}
+
+    def progress(p) -> None:
+        step = max(1, (p.budget or 10) // 10)
+        if p.evaluations != last["n"] and (p.evaluations % step == 0 or p.evaluations == p.budget):
+            last["n"] = p.evaluations
+            console.print(f"  [dim]{p.evaluations}/{p.budget or '?'} evaluations, {p.failures} failed, "
+                          f"{p.elapsed:.0f}s[/]", highlight=False)
+
+    run = run_map(None if resume else config, out_dir, kind=kind, prefer=_parse_prefer(prefer), verify=verify,
+                  on_progress=progress, resume=resume)
+    console.print(f"MAP ({run.kind}) finished in [bold]{out_dir}[/]: {run.evaluations} evaluations")
+    _print_summary(run.summary, out_dir)
+
+
+@app.command("pareto")
+def pareto_command(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    all_points: bool = typer.Option(False, "--all", help="Show every predicted front point (default: 15, spread out)."),
+    refit: bool = typer.Option(False, "--refit", help="Fit surrogates to every successful trial now (any small-genome run)."),
+) -> None:
+    """Print the evaluated Pareto front and the predicted (MAP) front of a run."""
+    from evomerge.config import SearchConfig
+    from evomerge.store import RunStore
+    from evomerge.surrogate.map_search import predicted_front
+
+    with RunStore(run_dir) as store:
+        cfg = SearchConfig.from_dict(store.meta("config"), where=f"{run_dir} (stored config)")
+        keys = [o.key for o in cfg.objectives]
+        signs = [1.0 if o.weight >= 0 else -1.0 for o in cfg.objectives]
+        front = store.pareto(keys, signs)
+        genes = store.meta("genes") or []
+    t = Table(title=f"evaluated front ({len(front)} trials)", title_justify="left")
+    t.add_column("trial", justify="right")
+    t.add_column("coefficients")
+    for k in keys:
+        t.add_column(k, justify="right")
+    t.add_column("map", style="dim")
+    order = sorted(front, key=lambda tr: -tr.metrics[keys[0]] * signs[0])
+    for tr in order:
+        t.add_row(str(tr.id), _vec(tr.genome), *[f"{tr.metrics[k]:.4f}" for k in keys], str(tr.info.get("map", "")))
+    console.print(t)
+    summary = predicted_front(run_dir, refit=refit)
+    if summary is None:
+        console.print("[dim]no predicted front: not a MAP run, or too few trials / too long a genome to fit "
+                      "(try --refit on a task_vector run)[/]")
+        return
+    _print_summary(summary, run_dir, all_points=all_points, genes=genes)
+
+
+def _vec(v) -> str:
+    return "—" if v is None else "(" + ", ".join(f"{x:.3f}" for x in np.asarray(v).reshape(-1)) + ")"
+
+
+def _print_summary(s: dict, run_dir, *, all_points: bool = False, genes=None) -> None:
+    from evomerge.surrogate.core import spread_subset
+
+    keys = s["objectives"]
+    if s.get("nested"):
+        n = s["nested"]
+        t = Table(title="nested MAP rounds (closest pair first)", title_justify="left")
+        for col in ("round", "pair", "similarity", "(s, t)", "predicted", "R²"):
+            t.add_column(col)
+        for i, r in enumerate(n["rounds"]):
+            t.add_row(str(i + 1), " + ".join("/".join(g) for g in r["groups"]), f"{r['similarity']:.3f}",
+                      _vec(r["st"]), _vec(r["predicted"]), _vec(r["r2"]))
+        console.print(t)
+        console.print(f"final coefficients {_vec(n['c'])}" +
+                      (f", measured {_vec(n['measured'])}" if n.get("measured") is not None else ""))
+        return
+    if not s.get("complete", True) or "front" not in s:
+        console.print("[yellow]the MAP run did not finish: no predicted front yet (resume it with --resume)[/]")
+        return
+    C, M = np.array(s["front"]["C"]), np.array(s["front"]["M"])
+    signs = np.array(s.get("signs", [1.0] * len(keys)))
+    idx = np.arange(len(C)) if all_points or len(C) <= 15 else np.sort(spread_subset(M * signs, 15))
+    t = Table(title=f"predicted front ({s['kind']} MAP, {s.get('n_evaluations', '?')} evaluations; "
+                    f"showing {len(idx)} of {len(C)})", title_justify="left")
+    t.add_column("coefficients")
+    for k in keys:
+        t.add_column(k, justify="right")
+    for i in idx:
+        t.add_row(_vec(C[i]), *[f"{x:.4f}" for x in M[i]])
+    console.print(t)
+    console.print("surrogate fit: " + ", ".join(
+        f"{k} R² {r:.3f} LOO-RMSE {e:.4f}" for k, r, e in zip(keys, s["r2"], s["loo_rmse"])), highlight=False)
+    v = s.get("verified")
+    if v:
+        t = Table(title="verified: predicted vs measured", title_justify="left")
+        t.add_column("coefficients")
+        for k in keys:
+            t.add_column(f"{k} pred", justify="right")
+            t.add_column("meas", justify="right")
+        P, Q = np.array(v["predicted"]), np.array(v["measured"])
+        for c, p, q in zip(v["C"], P, Q):
+            cells = []
+            for a, b in zip(p, q):
+                cells += [f"{a:.4f}", "failed" if not np.isfinite(b) else f"{b:.4f}"]
+            t.add_row(_vec(c), *cells)
+        console.print(t)
+        ok = np.all(np.isfinite(Q), axis=1)
+        if ok.any():
+            err = np.abs(P[ok] - Q[ok]).mean(axis=0)
+            console.print("mean |predicted − measured|: " + ", ".join(f"{k} {e:.4f}" for k, e in zip(keys, err)),
+                          highlight=False)
+
+
+__all__ = ["map_command", "pareto_command", "EvomergeError"]

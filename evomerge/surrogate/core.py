@@ -156,17 +156,23 @@ def plain_map(evaluate: Evaluate, lower, upper, **kwargs) -> MapResult:
 
 
 def verify_program(result: MapResult, k: int, preference: Sequence[float] | None = None) -> Program:
-    """Re-evaluate ``k`` predicted front points (spread out; the preferred one first) for real.
+    """Re-evaluate ``k`` predicted front points not evaluated yet (spread out; the preferred one
+    first) for real.
 
     Fills ``result.verified`` with their coefficients, predicted and measured metrics; returns result.
     """
     from evomerge.surrogate.front import preference_index
 
     F = result.front
-    include = [preference_index(F.M, preference)] if preference is not None else []
-    idx = spread_subset(F.M, k, include=include)
-    if idx.size == 0:
+    # points already evaluated (the front search is seeded with them) teach nothing new
+    # (within 1e-3 of the box: recipes round coefficients, and such a point is the same merge)
+    tol = 1e-3 * max(float(np.max(result.surrogates.upper - result.surrogates.lower)), 1e-6)
+    fresh = np.flatnonzero(np.min(np.abs(F.C[:, None, :] - result.C[None, :, :]).max(axis=2), axis=1) > tol)
+    if fresh.size == 0:
         return result
+    M = F.M[fresh]
+    include = [preference_index(M, preference)] if preference is not None else []
+    idx = fresh[spread_subset(M, k, include=include)]
     Y = yield F.C[idx]
     result.verified = {"C": F.C[idx].tolist(), "predicted": F.M[idx].tolist(), "measured": np.asarray(Y).tolist()}
     return result

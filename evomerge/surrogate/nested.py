@@ -80,6 +80,7 @@ class NestedResult:
     c: np.ndarray  # final coefficients over the N original experts
     rounds: list[NestedRound] = field(default_factory=list)
     n_evaluations: int = 0
+    measured: np.ndarray | None = None  # the final merge's real metrics, when verified
 
     @property
     def order(self) -> list[tuple[list[int], list[int]]]:
