@@ -125,7 +125,11 @@ JS = r"""
 
   function flowDiagram(flow) {
     var box = el("div", "flow");
-    box.appendChild(el("span", "end", "embed ← " + flow.embed_from + " →"));
+    var emb = el("span", "slot", "embed", el("small", null, flow.embed_from));
+    emb.style.setProperty("--c", color(flow.embed_from));
+    emb.title = "embeddings from " + flow.embed_from;
+    box.appendChild(emb);
+    box.appendChild(el("span", "end", "→"));
     flow.slots.forEach(function (s, i) {
       var chip = el("span", "slot", s.model, el("small", null, "L" + s.layer + (s.scale !== 1 ? " ×" + fmt(s.scale) : "")));
       chip.style.setProperty("--c", color(s.model));
@@ -189,6 +193,8 @@ JS = r"""
     if (t.flow) {
       box.appendChild(el("h4", null, "Layer flow (source model per position)"));
       box.appendChild(flowDiagram(t.flow));
+      box.appendChild(el("p", "meta", "Each box is one block of the merged network: its source model and layer; " +
+                         "×s scales the residual stream entering it (folded into the weights on export)."));
     }
     if (t.recipe_yaml) {
       box.appendChild(el("details", null, el("summary", null, "recipe (evomerge YAML)"), el("pre", "yaml", t.recipe_yaml)));

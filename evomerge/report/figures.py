@@ -46,9 +46,9 @@ def axis_title(data: ReportData, j: int, split: str = "search") -> str:
 
 def _layout(fig: go.Figure, height: int) -> None:
     fig.update_layout(
-        template="plotly_white", height=height, margin=dict(l=70, r=20, t=30, b=60),
+        template="plotly_white", height=height, margin=dict(l=70, r=20, t=64, b=60),
         font=dict(family=FONT, size=13, color="#1f2933"), hovermode="closest", clickmode="event",
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0, font=dict(size=12)),
+        legend=dict(orientation="h", yanchor="bottom", y=1.01, xanchor="left", x=0, font=dict(size=12)),
         hoverlabel=dict(font=dict(family=FONT, size=12)),
     )
     fig.update_xaxes(showline=True, linecolor="#9aa5b1", gridcolor="#e6e9ee", zeroline=False)
@@ -206,9 +206,9 @@ def progress_figure(data: ReportData) -> dict | None:
 
 def heatmap_style() -> dict:
     """Layout shared by every recipe heat map (the page draws them on click)."""
-    return {"font": {"family": FONT, "size": 12, "color": "#1f2933"}, "margin": {"l": 150, "r": 10, "t": 10, "b": 40},
+    return {"font": {"family": FONT, "size": 12, "color": "#1f2933"}, "margin": {"l": 10, "r": 10, "t": 10, "b": 40},
             "xaxis": {"title": {"text": "layer group"}, "side": "bottom", "tickfont": {"size": 11}},
-            "yaxis": {"autorange": "reversed", "tickfont": {"size": 11}},
+            "yaxis": {"autorange": "reversed", "tickfont": {"size": 11}, "automargin": True},
             "paper_bgcolor": "white", "plot_bgcolor": "white"}
 
 
