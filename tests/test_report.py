@@ -70,7 +70,9 @@ def make_run(run_dir: Path, paths: dict[str, str], n: int = N_TRIALS, predicted:
         "optimizer": {"name": "cmaes", "options": {}}, "budget": {"evaluations": 40},
     }
     with RunStore(run_dir, create=True) as store:
-        store.set_meta(config=config, status="finished", started=T0 - 5, finished=T0 + 10 * n + 1)
+        store.set_meta(config=config, name=config["name"], created=T0 - 5, status="finished",
+                       updated=T0 + 10 * n + 1, elapsed=10.0 * n, space="ps space, 6 genes",
+                       stopped="budget: 40 evaluations")
         refs = {"base": (0.31, 0.3), "math": (0.62, 0.22), EVIL: (0.25, 0.57)}
         for k, (alias, (a, w)) in enumerate(refs.items()):
             r = Recipe(merge_method="linear", base_model=paths["base"],
@@ -95,12 +97,15 @@ def make_run(run_dir: Path, paths: dict[str, str], n: int = N_TRIALS, predicted:
             store.add_trial(Trial(status="ok", metrics={"arith:search": a, "words:search": w},
                                   validation={"arith:validation": round(a - 0.02, 4), "words:validation": round(w - 0.03, 4)},
                                   fitness=a + 0.5 * w, **common))
-    if predicted:
+    if predicted:  # the MAP summary, as the map search stores it (objective columns in another order)
+        from evomerge.surrogate.map_search import save_map_summary
+
         pts = [[0.25 + 0.5 * t, 0.58 - 0.3 * t * t] for t in np.linspace(0, 1, 9)]
-        (run_dir / "predicted_front.json").write_text(json.dumps({
-            "names": ["words:search", "arith:search"], "M": [[w, a] for a, w in pts],
-            "C": [[t, 1 - t] for t in np.linspace(0, 1, 9)], "coefficient_names": ["math", EVIL],
-            "method": "MAP quadratic"}))
+        save_map_summary(run_dir, {
+            "kind": "plain", "objectives": ["words:search", "arith:search"], "signs": [1.0, 1.0],
+            "genes": ["math", EVIL], "complete": True,
+            "front": {"C": [[t, 1 - t] for t in np.linspace(0, 1, 9)], "M": [[w, a] for a, w in pts]},
+            "r2": [0.91, 0.87], "n_evaluations": 12})
     return run_dir
 
 
@@ -142,10 +147,31 @@ def test_loader_maps_the_store(run_data):
     assert [(m.alias, m.role) for m in data.models] == [("base", "base"), ("math", "expert"), (EVIL, "expert")]
     assert data.models[1].search == {"arith": 0.62, "words": 0.22}
     assert data.models[2].validation == {"arith": 0.24, "words": pytest.approx(0.56)}
-    assert data.run.seed == 7 and data.run.space == "ps" and data.run.budget_evaluations == 40
-    assert data.run.started == T0 - 5 and data.run.status == "finished"
-    # the predicted front's columns are reordered from the file's names to the objectives' order
-    assert data.predicted.metrics[0] == [0.25, 0.58] and data.predicted.method == "MAP quadratic"
+    assert data.run.seed == 7 and data.run.space == "ps space, 6 genes" and data.run.budget_evaluations == 40
+    assert data.run.started == T0 - 5 and data.run.finished == T0 + 10 * N_TRIALS + 1
+    assert data.run.status == "finished" and data.run.elapsed == 10.0 * N_TRIALS
+    assert data.run.notes == ["stopped: budget: 40 evaluations",
+                              "MAP surrogate fit (plain, 12 evaluations): words R²=0.910, arith R²=0.870"]
+    # the predicted front's columns are reordered from the summary's keys to the objectives' order
+    assert data.predicted.metrics[0] == [0.25, 0.58] and data.predicted.method == "MAP plain"
+    assert data.predicted.coefficient_names == ["math", EVIL] and data.predicted.coefficients[0] == [0.0, 1.0]
+    assert throughput(data).per_minute == pytest.approx(N_TRIALS / (10.0 * N_TRIALS / 60))
+
+
+def test_negative_weight_means_minimise(tmp_path):
+    run = make_run(tmp_path / "run", FAKE_PATHS, n=6, predicted=False)
+    with RunStore(run) as store:
+        cfg = store.meta("config")
+        cfg["objectives"][1]["weight"] = -0.5
+        store.set_meta(config=cfg)
+    data = load_report_data(run)
+    words = data.objectives[1]
+    assert (words.direction, words.weight, words.sign) == ("minimize", 0.5, -1.0)
+    t = data.ok_trials[0]
+    t.fitness = None  # derived like the search's Σ weight · value
+    assert data.fitness(t) == pytest.approx(t.search["arith"] - 0.5 * t.search["words"])
+    expected = naive_front({x.id: (x.search["arith"], -x.search["words"]) for x in data.ok_trials})
+    assert {x.id for x in pareto_trials(data)} == expected
 
 
 def test_loader_errors(tmp_path):
@@ -161,8 +187,9 @@ def test_loader_errors(tmp_path):
     with pytest.raises(EvomergeError, match="no config with objectives"):
         load_report_data(tmp_path / "bare")
     run = make_run(tmp_path / "badfront", FAKE_PATHS, n=3, predicted=False)
-    (run / "predicted_front.json").write_text(json.dumps({"names": ["arith:search"], "M": [[0.1]]}))
-    with pytest.raises(EvomergeError, match=r"no predicted values for objective\(s\) \['words'\]"):
+    with RunStore(run) as store:
+        store.set_meta(map={"kind": "plain", "objectives": ["arith:search"], "front": {"C": [[0.0]], "M": [[0.1]]}})
+    with pytest.raises(EvomergeError, match=r"no values for objective\(s\) \['words'\]"):
         load_report_data(run)
 
 

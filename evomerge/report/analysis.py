@@ -154,7 +154,7 @@ def throughput(data: ReportData) -> Throughput:
     ends = [t.finished for t in data.trials if t.finished is not None]
     t0 = data.run.started if data.run.started is not None else (min(starts) if starts else None)
     t1 = data.run.finished if data.run.finished is not None else (max(ends) if ends else None)
-    seconds = (t1 - t0) if (t0 is not None and t1 is not None and t1 > t0) else None
+    seconds = data.run.elapsed or ((t1 - t0) if (t0 is not None and t1 is not None and t1 > t0) else None)
     n_ok, n_failed = len(data.ok_trials), len(data.failed_trials)
     done = n_ok + n_failed
     per_minute = done / (seconds / 60.0) if seconds else None

@@ -25,7 +25,7 @@ class ObjectiveInfo:
 
     name: str
     direction: Literal["maximize", "minimize"] = "maximize"
-    weight: float = 1.0
+    weight: float = 1.0  # its share of the fitness, Σ |weight| · sign · value (the search's Σ weight · value)
     metric: str | None = None
 
     @property
@@ -99,6 +99,7 @@ class RunFacts:
     finished: float | None = None
     space: str | None = None
     status: str | None = None  # running | finished | interrupted ...
+    elapsed: float | None = None  # search wall time in seconds (all sessions of a resumed run)
     notes: list[str] = field(default_factory=list)
 
 
@@ -165,10 +166,10 @@ class ReportData:
         return out
 
     def fitness(self, trial: TrialInfo) -> float:
-        """The optimizer's scalar when stored, else Σ weight · sign · value on the search split."""
+        """The optimizer's scalar when stored, else Σ |weight| · sign · value on the search split."""
         if trial.fitness is not None and math.isfinite(trial.fitness):
             return float(trial.fitness)
         return self.scalarise(trial.search)
 
     def scalarise(self, metrics: dict[str, float]) -> float:
-        return float(sum(o.weight * o.sign * float(metrics.get(o.name, float("nan"))) for o in self.objectives))
+        return float(sum(abs(o.weight) * o.sign * float(metrics.get(o.name, float("nan"))) for o in self.objectives))

@@ -1,17 +1,20 @@
 """Run directory → :class:`ReportData`: the only part of the report that knows the run store.
 
-Mapping (see :mod:`evomerge.store`):
+Mapping (see :mod:`evomerge.store` and :mod:`evomerge.search`):
 
 * objectives come from the stored config (``meta.config.objectives``); an objective is named by
   its task, and the store's ``task:split`` metric keys map onto that name for the search split
-  and for the validation split (``meta.config.validation.objectives``);
+  and for the validation split (``meta.config.validation.objectives``). A negative weight means
+  the search minimised that objective (fitness = Σ weight · value), so it is one to minimise;
 * ``kind='reference'`` trials are the parents (``name`` = ``base`` or an expert's alias);
-* a trial's optimizer and generation come from its ``info`` (``optimizer``, ``generation``;
-  the config's optimizer otherwise); its finish time is ``created`` (commit time) and its
-  start ``created − seconds.total_s``;
-* the surrogate's predicted front is read from ``meta.predicted_front`` or from
-  ``predicted_front.json`` in the run directory: ``{"M": [[...]], "C": [[...]], "names": [...],
-  "coefficient_names": [...], "method": "..."}`` (``names`` are objective names or keys).
+* a trial's optimizer is the config's (with the stage name when the space has several stages),
+  its generation and provenance come from ``info`` (``generation``, ``source``); it finished at
+  ``created`` (commit time) and started ``seconds.total_s`` earlier;
+* run facts: ``meta.created`` (start), ``meta.updated`` (last status change), ``meta.elapsed``
+  (search wall time over all sessions), ``meta.status``, ``meta.stopped``, ``meta.space``;
+* the surrogate's predicted front is the MAP summary in ``meta.map``
+  (:func:`evomerge.surrogate.map_search.save_map_summary`): ``front.M`` (raw metric values, in
+  the order of ``objectives`` keys), ``front.C`` over ``genes``.
 """
 
 from __future__ import annotations
@@ -25,9 +28,6 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.report.data import (FAILED, OK, ModelInfo, ObjectiveInfo, PredictedFront, ReportData,
                                   RunFacts, TrialInfo)
 
-PREDICTED_FRONT_FILE = "predicted_front.json"
-
-
 def _objective_keys(config: dict) -> tuple[list[ObjectiveInfo], dict[str, str], dict[str, str]]:
     """Objectives and the maps store key → objective name for search and validation metrics."""
     objs = config.get("objectives") or []
@@ -36,7 +36,9 @@ def _objective_keys(config: dict) -> tuple[list[ObjectiveInfo], dict[str, str], 
     for o in objs:
         key = f"{o.get('task')}:{o.get('split', 'search')}"
         name = o["task"] if tasks.count(o["task"]) == 1 else key
-        infos.append(ObjectiveInfo(name=name, weight=float(o.get("weight", 1.0)), metric=o.get("metric")))
+        weight = float(o.get("weight", 1.0))
+        infos.append(ObjectiveInfo(name=name, weight=abs(weight), metric=o.get("metric"),
+                                   direction="minimize" if weight < 0 else "maximize"))
         search_map[key] = name
     val = config.get("validation") or {}
     vobjs = val.get("objectives", []) if isinstance(val, dict) else val
@@ -88,30 +90,31 @@ def _models(config: dict, refs: dict, trials: list) -> list[dict[str, str]]:
     return out
 
 
-def _predicted(run_dir: Path, meta: dict, objectives: list[ObjectiveInfo], search_map: dict) -> PredictedFront | None:
-    raw = meta.get("predicted_front")
-    where = "meta.predicted_front"
-    if raw is None and (run_dir / PREDICTED_FRONT_FILE).is_file():
-        where = str(run_dir / PREDICTED_FRONT_FILE)
-        try:
-            raw = json.loads((run_dir / PREDICTED_FRONT_FILE).read_text())
-        except ValueError as e:
-            raise ConfigError(f"{where}: malformed JSON ({e})") from None
-    if not raw:
+def _predicted(meta: dict, objectives: list[ObjectiveInfo], search_map: dict) -> PredictedFront | None:
+    """The MAP summary's predicted front, columns reordered to the report's objectives."""
+    summary = meta.get("map")
+    front = summary.get("front") if isinstance(summary, dict) else None
+    if not front or not front.get("M"):
         return None
-    M = raw.get("M") or raw.get("metrics") or []
-    names = [search_map.get(n, n) for n in (raw.get("names") or [])]
+    names = [search_map.get(k, k) for k in summary.get("objectives") or []]
     wanted = [o.name for o in objectives]
-    if names:
-        missing = [n for n in wanted if n not in names]
-        if missing:
-            raise ConfigError(f"{where}: no predicted values for objective(s) {missing}; it has {names}")
-        M = [[row[names.index(n)] for n in wanted] for row in M]
-    elif M and len(M[0]) != len(wanted):
-        raise ConfigError(f"{where}: rows have {len(M[0])} values for {len(wanted)} objectives and no `names`")
-    return PredictedFront(metrics=[[float(v) for v in row] for row in M], coefficients=raw.get("C") or [],
-                          coefficient_names=raw.get("coefficient_names") or [],
-                          method=raw.get("method") or "surrogate")
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise ConfigError(f"meta.map: the predicted front has no values for objective(s) {missing}; it has {names}")
+    M = [[float(row[names.index(n)]) for n in wanted] for row in front["M"]]
+    kind = summary.get("kind")
+    return PredictedFront(metrics=M, coefficients=front.get("C") or [], coefficient_names=summary.get("genes") or [],
+                          method=f"MAP {kind}" if kind else "MAP")
+
+
+def _map_note(meta: dict, search_map: dict) -> list[str]:
+    summary = meta.get("map")
+    if not isinstance(summary, dict) or not summary.get("r2"):
+        return []
+    names = [search_map.get(k, k) for k in summary.get("objectives") or []]
+    fits = ", ".join(f"{n} R²={r:.3f}" for n, r in zip(names, summary["r2"]))
+    n = summary.get("n_evaluations")
+    return [f"MAP surrogate fit ({summary.get('kind', 'map')}{f', {n} evaluations' if n else ''}): {fits}"]
 
 
 def _time(meta: dict, *keys: str) -> float | None:
@@ -122,7 +125,7 @@ def _time(meta: dict, *keys: str) -> float | None:
     return None
 
 
-def _trial_info(t, search_map: dict, val_map: dict, default_optimizer: str | None) -> TrialInfo:
+def _trial_info(t, search_map: dict, val_map: dict, default_optimizer: str | None, stages: list) -> TrialInfo:
     info = t.info or {}
     total = (t.seconds or {}).get("total_s")
     try:
@@ -130,11 +133,14 @@ def _trial_info(t, search_map: dict, val_map: dict, default_optimizer: str | Non
     except ValueError:
         recipe = None
     gen = info.get("generation")
+    optimizer = str(info.get("optimizer") or default_optimizer or "") or None
+    if len(stages) > 1 and t.stage is not None and 0 <= t.stage < len(stages):
+        optimizer = f"{optimizer or 'search'} · {stages[t.stage]}"
     return TrialInfo(
         id=int(t.id), status=OK if t.status == "ok" else FAILED, recipe=recipe, recipe_hash=t.recipe_hash,
         genome=None if t.genome is None else [float(x) for x in t.genome],
         search=_rename(t.metrics, search_map), validation=_rename(t.validation, val_map),
-        fitness=t.fitness, optimizer=str(info.get("optimizer") or default_optimizer or "") or None,
+        fitness=t.fitness, optimizer=optimizer,
         generation=int(gen) if isinstance(gen, (int, float)) and not isinstance(gen, bool) else None,
         started=(t.created - float(total)) if isinstance(total, (int, float)) else None, finished=t.created,
         error=t.error, source=info.get("source"),
@@ -169,19 +175,26 @@ def load_report_data(run_dir: str | Path) -> ReportData:
 
     space = config.get("space")
     budget = config.get("budget") or {}
-    items = [_trial_info(t, search_map, val_map, default_optimizer) for t in trials]
+    stages = meta.get("stages") if isinstance(meta.get("stages"), list) else []
+    items = [_trial_info(t, search_map, val_map, default_optimizer, stages) for t in trials]
     starts = [t.started for t in items if t.started is not None]
+    status = meta.get("status") if isinstance(meta.get("status"), str) else None
     run = RunFacts(
-        run_dir=str(run_dir), name=config.get("name") or run_dir.name, config=config, seed=config.get("seed"),
-        budget_evaluations=budget.get("evaluations"), budget_seconds=budget.get("wall_time"),
-        started=_time(meta, "started", "start_time", "created") or (min(starts) if starts else None),
-        finished=_time(meta, "finished", "end_time"),
-        space=space.get("type") if isinstance(space, dict) else (str(space) if space else None),
-        status=meta.get("status") if isinstance(meta.get("status"), str) else None,
+        run_dir=str(run_dir), name=meta.get("name") or config.get("name") or run_dir.name, config=config,
+        seed=config.get("seed"), budget_evaluations=budget.get("evaluations"), budget_seconds=budget.get("wall_time"),
+        started=_time(meta, "created") or (min(starts) if starts else None),
+        finished=_time(meta, "updated") if status not in (None, "new", "running") else None,
+        elapsed=_time(meta, "elapsed"),
+        space=meta.get("space") if isinstance(meta.get("space"), str) else
+        (space.get("type") if isinstance(space, dict) else (str(space) if space else None)),
+        status=status,
     )
+    if meta.get("stopped"):
+        run.notes.append(f"stopped: {meta['stopped']}")
+    run.notes += _map_note(meta, search_map)
     failed_refs = [f"parent {name} could not be scored: {t.error or 'no reason recorded'}"
                    for name, t in refs.items() if not t.ok]
     run.notes += failed_refs
     data = ReportData(run=run, objectives=objectives, trials=items, models=models)
-    data.predicted = _predicted(run_dir, meta, objectives, search_map)
+    data.predicted = _predicted(meta, objectives, search_map)
     return data
