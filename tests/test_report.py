@@ -472,3 +472,75 @@ def test_export_selectors_and_errors(model_run, tmp_path, capsys):
 def test_export_refuses_moved_parents(tmp_path):
     run = make_run(tmp_path / "run", FAKE_PATHS, n=3, predicted=False)
     assert cli_main(["export", str(run), "--best", "--out", str(tmp_path / "o")]) == 2
+
+
+# ---------------------------------------------------------------------- a real run: MAP through the search loop
+class ReportFakeWorker:
+    """``executor.worker: test_report:ReportFakeWorker``: two conflicting exact quadratics of the
+    experts' weights w (objective k rewards w_k, penalises the others); validation = search − 0.02;
+    fails when a weight exceeds ``fail_above``."""
+
+    def __init__(self, spec, name):
+        self.name, self.opts = name, dict(spec.options)
+        self.keys = {"search": [o["task"] + ":" + o["split"] for o in spec.objectives],
+                     "validation": [o["task"] + ":" + o["split"] for o in spec.validation]}
+
+    def run(self, task):
+        import time
+
+        from evomerge.executors.worker import Outcome, Score, failure
+
+        t0 = time.perf_counter()
+        r = Recipe.model_validate_json(task.recipe_json)
+        w = np.array([float(m.parameters.get("weight", 0.0)) for m in r.models])
+        if self.opts.get("fail_above") is not None and w.max() > self.opts["fail_above"]:
+            return failure(task, self.name, f"ValueError: weight {w.max():.3f} too large\nTraceback ...", t0)
+        scores = {}
+        for split in task.splits:
+            for k, key in enumerate(self.keys[split]):
+                v = 0.2 + 0.6 * w[k] - 0.3 * w[k] ** 2 - 0.2 * (np.delete(w, k) ** 2).sum() - 0.02 * (split != "search")
+                scores[key] = Score(float(v), np.full(4, v, dtype=np.float32), np.arange(4))
+        return Outcome(id=task.id, ok=True, scores=scores, worker=self.name, seconds={"total_s": 0.01})
+
+
+def test_report_and_export_of_a_real_map_run(tiny_models, tmp_path, monkeypatch):
+    from evomerge.store import RunStore
+    from evomerge.surrogate.map_search import run_map
+
+    monkeypatch.chdir(tmp_path)
+    cfg = {"name": "map-demo",
+           "models": {"base": str(tiny_models["base"]),
+                      "experts": [{"model": str(tiny_models["e0"]), "name": "math"},
+                                  {"model": str(tiny_models["e1"]), "name": EVIL}]},
+           "space": {"type": "task_vector", "bounds": [0.0, 1.2], "decimals": 4},
+           "objectives": [{"task": "arith"}, {"task": "words"}],
+           "validation": {"objectives": [{"task": "arith"}, {"task": "words"}], "when": "all"},
+           "executor": {"worker": "test_report:ReportFakeWorker", "worker_options": {"fail_above": 1.1}},
+           "map": {"pop_size": 30, "n_gen": 30}}
+    run = tmp_path / "run"
+    out = run_map(cfg, run, verify=2)
+    data = load_report_data(run)
+    with RunStore(run) as store:
+        n_search = store.count()
+        n_failed = store.count(status="failed")
+    assert len(data.trials) == n_search and len(data.failed_trials) == n_failed > 0
+    assert "too large" in data.failed_trials[0].error
+    assert {m.alias for m in data.models} == {"base", "math", EVIL} and all(m.search for m in data.models)
+    assert data.models[1].num_blocks == 2  # read from the model directory
+    assert data.predicted is not None and len(data.predicted.metrics) == len(out.summary["front"]["M"])
+    assert data.predicted.coefficient_names == out.summary["genes"]
+    assert data.run.status == "finished" and data.run.elapsed and data.trials[0].optimizer == "map"
+    assert all(t.validation for t in data.ok_trials)  # validation "all"
+    expected = naive_front({t.id: (t.search["arith"], t.search["words"]) for t in data.ok_trials})
+    assert {t.id for t in pareto_trials(data)} == expected and len(expected) >= 2
+    d = payload(write_report(data, run / "report.html").read_text())
+    assert d["counts"]["evaluated"] == len(data.ok_trials) and len(d["predicted"]) == len(data.predicted.metrics)
+    assert all(p["nearest"] in {t.id for t in data.ok_trials} for p in d["predicted"])
+    # export the preferred trade-off from the real run: a plain transformers model with a mergekit config
+    pick = prefer_trial(data, [1, 1])
+    assert cli_main(["export", str(run), "--prefer", "1,1", "--out", str(tmp_path / "merged")]) == 0
+    assert f"Trial **{pick.id}**" in (tmp_path / "merged" / "README.md").read_text()
+    assert yaml.safe_load((tmp_path / "merged" / "mergekit_config.yml").read_text())["merge_method"] == "task_arithmetic"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "merged")

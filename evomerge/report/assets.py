@@ -63,6 +63,9 @@ tr.pick { cursor:pointer; } tr.pick:hover { background:#f0f4f8; } tr.pick.sel { 
 pre { background:#f8fafc; border:1px solid var(--line); border-radius:8px; padding:10px; font-size:12px;
   overflow:auto; max-height:420px; font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; }
 pre.error { background:#fff7ed; border-color:#fed7aa; color:#7c2d12; white-space:pre-wrap; }
+button.linkish { margin-top:10px; font:inherit; font-size:13px; color:#1f4e79; background:#eef4fb;
+  border:1px solid #c9dcf0; border-radius:6px; padding:4px 10px; cursor:pointer; }
+button.linkish:hover { background:#dde9f7; }
 details summary { cursor:pointer; color:#334e68; font-size:13px; margin:8px 0; }
 dl.facts { display:grid; grid-template-columns:max-content 1fr; gap:4px 18px; font-size:14px; margin:8px 0 0; }
 dl.facts dt { color:var(--muted); } dl.facts dd { margin:0; word-break:break-word; }
@@ -94,9 +97,9 @@ JS = r"""
   }
   function color(alias) { return D.colors[alias] || "#9aa5b1"; }
 
-  function metricsTable(rows, cols) {
+  function metricsTable(rows, cols, first) {
     var t = el("table", "metrics");
-    var hr = el("tr", null, el("th", null, "objective"));
+    var hr = el("tr", null, el("th", null, first || "objective"));
     cols.forEach(function (c) { hr.appendChild(el("th", null, c[1])); });
     t.appendChild(el("thead", null, hr));
     var tb = el("tbody");
@@ -217,7 +220,7 @@ JS = r"""
     if (q.coefficients.length) {
       box.appendChild(el("h4", null, "Merge coefficients"));
       var rows = q.coefficients.map(function (c) { return {objective: c.name, value: c.value}; });
-      box.appendChild(metricsTable(rows, [["value", "value"]]));
+      box.appendChild(metricsTable(rows, [["value", "value"]], "gene"));
     }
     if (q.nearest !== null && q.nearest !== undefined) {
       var b = el("button", "linkish", "show nearest evaluated trial (" + q.nearest + ")");
