@@ -255,14 +255,17 @@ def test_prescreen_rejected_rank_below_kept_in_cma_generation():
     inner = make_optimizer("cmaes", np.zeros(3), np.ones(3), 0, popsize=8)
     orig = inner.tell
     inner.tell = lambda i, v, *a: (told.append((i, v)), orig(i, v, *a))[1]  # record what CMA hears
-    opt = Prescreen(inner, k=4, keep=2, min_trials=16)
+    opt = Prescreen.wrap(inner, k=4, keep=2, min_trials=16)
     _drive(opt, lambda x: _bowl(x, np.array([0.3, 0.5, 0.7])), 16 + 4)
     # after warm-up each batch of four: two real tells then two surrogate tells below both
     real, fake = told[16:18], told[18:20]
     assert max(v for _, v in fake) < min(v for _, v in real)
     assert opt.n_screened == 4 and inner.generation == 3
     with pytest.raises(Exception, match="keep <= k"):
-        Prescreen(make_optimizer("random", np.zeros(2), np.ones(2), 0), k=2, keep=3)
+        Prescreen.wrap(make_optimizer("random", np.zeros(2), np.ones(2), 0), k=2, keep=3)
+    # registered: prescreen:<inner>
+    reg = make_optimizer("prescreen:cmaes", np.zeros(3), np.ones(3), 0, k=3, inner_options={"popsize": 6})
+    assert isinstance(reg, Prescreen) and reg.inner.popsize == 6 and reg.k == 3
 
 
 # -- MAP through the search loop and the run store ---------------------------------------------------

@@ -25,3 +25,7 @@ __all__ = [
     "split_slerp",
     "split_slerp_parts",
 ]
+
+# Optimizers defined with the surrogates register themselves on import: ``map[:plain|bayesian|nested]``
+# (MAP as a search kind) and ``prescreen:<inner>`` (surrogate pre-screening). Kept last: they import base.
+from evomerge.surrogate import map_search as _map_search, prescreen as _prescreen  # noqa: E402,F401

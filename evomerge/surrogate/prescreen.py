@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.optimizers.base import Ask, Optimizer, make_optimizer
+from evomerge.optimizers.base import Ask, Optimizer, make_optimizer, register
 from evomerge.surrogate.quadratic import QuadraticSurrogate, n_quadratic_features
 
 __all__ = ["Prescreen", "make_prescreened"]
@@ -34,15 +34,24 @@ __all__ = ["Prescreen", "make_prescreened"]
 REJECTED_DEFAULT = {"cmaes": "tell", "m2n2": "drop", "random": "drop"}
 
 
+@register("prescreen")
 class Prescreen(Optimizer):
-    """Wrap ``inner``: of every ``k`` proposals only the ``keep`` best by surrogate are evaluated."""
+    """Wrap an optimizer: of every ``k`` proposals only the ``keep`` best by surrogate are evaluated.
 
-    name = "prescreen"
+    As a registered optimizer: ``make_optimizer("prescreen:cmaes", lower, upper, seed, k=4, keep=1,
+    inner_options={"popsize": 8})`` (the part after ``prescreen:`` names the inner optimizer).
+    Around an existing optimizer: :meth:`wrap`.
+    """
 
     def __init__(
         self,
-        inner: Optimizer,
+        lower,
+        upper,
+        seed: int,
+        x0=None,
         *,
+        variant: str = "cmaes",
+        inner_options: dict | None = None,
         k: int = 4,
         keep: int = 1,
         rejected: str | None = None,
@@ -50,7 +59,21 @@ class Prescreen(Optimizer):
         ridge: float = 1e-4,
         min_trials: int | None = None,
     ):
-        super().__init__(inner.lower, inner.upper, inner.seed, x0=inner.x0)
+        if variant.partition(":")[0] == "prescreen":
+            raise ConfigError("prescreen: the inner optimizer cannot be another prescreen")
+        inner = make_optimizer(variant, lower, upper, seed, x0=x0, **(inner_options or {}))
+        self._setup(inner, k=k, keep=keep, rejected=rejected, window=window, ridge=ridge, min_trials=min_trials)
+
+    @classmethod
+    def wrap(cls, inner: Optimizer, **options) -> "Prescreen":
+        """Pre-screen an already built optimizer (options as the constructor's)."""
+        obj = cls.__new__(cls)
+        obj._setup(inner, **options)
+        return obj
+
+    def _setup(self, inner: Optimizer, *, k: int = 4, keep: int = 1, rejected: str | None = None,
+               window: int | None = None, ridge: float = 1e-4, min_trials: int | None = None) -> None:
+        Optimizer.__init__(self, inner.lower, inner.upper, inner.seed, x0=inner.x0)
         if int(k) < 1 or not 1 <= int(keep) <= int(k):
             raise ConfigError(f"prescreen: need k >= 1 and 1 <= keep <= k, got k={k}, keep={keep}")
         family = inner.name.partition(":")[0]
@@ -168,4 +191,4 @@ def make_prescreened(name: str, lower, upper, seed: int, x0=None, *, prescreen: 
     unknown = sorted(set(opts) - valid)
     if unknown:
         raise ConfigError(f"prescreen: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-    return Prescreen(inner, **opts)
+    return Prescreen.wrap(inner, **opts)
