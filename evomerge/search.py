@@ -113,6 +113,20 @@ def stage_bounds(cfg: SearchConfig, space: Space) -> list[tuple[int | None, floa
     return [(None if n is None else max(1, int(round(n * f))), None if t is None else t * f) for f in fr]
 
 
+def check_optimizer(cfg: SearchConfig, space: Space):
+    """Build the first stage's optimizer once: bad names, options or objective counts fail here."""
+    from evomerge.optimizers import make_optimizer
+
+    g = space.stages[0].genes
+    opt = make_optimizer(cfg.optimizer.name, space.lower[g], space.upper[g], cfg.seed, x0=space.x0[g],
+                         **cfg.optimizer.options)
+    n = getattr(opt, "n_objectives", 1)
+    if n > 1 and n != len(cfg.objectives):
+        raise ConfigError(f"optimizer {cfg.optimizer.name!r} expects {n} objectives but the config lists "
+                          f"{len(cfg.objectives)}; set optimizer.options.objectives: {len(cfg.objectives)}")
+    return opt
+
+
 @dataclass
 class _Pending:
     ask: Any  # optimizer Ask
@@ -180,9 +194,7 @@ class Search:
         """Fail on a bad optimizer name/options before any worker starts."""
         from evomerge.optimizers import make_optimizer
 
-        g = self.stages[0].genes
-        make_optimizer(self.cfg.optimizer.name, self.space.lower[g], self.space.upper[g], self.cfg.seed,
-                       x0=self.space.x0[g], **self.cfg.optimizer.options)
+        check_optimizer(self.cfg, self.space)
 
     def _new_optimizer(self, stage: int, fixed: np.ndarray):
         from evomerge.optimizers import make_optimizer

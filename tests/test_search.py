@@ -218,3 +218,69 @@ def test_bad_optimizer_is_reported_before_workers_start(tiny_models, tmp_path):
     cfg = config(tiny_models, tmp_path, optimizer="annealing")
     with pytest.raises(ConfigError, match="unknown optimizer"):
         run_search(SearchConfig.from_dict(cfg), tmp_path / "run2")
+
+
+EXAMPLES = sorted((TESTS.parent / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_shipped_examples_load_and_build(path):
+    """Every example parses, its space builds over the demo zoo's layout, its optimizer starts."""
+    from evomerge.recipe import InputModel
+    from evomerge.search import check_optimizer
+    from evomerge.spaces import ModelPool, make_space
+
+    cfg = SearchConfig.load(path)
+    assert cfg.models.zoo == "demo" and path.read_text().startswith("#")
+    experts = tuple(InputModel(model=f"/zoo/{n}", name=n) for n in ("math", "cipher", "sort"))
+    pool = ModelPool(base="/zoo/base", experts=experts, num_blocks={"base": 4, "math": 4, "cipher": 4, "sort": 4})
+    space = make_space(cfg.space, pool)
+    assert space.to_recipe(space.x0).hash()
+    check_optimizer(cfg, space)
+
+
+def _zoo_config(tmp_path, executor) -> dict:
+    return {
+        "models": {"zoo": "tiny"},
+        "space": {"type": "ps", "granularity": "global"},
+        "objectives": [{"task": "zoo_add_l2", "limit": 8}, {"task": "zoo_add", "limit": 8, "weight": 0.5}],
+        "validation": [{"task": "zoo_add_l2", "limit": 8}],
+        "budget": {"evaluations": 5},
+        "executor": executor,
+        "seed": 0,
+    }
+
+
+def test_real_search_on_the_tiny_zoo(tmp_path):
+    """Merge engine + evaluator + store + loop together, in process (builds the tiny zoo once)."""
+    out = run_search(SearchConfig.from_dict(_zoo_config(tmp_path, "local")), tmp_path / "run")
+    assert out.evaluations == 5 and out.failures == 0
+    with RunStore(tmp_path / "run") as s:
+        trials = s.trials()
+        assert len(trials) == 5 and all(t.ok for t in trials)
+        for t in trials:
+            assert set(t.metrics) == {"zoo_add_l2:search", "zoo_add:search"}
+            assert t.fitness == pytest.approx(t.metrics["zoo_add_l2:search"] + 0.5 * t.metrics["zoo_add:search"])
+            assert t.seconds["merge_s"] > 0 and t.seconds["eval_s"] > 0
+            sc = s.scores(t.id)
+            assert len(sc["zoo_add_l2:search"].values) == 8
+            assert sc["zoo_add:search"].mean == pytest.approx(t.metrics["zoo_add:search"])
+            assert t.recipe.merge_method == "dare_ties"
+        refs = s.references()
+        assert sorted(refs) == ["base", "cipher", "math"]
+        assert all(r.ok and "zoo_add_l2:validation" in r.validation for r in refs.values())
+        assert s.best().validation is not None
+
+
+@pytest.mark.slow
+def test_real_search_on_the_tiny_zoo_with_ray(tmp_path):
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    cfg = _zoo_config(tmp_path, {"type": "ray", "workers": 2})
+    out = run_search(SearchConfig.from_dict(cfg), tmp_path / "ray")
+    ref = run_search(SearchConfig.from_dict({**cfg, "executor": "local", "search": {"window": 4}}), tmp_path / "local")
+    assert out.evaluations == 5 and out.failures == 0
+    with RunStore(tmp_path / "ray") as a, RunStore(tmp_path / "local") as b:
+        assert {t.worker for t in a.trials()} <= {"ray-0", "ray-1"}
+        assert [(t.recipe_hash, t.fitness) for t in a.trials()] == [(t.recipe_hash, t.fitness) for t in b.trials()]

@@ -111,6 +111,7 @@ class ModelWorker:
 
     def __init__(self, spec: WorkerSpec, name: str):
         import torch
+        import transformers
         from transformers import AutoTokenizer
 
         from evomerge.evaluation import Evaluator, Objective
@@ -119,6 +120,7 @@ class ModelWorker:
 
         t0 = time.perf_counter()
         self.name = name
+        transformers.utils.logging.disable_progress_bar()
         torch.set_num_threads(max(1, int(spec.threads)))
         self.device = resolve_device(spec.device)
         dirs = {alias: ModelDir(path) for alias, path in spec.models.items()}

@@ -1,0 +1,94 @@
+"""`evomerge demo`: the main job end to end on the local zoo.
+
+Builds (or reuses) the demo zoo, runs the short search of ``examples/demo.yaml`` with the
+default executor, and prints the best merge against its parents on the validation split.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from evomerge.cli import app, console
+from evomerge.errors import ConfigError
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
+
+
+def build_demo_zoo(preset: str):
+    from evomerge.zoo import build_zoo
+
+    with Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        bars: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = bar.add_task(stage, total=total)
+            bar.update(bars[stage], completed=done)
+
+        return build_zoo(preset, progress=report)
+
+
+def validation_table(summary, cfg) -> Table:
+    """Best merge vs parents: every validation objective, the validation fitness, the search fitness."""
+    keys = [o.key for o in cfg.validation.objectives]
+    weights = {o.key: o.weight for o in cfg.validation.objectives}
+    table = Table(title="best merge vs its parents — validation split (held out from the search)",
+                  title_justify="left")
+    table.add_column("model")
+    for k in keys:
+        table.add_column(k.rsplit(":", 1)[0], justify="right")
+    table.add_column("validation fitness", justify="right")
+    table.add_column("search fitness", justify="right")
+
+    def row(name: str, t, style: str = "") -> None:
+        v = t.validation or {}
+        cells = [("—" if k not in v else f"{v[k]:.3f}") for k in keys]
+        fit = sum(weights[k] * v[k] for k in keys) if v and all(k in v for k in keys) else None
+        table.add_row(Text(name, style=style), *cells, "—" if fit is None else f"{fit:.3f}",
+                      "—" if t.fitness is None else f"{t.fitness:.3f}")
+
+    if summary.best is not None:
+        row(f"best merge (trial {summary.best.id})", summary.best, "bold green")
+    for name, t in summary.references.items():
+        row(name, t)
+    return table
+
+
+@app.command()
+def demo(
+    config: Path = typer.Option(DEMO_CONFIG, "--config", help="Search config of the demo."),
+    run_dir: Path = typer.Option(None, "--run-dir", "-o", help="Run directory (default: runs/demo-<time>)."),
+    evaluations: int = typer.Option(None, "--evaluations", help="Override the demo's evaluation budget."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display."),
+) -> None:
+    """Build (or reuse) the zoo, run a short search on it, show the best merge vs its parents."""
+    from evomerge.cli.search import print_summary, run_with_display
+    from evomerge.config import SearchConfig
+    from evomerge.search import run_search
+
+    if not config.is_file():
+        raise ConfigError(f"{config}: demo config not found; pass --config examples/demo.yaml from a checkout")
+    cfg = SearchConfig.load(config)
+    if cfg.models.zoo is None:
+        raise ConfigError(f"{config}: the demo needs `models: {{zoo: <preset>}}`")
+    if evaluations is not None:
+        cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"evaluations": evaluations})})
+    console.print(f"[bold]1/3[/] zoo [bold]{cfg.models.zoo}[/] (built once, then reused from the cache)")
+    info = build_demo_zoo(cfg.models.zoo)
+    how = "reused from the cache" if info.cached else f"built in {info.seconds:.0f} s"
+    console.print(f"    {how}: base + {', '.join(info.experts)} at {escape(str(info.root))}", highlight=False)
+    run_dir = run_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
+    console.print(f"[bold]2/3[/] search: {cfg.optimizer.name} over the {cfg.space.type} space, "
+                  f"{cfg.budget.evaluations or '∞'} evaluations, objective "
+                  f"{', '.join(o.key for o in cfg.objectives)} → {escape(str(run_dir))}", highlight=False)
+    summary = run_with_display("evomerge demo", quiet, lambda cb: run_search(cfg, run_dir, on_progress=cb))
+    console.print("[bold]3/3[/] result")
+    print_summary(summary, table=validation_table(summary, cfg) if cfg.validation.objectives else None)
