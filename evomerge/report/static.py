@@ -97,10 +97,12 @@ def pareto_png(data: ReportData, path: Path) -> Path | None:
         ax.set_xlabel("evaluation" if a < 0 else _label(data, a), fontsize=9)
         ax.set_ylabel(_label(data, b), fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False, fontsize=8)
-    fig.suptitle(mtext(f"Pareto front · {data.run.name or data.run.run_dir}"), fontsize=11, y=0.995, x=0.01,
-                 ha="left", color="#1f2933")
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    h = fig.get_figheight()  # inches: title, then one legend row, then the panels
+    fig.suptitle(mtext(f"Pareto front · {data.run.name or data.run.run_dir}"), fontsize=11, y=1 - 0.06 / h, x=0.01,
+                 ha="left", va="top", color="#1f2933")
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.3 / h), ncol=len(labels),
+               frameon=False, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / h))
     fig.savefig(path, dpi=DPI)
     return path
 
