@@ -218,6 +218,7 @@ def test_report_renders_and_click_shows_recipe(chromium, tmp_path):
     from evomerge.report import write_report
 
     data, store_dir = build_report_data(tmp_path)
+    data.run.name = "demo <img src=x onerror=window.__pwned=1>"  # the expert is called <script>alert(1)</script>
     out = write_report(data, tmp_path / "report.html")
     evaluated = [t for t in data.trials if t.ok]
 
@@ -247,7 +248,9 @@ def test_report_renders_and_click_shows_recipe(chromium, tmp_path):
     assert chromium.eval("!!document.querySelector('#details .heat .main-svg')")  # the parameter heat map
     # names from configs are text: the expert called <script>… shows literally, nothing ran
     assert "<script>alert(1)</script>" in chromium.eval("document.getElementById('details').innerText")
+    assert chromium.eval("document.querySelector('header h1').textContent").startswith("demo <img src=x")
     assert chromium.eval("typeof window.__pwned") == "undefined"
+    assert not [e for e in chromium.events if e.get("method") == "Page.javascriptDialogOpening"]
 
     shot = chromium.screenshot(ARTIFACTS / "report.png")
     print(f"\nscreenshot: {shot}  report: {out} ({out.stat().st_size / 1e6:.2f} MB)")
