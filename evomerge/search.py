@@ -171,6 +171,7 @@ class Search:
         self.window = cfg.window
         self.dtype = cfg.search.per_example_dtype
         self.on_progress = on_progress
+        self._own_executor = executor is None  # a caller's executor stays open (benchmarks reuse workers)
         self.executor = executor or make_executor(cfg.executor, worker_spec(cfg, self.pool))
         self._check_optimizer()
         # run-time (not checkpointed) bookkeeping
@@ -332,7 +333,9 @@ class Search:
         return t
 
     def _handle(self, o: Outcome) -> None:
-        info = self.tasks.pop(o.id)
+        info = self.tasks.pop(o.id, None)
+        if info is None:  # a stale outcome from a shared executor's earlier run
+            return
         if info.kind == "validation":
             if o.ok:
                 metrics = {k: float(o.scores[k].value) for k in self.val_keys if k in o.scores}
@@ -522,7 +525,8 @@ class Search:
                                 failures=self.state["failures"], updated=time.time(),
                                 stopped=self.stopped or "all stages done",
                                 best_fitness=None if self.state["best"] is None else self.state["best"]["fitness"])
-            self.executor.close()
+            if self._own_executor:
+                self.executor.close()
         return self.summary()
 
     def summary(self) -> SearchSummary:

@@ -1,0 +1,111 @@
+"""Search throughput: candidates per minute and the time split between merging and evaluating.
+
+Runs the same short random search (PS space, global granularity, DARE-TIES) on the zoo's
+cross-skill task with the in-process executor and with the Ray executor at 1 and 2 workers, and
+prints, per setting: steady-state candidates/min (first to last finished evaluation), wall time
+including worker start-up, and the shares of a candidate's worker time spent merging (in place)
+and evaluating. With ``--gpu`` the Ray workers get one GPU each (scripts/gpu_check.sh).
+
+    python scripts/bench/eval_throughput.py                 # demo zoo, 30 candidates per setting
+    python scripts/bench/eval_throughput.py --quick         # tiny zoo, 10 candidates
+    python scripts/bench/eval_throughput.py --settings ray:1 --gpu --evaluations 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from evomerge.config import SearchConfig  # noqa: E402
+from evomerge.search import run_search  # noqa: E402
+from evomerge.store import RunStore  # noqa: E402
+
+
+def config(preset: str, setting: str, evaluations: int, limit: int, gpu: bool, task: str) -> SearchConfig:
+    kind, _, n = setting.partition(":")
+    executor = {"type": "local"} if kind == "local" else {
+        "type": "ray", "workers": int(n or 1), "num_cpus": 1, "num_gpus": 1 if gpu else 0}
+    if gpu:
+        executor["device"] = "cuda"
+    return SearchConfig.from_dict({
+        "name": f"throughput-{setting}",
+        "models": {"zoo": preset},
+        "space": {"type": "ps", "granularity": "global"},
+        "optimizer": "random",
+        "objectives": [{"task": task, "limit": limit}],
+        "budget": {"evaluations": evaluations},
+        "executor": executor,
+        "search": {"references": False, "window": 2 * max(1, int(n or 1))},
+        "seed": 0,
+    })
+
+
+def measure(run_dir: Path, wall: float) -> dict:
+    with RunStore(run_dir) as s:
+        trials = s.trials()
+    done = sorted(t.created for t in trials)
+    steady = 60.0 * (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 and done[-1] > done[0] else float("nan")
+    merge = sum(t.seconds.get("merge_s", 0.0) for t in trials)
+    evals = sum(t.seconds.get("eval_s", 0.0) for t in trials)
+    total = sum(t.seconds.get("total_s", 0.0) for t in trials)
+    return {
+        "candidates": len(trials), "failed": sum(not t.ok for t in trials),
+        "per_min_steady": steady, "per_min_wall": 60.0 * len(trials) / wall, "wall_s": wall,
+        "merge_share": merge / total if total else float("nan"), "eval_share": evals / total if total else float("nan"),
+        "merge_s_per_candidate": merge / max(1, len(trials)), "eval_s_per_candidate": evals / max(1, len(trials)),
+        "workers": sorted({t.worker for t in trials}),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default=None, help="zoo preset (default: demo; tiny with --quick)")
+    ap.add_argument("--evaluations", type=int, default=None, help="candidates per setting (default 30; 10 quick)")
+    ap.add_argument("--limit", type=int, default=100, help="documents of the search split per candidate")
+    ap.add_argument("--task", default="zoo_add_l2")
+    ap.add_argument("--settings", default="local,ray:1,ray:2", help="comma list of local | ray:N")
+    ap.add_argument("--gpu", action="store_true", help="Ray workers with one GPU each")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    preset = args.preset or ("tiny" if args.quick else "demo")
+    n = args.evaluations or (10 if args.quick else 30)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="evomerge-throughput-") as tmp:
+        for setting in args.settings.split(","):
+            cfg = config(preset, setting, n, args.limit, args.gpu, args.task)
+            t0 = time.perf_counter()
+            run_search(cfg, Path(tmp) / setting.replace(":", "-"))
+            results[setting] = measure(Path(tmp) / setting.replace(":", "-"), time.perf_counter() - t0)
+            r = results[setting]
+            print(f"{setting:>8}: {r['per_min_steady']:7.1f} candidates/min steady, {r['per_min_wall']:6.1f}/min "
+                  f"with start-up ({r['wall_s']:.0f} s) · merge {100 * r['merge_share']:.1f} % "
+                  f"({1000 * r['merge_s_per_candidate']:.0f} ms) · evaluate {100 * r['eval_share']:.1f} % "
+                  f"({1000 * r['eval_s_per_candidate']:.0f} ms) · {r['failed']} failed · {', '.join(r['workers'])}",
+                  flush=True)
+    if "ray:1" in results and "ray:2" in results:
+        print(f"2 workers vs 1: {results['ray:2']['per_min_steady'] / results['ray:1']['per_min_steady']:.2f}x "
+              f"(machine: {os.cpu_count()} CPUs, torch {torch.__version__}, "
+              f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'})")
+    print("mergekit-evolve: not compared (it needs its own lm-eval/vLLM setup; see docs/search.md)")
+    if args.json:
+        args.json.write_text(json.dumps({"preset": preset, "evaluations": n, "limit": args.limit,
+                                         "results": results}, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
