@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -507,7 +508,7 @@ class Search:
         else:
             self.state = self._fresh_state()
             self.opt = self._new_optimizer(0, self.state["fixed"])
-        self.store.set_meta(status="running", pid=os.getpid(), space=self.space.describe(),
+        self.store.set_meta(status="running", pid=os.getpid(), host=socket.gethostname(), space=self.space.describe(),
                             genes=self.space.names, stages=[s.name for s in self.stages])
         self.executor.start()
         status = "interrupted"
@@ -538,6 +539,20 @@ class Search:
 
 
 # ---------------------------------------------------------------------- entry points
+def _refuse_if_running(store: RunStore) -> None:
+    """Two processes must never drive one run directory."""
+    pid, host = store.meta("pid"), store.meta("host")
+    if store.meta("status") != "running" or pid is None or host != socket.gethostname() or pid == os.getpid():
+        return
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return  # it died (kill -9, crash): resuming is exactly what is needed
+    except PermissionError:
+        pass
+    raise EvomergeError(f"{store.run_dir}: a search (pid {pid}) is still running here; stop it before resuming")
+
+
 def run_search(config: SearchConfig | str | Path, run_dir: str | Path, *, resume: bool = False,
                executor: Executor | None = None, on_progress: Callable[[Progress], None] | None = None,
                budget: dict | None = None, executor_overrides: dict | None = None) -> SearchSummary:
@@ -549,6 +564,7 @@ def run_search(config: SearchConfig | str | Path, run_dir: str | Path, *, resume
     run_dir = Path(run_dir)
     if resume:
         store = RunStore(run_dir)
+        _refuse_if_running(store)
         cfg = SearchConfig.from_dict(store.meta("config"), where=f"{run_dir} (stored config)")
         updates = {}
         if budget:

@@ -284,3 +284,13 @@ def test_real_search_on_the_tiny_zoo_with_ray(tmp_path):
     with RunStore(tmp_path / "ray") as a, RunStore(tmp_path / "local") as b:
         assert {t.worker for t in a.trials()} <= {"ray-0", "ray-1"}
         assert [(t.recipe_hash, t.fitness) for t in a.trials()] == [(t.recipe_hash, t.fitness) for t in b.trials()]
+
+
+def test_resume_refuses_a_run_that_is_still_running(tiny_models, tmp_path):
+    import socket
+
+    run_search(SearchConfig.from_dict(config(tiny_models, tmp_path, budget={"evaluations": 3})), tmp_path / "a")
+    with RunStore(tmp_path / "a") as s:
+        s.set_meta(status="running", pid=os.getppid(), host=socket.gethostname())  # a live process
+    with pytest.raises(Exception, match="still running here"):
+        run_search(None, tmp_path / "a", resume=True)

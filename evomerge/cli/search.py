@@ -39,11 +39,12 @@ class LiveView:
     def __init__(self, title: str, plain: bool = False, every_s: float = 15.0):
         self.title, self.plain, self.every_s = title, plain, every_s
         self.p = None
+        self._at = time.monotonic()
         self._last_line = 0.0
         self._last_n = -1
 
     def update(self, p) -> None:
-        self.p = p
+        self.p, self._at = p, time.monotonic()
         if self.plain and (p.evaluations != self._last_n or time.time() - self._last_line > self.every_s):
             if time.time() - self._last_line > self.every_s or p.evaluations == p.budget:
                 self._last_line, self._last_n = time.time(), p.evaluations
@@ -69,7 +70,7 @@ class LiveView:
         else:
             grid.add_row("evaluations", Text(str(p.evaluations)))
         wall = f" of {_dur(p.wall_time)}" if p.wall_time else ""
-        grid.add_row("elapsed", Text(f"{_dur(p.elapsed)}{wall}"))
+        grid.add_row("elapsed", Text(f"{_dur(p.elapsed + time.monotonic() - self._at)}{wall}"))
         stage = f"{p.stage} ({p.stage_index + 1}/{p.stages})" if p.stages > 1 else p.stage
         grid.add_row("stage", Text(stage))
         best = Text(_num(p.best_fitness), style="bold green")

@@ -44,11 +44,12 @@ class LocalExecutor(Executor):
 
     @property
     def busy(self) -> int:
-        return int(self._running)
+        """1 while the worker has work (queued work runs at the next poll, in this process)."""
+        return int(self._running or bool(self._queue))
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return max(0, len(self._queue) - (0 if self._running else 1))
 
     def close(self) -> None:
         self._worker = None
