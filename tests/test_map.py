@@ -414,3 +414,26 @@ def test_map_nested_with_task_vector_gram(tiny_models, tmp_path, monkeypatch):
         bad = _map_config(tiny_models, experts=3, kind="nested")
         bad["objectives"] = bad["objectives"][:2]
         map_search_config(bad)
+
+
+def test_map_end_to_end_on_the_tiny_zoo_with_real_evaluation(tmp_path, monkeypatch):
+    """The real path: tiny zoo, lm-eval tasks, the local executor's model worker, the run store."""
+    from evomerge.store import RunStore
+    from evomerge.surrogate.map_search import run_map
+
+    monkeypatch.chdir(tmp_path)
+    cfg = {
+        "models": {"zoo": "tiny"},
+        "space": {"type": "task_vector", "bounds": [0.0, 1.0]},
+        "objectives": [{"task": "zoo_add", "limit": 16}, {"task": "zoo_l2", "limit": 16}],
+        "search": {"references": False},
+        "map": {"links": "logit", "pop_size": 20, "n_gen": 10},
+    }
+    out = run_map(cfg, tmp_path / "run", verify=1)
+    with RunStore(tmp_path / "run") as st:
+        trials = st.trials()
+        assert st.meta("status") == "finished" and all(t.ok for t in trials)
+        assert 12 <= len(trials) <= 13 and st.meta("map")["n_evaluations"] == 12
+        assert all(0.0 <= t.metrics["zoo_add:search"] <= 1.0 for t in trials)
+    assert out.summary["complete"] and len(out.summary["front"]["C"]) >= 1
+    assert np.all(np.array(out.summary["front"]["M"]) >= 0) and np.all(np.array(out.summary["front"]["M"]) <= 1)
