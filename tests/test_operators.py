@@ -370,3 +370,29 @@ def test_registry_matches_mergekit_names_and_defaults():
     assert get_operator("della").model_params["epsilon"] == 0.15
     assert get_operator("linear").global_params == {"normalize": True}
     assert {n for n, op in OPERATORS.items() if op.random} == {"dare_ties", "dare_linear", "della", "della_linear"}
+
+
+def test_kth_largest_of_magnitudes():
+    a = torch.randn(700_000, generator=torch.Generator().manual_seed(1))
+    for k in [1, 1000, 350_000, 699_999]:
+        assert kth_largest(a, k, absolute=True) == torch.kthvalue(a.abs(), a.numel() - k + 1).values.item()
+
+
+@pytest.mark.parametrize("method,p", [("magnitude", {"density": 0.37}),
+                                      ("magnitude_outliers", {"density": 0.6, "gamma": 0.05}),
+                                      ("magnitude_outliers", {"density": 0.97, "gamma": 0.05})])
+def test_large_tensor_trimming_matches_a_sort(method, p):
+    # 630k entries: the sampled-bracket selection path; the reference ranks with a full sort
+    tau = torch.randn(700, 900, generator=torch.Generator().manual_seed(2))
+    got = sparsify_(tau.clone(), method, p, {}, None)
+    n = tau.numel()
+    order = torch.argsort(tau.abs().reshape(-1))  # ascending
+    target = int(p["density"] * n)
+    if method == "magnitude":
+        keep = order[n - target:]
+    else:
+        n_bot = max(0, n - target - int(p["gamma"] * n))
+        keep = order[n_bot:n_bot + target]
+    want = torch.zeros(n)
+    want[keep] = tau.reshape(-1)[keep]
+    assert torch.equal(got.reshape(-1), want)
