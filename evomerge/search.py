@@ -93,6 +93,14 @@ def resolve_models(cfg: SearchConfig) -> ModelPool:
     return ModelPool.from_paths(cfg.models.base, cfg.models.input_models())
 
 
+def stored_models(store: RunStore) -> ModelPool | None:
+    """The models a run started with (a resumed zoo run keeps its zoo even if the preset changed)."""
+    m = store.meta("models")
+    if not m or not all(Path(p).is_dir() for p in [m["base"] or ".", *(e["model"] for e in m["experts"])]):
+        return None
+    return ModelPool.from_paths(m["base"], [InputModel(**e) for e in m["experts"]])
+
+
 def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
     models = {"base": pool.base} if pool.base is not None else {}
     models.update({e.alias: e.model for e in pool.experts})
@@ -160,7 +168,8 @@ class Search:
         from evomerge.optimizers import load_optimizer, make_optimizer  # noqa: F401
 
         self.cfg, self.store = cfg, store
-        self.pool = pool or resolve_models(cfg)
+        self.pool = pool or stored_models(store) or resolve_models(cfg)
+        store.set_meta(models={"base": self.pool.base, "experts": [e.model_dump() for e in self.pool.experts]})
         self.space = make_space(cfg.space, self.pool)
         self.stages = self.space.stages
         self.bounds = stage_bounds(cfg, self.space)

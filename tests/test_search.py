@@ -294,3 +294,22 @@ def test_resume_refuses_a_run_that_is_still_running(tiny_models, tmp_path):
         s.set_meta(status="running", pid=os.getppid(), host=socket.gethostname())  # a live process
     with pytest.raises(Exception, match="still running here"):
         run_search(None, tmp_path / "a", resume=True)
+
+
+def test_unordered_mode_completes_the_budget(tiny_models, tmp_path):
+    cfg = config(tiny_models, tmp_path, optimizer="m2n2", search={"deterministic": False, "window": 3})
+    out = run_search(SearchConfig.from_dict(cfg), tmp_path / "run")
+    assert out.evaluations == 24 and out.best is not None
+    with RunStore(tmp_path / "run") as s:
+        assert s.meta("models")["base"] == str(tiny_models["base"])
+
+
+def test_ps_space_refuses_models_of_different_depth(tiny_models):
+    from evomerge.recipe import InputModel
+    from evomerge.spaces import ModelPool, make_space
+
+    pool = ModelPool.from_paths(str(tiny_models["base"]), [InputModel(model=str(tiny_models["deep"]), name="deep")])
+    with pytest.raises(ConfigError, match="equal depth; deep has 3 blocks"):
+        make_space("ps", pool)
+    assert make_space({"type": "dfs", "pool": ["base", "deep"]}, pool).to_recipe(
+        make_space({"type": "dfs", "pool": ["base", "deep"]}, pool).x0).layer_flow is not None

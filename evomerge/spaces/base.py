@@ -62,9 +62,9 @@ class ModelPool:
         dirs = {e.alias: ModelDir(e.model) for e in experts}
         if base is not None:
             dirs = {"base": ModelDir(base), **dirs}
-        if check:
+        if check:  # same architecture and block layout; equal depth is the PS space's requirement
             first, *rest = dirs.values()
-            check_compatible(first, rest)
+            check_compatible(first, rest, same_depth=False)
         return cls(base=base, experts=tuple(experts), num_blocks={a: d.num_blocks for a, d in dirs.items()})
 
     @property

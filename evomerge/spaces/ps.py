@@ -112,6 +112,12 @@ class PSSpace(Space):
                 f"space.operator {config.operator!r} merges {self.operator.min_models}..{hi} models, got {n}"
             )
         self.num_blocks = pool.reference_blocks
+        deeper = [e for e in self.experts if pool.num_blocks[e] != self.num_blocks]
+        if deeper:
+            raise ConfigError(
+                f"space: a parameter-space merge needs models of equal depth; {deeper[0]} has "
+                f"{pool.num_blocks[deeper[0]]} blocks, the base {self.num_blocks} (use a dfs space to stack layers)"
+            )
         self.params = self._params(config)
         for f in config.filters:
             if f in f"model.layers.0.{self.REST_SUFFIX}":
