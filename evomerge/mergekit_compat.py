@@ -428,6 +428,9 @@ def recipe_to_mergekit(recipe: Recipe) -> dict:
             models.append({"model": recipe.base_model})
         for i, m in enumerate(recipe.models):
             entry: dict[str, Any] = {"model": m.model}
+            for k in m.parameters:
+                if k not in op.model_params:
+                    raise ConfigError(f"models[{i}].parameters.{k} is not a per-model parameter of {op.name}")
             if m.parameters:
                 entry["parameters"] = {k: exp.value(v, f"models[{i}].parameters.{k}") for k, v in m.parameters.items()}
             models.append(entry)

@@ -324,17 +324,20 @@ def _generalized_task_arithmetic(base, tensors, params, options, generator, out=
                 res.add_(t, alpha=c)
         return res
     if not consensus:
-        res.zero_()
         d = scratch(0, base)
+        first = True
         for t, w, p in zip(tensors, weights, params):
             if w == 0 and sparsify not in ("random", "della"):
                 continue  # nothing to add; random methods still draw to keep streams aligned
             torch.sub(t, base, out=d)
             sparsify_(d, sparsify, p, options, generator)
-            res.add_(d, alpha=w)
+            torch.mul(d, w, out=res) if first else res.add_(d, alpha=w)
+            first = False
+        if first:
+            return res.copy_(base)
         total = sum(weights)
         scale = lam / total if normalize and abs(total) >= 1e-8 else lam
-        return res.mul_(scale).add_(base) if scale != 1 else res.add_(base)
+        return torch.add(base, res, alpha=scale, out=res)
     # TIES-style sign consensus: keep each entry's contributions that agree with the elected sign.
     deltas = []
     for k, (t, p) in enumerate(zip(tensors, params)):
@@ -371,9 +374,7 @@ def _generalized_task_arithmetic(base, tensors, params, options, generator, out=
     if divisor is not None:
         divisor.add_(torch.eq(divisor, 0, out=tmp))  # nobody agrees → divide by 1
         res.div_(divisor)
-    if lam != 1:
-        res.mul_(lam)
-    return res.add_(base)
+    return torch.add(base, res, alpha=lam, out=res)
 
 
 _GTA_RANGES = {"density": (0.0, 1.0), "gamma": (0.0, 1.0), "epsilon": (0.0, 1.0)}

@@ -27,21 +27,24 @@ DENSITY = 0.5
 
 
 def timeit(fn, reps: int) -> float:
+    """Fastest of ``reps`` calls after a warm-up: the least disturbed by other jobs on the machine."""
     fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    best = float("inf")
     for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def copy_bandwidth(n: int, device: str) -> float:
     a = torch.randn(n, device=device)
     b = torch.empty_like(a)
-    return 2 * a.numel() * 4 / timeit(lambda: b.copy_(a), 5)
+    return 2 * a.numel() * 4 / timeit(lambda: b.copy_(a), 10)
 
 
 MERGEKIT_SNIPPET = r"""
@@ -94,7 +97,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--mergekit", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated operator names")
     args = ap.parse_args()
