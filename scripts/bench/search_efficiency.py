@@ -47,16 +47,32 @@ METHODS = {
 }
 
 
-def base_config(preset: str, task: str, limit: int, val_limit: int | None) -> dict:
+def parse_objectives(spec: str) -> list[tuple[str, float]]:
+    """``zoo_add_l2`` or ``zoo_add_l2=1,zoo_add=0.25`` → [(task, weight), ...]."""
+    out = []
+    for part in spec.split(","):
+        task, _, w = part.partition("=")
+        out.append((task.strip(), float(w) if w else 1.0))
+    return out
+
+
+def base_config(preset: str, objectives: list[tuple[str, float]], limit: int, val_limit: int | None) -> dict:
     return {
         "models": {"zoo": preset},
-        "objectives": [{"task": task, "limit": limit}],
-        "validation": {"when": "best", "objectives": [{"task": task, "limit": val_limit}]},
+        "objectives": [{"task": t, "weight": w, "limit": limit} for t, w in objectives],
+        "validation": {"when": "best", "objectives": [{"task": t, "weight": w, "limit": val_limit}
+                                                      for t, w in objectives]},
         "search": {"references": True},
     }
 
 
-def incumbent_curve(run_dir: Path, key: str, n: int) -> tuple[list[float], list[float]]:
+def val_fitness(validation: dict | None, weights: dict[str, float]) -> float:
+    if not validation or not all(k in validation for k in weights):
+        return float("nan")
+    return float(sum(w * validation[k] for k, w in weights.items()))
+
+
+def incumbent_curve(run_dir: Path, weights: dict[str, float], n: int) -> tuple[list[float], list[float]]:
     """Validation (and search) fitness of the incumbent after 1..n evaluations (NaN before the first)."""
     with RunStore(run_dir) as s:
         trials = s.trials()
@@ -64,7 +80,7 @@ def incumbent_curve(run_dir: Path, key: str, n: int) -> tuple[list[float], list[
     for t in trials[:n]:
         if t.ok and (best is None or t.fitness > best):
             best = t.fitness
-            best_val = (t.validation or {}).get(key, float("nan"))
+            best_val = val_fitness(t.validation, weights)
         val.append(best_val)
         srch.append(float("nan") if best is None else best)
     while len(val) < n:  # a run that stopped early (the optimizer only repeated itself) keeps its incumbent
@@ -76,7 +92,9 @@ def incumbent_curve(run_dir: Path, key: str, n: int) -> tuple[list[float], list[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="demo")
-    ap.add_argument("--task", default="zoo_add_l2", help="the cross-skill task")
+    ap.add_argument("--objectives", default="zoo_add_l2",
+                    help="task or task=weight list, e.g. zoo_add_l2=1,zoo_add=0.25,zoo_l2=0.25 (default: the "
+                         "cross-skill task alone)")
     ap.add_argument("--limit", type=int, default=100, help="search-split documents per evaluation")
     ap.add_argument("--val-limit", type=int, default=None, help="validation documents (default: all)")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -92,12 +110,13 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         sys.exit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    common = base_config(args.preset, args.task, args.limit, args.val_limit)
+    objectives = parse_objectives(args.objectives)
+    common = base_config(args.preset, objectives, args.limit, args.val_limit)
     first = SearchConfig.from_dict({**common, "space": PS, "budget": {"evaluations": n}})
     pool = resolve_models(first)
     executor = LocalExecutor(worker_spec(first, pool))
     executor.start()
-    key = first.validation.objectives[0].key
+    weights = {o.key: o.weight for o in first.validation.objectives}
     curves: dict[str, list[list[float]]] = {m: [] for m in methods}
     parents: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -112,8 +131,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 out = run_search(cfg, run_dir, executor=executor)
                 if not parents:
-                    parents = {k: (t.validation or {}).get(key, float("nan")) for k, t in out.references.items()}
-                val, _ = incumbent_curve(run_dir, key, n)
+                    parents = {k: val_fitness(t.validation, weights) for k, t in out.references.items()}
+                val, _ = incumbent_curve(run_dir, weights, n)
                 curves[m].append(val)
                 print(f"{m:>10} seed {seed}: best validation {np.nanmax(val):.3f} after {out.evaluations} "
                       f"evaluations ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -121,7 +140,7 @@ def main() -> None:
     best_any = max(np.nanmax(v) for runs in curves.values() for v in runs)
     target = 0.95 * best_any
     marks = sorted({k for k in (5, 10, 20, 40, 60, 100, 200) if k <= n} | {n})
-    print(f"\n{args.task} on the {args.preset} zoo: validation fitness of the incumbent (mean of {seeds} seeds)")
+    print(f"\n{args.objectives} on the {args.preset} zoo: validation fitness of the incumbent (mean of {seeds} seeds)")
     print("parents: " + ", ".join(f"{k} {v:.3f}" for k, v in parents.items()))
     print(f"{'method':>10} " + " ".join(f"{'@' + str(k):>7}" for k in marks) + "   evals to 95% of best (per seed)")
     summary = {}
@@ -140,7 +159,7 @@ def main() -> None:
     print(f"best validation fitness found by any method: {best_any:.3f} (95 % = {target:.3f}); "
           f"total {time.perf_counter() - t_all:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"task": args.task, "preset": args.preset, "evaluations": n,
+        args.json.write_text(json.dumps({"objectives": args.objectives, "preset": args.preset, "evaluations": n,
                                          "seeds": seeds, "best_any": best_any, "parents": parents,
                                          "methods": summary}, indent=2, default=float))
 
