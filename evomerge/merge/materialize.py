@@ -139,8 +139,10 @@ def _seed(seed_key: str, recipe_seed: int, name: str) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site: TensorSite) -> torch.Tensor:
-    """The parameter-space merge of one tensor (float32, on the sources' device)."""
+def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site: TensorSite,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """The parameter-space merge of one tensor (float32, on the sources' device), written into
+    ``out`` when given (a float32 tensor that aliases no input, e.g. a resident parameter)."""
     op = plan.op
     if not sources.reference.tensor_names or name not in sources.reference:
         raise ModelError(f"{sources.reference.path}: no tensor named {name}")
@@ -155,7 +157,7 @@ def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site:
     if op.random:
         gen = torch.Generator(device=tensors[0].device)
         gen.manual_seed(_seed(plan.seed_key, recipe.seed, name))
-    return op.fn(base, tensors, params, options, gen)
+    return op.fn(base, tensors, params, options, gen, out=out)
 
 
 # ---------------------------------------------------------------------- the merge as a stream
@@ -198,16 +200,22 @@ def validate(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
     return layout
 
 
-def merged_tensors(recipe: Recipe, sources: Sources,
-                   layout: list[OutputTensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_tensors(recipe: Recipe, sources: Sources, layout: list[OutputTensor] | None = None,
+                   targets: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of the merged model, one at a time (float32
-    for floating tensors)."""
+    for floating tensors). Merged tensors are computed straight into ``targets[name]`` when that
+    is a float32 tensor on the right device (then the yielded tensor *is* the target)."""
     layout = validate(recipe, sources) if layout is None else layout
     plan = _plan(recipe, sources)
     ref = sources.reference
+    targets = targets or {}
     for out in layout:
-        if out.source == MERGED:  # a fresh tensor: scale it in place
-            t = merge_tensor(recipe, plan, sources, out.source_name, ref.site(out.source_name))
+        if out.source == MERGED:  # a fresh tensor (or the target): scale it in place
+            dest = targets.get(out.name)
+            if dest is not None and (dest.dtype != torch.float32 or dest.device != sources.device
+                                     or not dest.is_contiguous()):
+                dest = None
+            t = merge_tensor(recipe, plan, sources, out.source_name, ref.site(out.source_name), out=dest)
             if out.scale != 1.0:
                 t.mul_(out.scale)
         else:  # an input tensor (maybe resident): never modify it
@@ -244,7 +252,8 @@ def apply_in_place(model: torch.nn.Module, recipe: Recipe, sources: Sources) -> 
     buffers = dict(model.named_buffers())
     tied = getattr(model.config, "tie_word_embeddings", False)
     with torch.no_grad():
-        for name, tensor in merged_tensors(recipe, sources, layout):
+        targets = {n: p.data for n, p in params.items()}
+        for name, tensor in merged_tensors(recipe, sources, layout, targets):
             target = params.get(name)
             if target is None:
                 target = buffers.get(name)
@@ -252,5 +261,6 @@ def apply_in_place(model: torch.nn.Module, recipe: Recipe, sources: Sources) -> 
                 if tied and "lm_head" in name:
                     continue
                 raise ModelError(f"the resident model has no parameter {name}")
-            target.copy_(tensor)
+            if tensor is not targets.get(name):
+                target.copy_(tensor)
     return {"merge_s": time.perf_counter() - t0}
