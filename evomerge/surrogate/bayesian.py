@@ -135,21 +135,24 @@ def _crit_bins(C, Y, S: SurrogateSet, cand, k, rng, ctx) -> np.ndarray:
 
 
 def _crit_variance(C, Y, S: SurrogateSet, cand, k, rng, ctx) -> np.ndarray:
-    m0: QuadraticSurrogate = S.models[0]
-    Phi_c = m0._features(cand)
-    Ainv = m0._chol_inv_R @ m0._chol_inv_R.T  # (ΦᵀΦ + λD)⁻¹, shared by all objectives (same points)
     spread = _spread(Y)
-    w = np.zeros(len(cand))
+    Phi_c = S.models[0]._features(cand)  # same box, same features for every objective
+    state = []
     for j, m in enumerate(S.models):
-        dz = m.link.d_inverse(Phi_c @ m.coef)
-        w += (m.sigma2_link + 1e-12) * dz**2 / spread[j] ** 2
+        eta = Phi_c @ m.coef
+        dmu = m.link.d_inverse(eta)  # metric change per unit of link space
+        w_new = dmu if m.method == "binomial" else np.ones_like(eta)  # GLM weight μ(1−μ) of a new point
+        Ainv = m._chol_inv_R @ m._chol_inv_R.T  # (ΦᵀWΦ + λD)⁻¹
+        state.append([Ainv, (m.sigma2_link + 1e-12) * dmu**2 / spread[j] ** 2, w_new])
     chosen = []
     for _ in range(k):
-        lev = np.einsum("ij,jk,ik->i", Phi_c, Ainv, Phi_c)
-        i = int(np.argmax(w * lev))
+        score = sum(scale * np.einsum("ij,jk,ik->i", Phi_c, Ainv, Phi_c) for Ainv, scale, _ in state)
+        i = int(np.argmax(score))
         chosen.append(cand[i])
-        v = Ainv @ Phi_c[i]
-        Ainv = Ainv - np.outer(v, v) / (1.0 + Phi_c[i] @ v)  # Sherman–Morrison: as if c_i were evaluated
+        for st in state:  # Sherman–Morrison: as if c_i had been evaluated
+            Ainv, _, w_new = st
+            v = Ainv @ Phi_c[i]
+            st[0] = Ainv - w_new[i] * np.outer(v, v) / (1.0 + w_new[i] * (Phi_c[i] @ v))
     return np.array(chosen)
 
 
@@ -160,7 +163,8 @@ def _crit_disagreement(C, Y, S: SurrogateSet, cand, k, rng, ctx) -> np.ndarray:
     for _ in range(ctx.get("n_bootstrap", 32)):
         idx = rng.integers(0, n, n)
         try:
-            Sb = SurrogateSet.fit(C[idx], Y[idx], links=links, ridge=max(ctx["ridge"], 1e-6), box=(S.lower, S.upper))
+            Sb = SurrogateSet.fit(C[idx], Y[idx], links=links, ridge=max(ctx["ridge"], 1e-6), box=(S.lower, S.upper),
+                                  method=ctx["method"])
         except EvomergeError:
             continue  # a resample that does not determine the quadratic
         preds.append(Sb.predict(cand))
@@ -196,6 +200,7 @@ def propose(
     focus: str = "box",
     links: str | Sequence[str] = "identity",
     ridge: float = 1e-8,
+    method: str = "auto",
     n_candidates: int = 2048,
     seed: int = 0,
 ) -> np.ndarray:
@@ -209,14 +214,14 @@ def propose(
     Y = np.asarray(Y, dtype=float)
     Y = Y[:, None] if Y.ndim == 1 else Y
     rng = np.random.default_rng(seed)
-    S = surrogates or SurrogateSet.fit(C, Y, links=links, ridge=ridge, box=(lower, upper))
+    S = surrogates or SurrogateSet.fit(C, Y, links=links, ridge=ridge, box=(lower, upper), method=method)
     length = _length_scale(lower, upper, C.shape[0] + k)
     cand = space_filling(lower, upper, n_candidates, method="sobol", seed=int(rng.integers(2**31)))
     if focus == "front":
         if front is None:
             raise EvomergeError("Bayesian MAP focus='front' needs the current predicted front")
         cand = _front_candidates(front, lower, upper, n_candidates, length, rng)
-    ctx = {"ridge": ridge, "length": length}
+    ctx = {"ridge": ridge, "length": length, "method": method}
     X = CRITERIA[criterion](C, Y, S, cand, int(k), rng, ctx)
     return np.clip(X, lower, upper)
 
@@ -269,7 +274,7 @@ def bayesian_program(
     step = 0
     while True:
         try:
-            S = SurrogateSet.fit(C, Y, links=o.links, ridge=o.ridge, box=(lower, upper), names=names)
+            S = SurrogateSet.fit(C, Y, links=o.links, ridge=o.ridge, box=(lower, upper), names=names, method=o.method)
         except EvomergeError:
             if spent >= budget:
                 raise
@@ -290,7 +295,7 @@ def bayesian_program(
             # the front is only needed to focus on it; it is the expensive part of a step
             F = fit_and_front(C, Y, lower, upper, options=o, seed=seed + step, names=names)[1] if focus == "front" else None
             X = propose(C, Y, lower, upper, k, criterion=criterion, surrogates=S, front=F, focus=focus,
-                        links=o.links, ridge=o.ridge, seed=seed * 7919 + step + 1)
+                        links=o.links, ridge=o.ridge, method=o.method, seed=seed * 7919 + step + 1)
         Y_new = np.asarray((yield X), dtype=float)
         spent += len(X)
         X, Y_new, f_new = split_failed(X, Y_new)

@@ -40,6 +40,7 @@ class FrontOptions:
 
     links: str | Sequence[str] = "identity"
     ridge: float = 1e-8
+    method: str = "auto"  # ls | binomial (logit only) | auto: binomial for logit, else ls
     pop_size: int = 100
     n_gen: int = 150
     algorithm: str = "auto"
@@ -117,7 +118,7 @@ def fit_and_front(
     """Fit one quadratic per objective within the box and search their front inside it."""
     o = options or FrontOptions()
     lower, upper = validate_box(lower, upper)
-    S = SurrogateSet.fit(C, Y, links=o.links, ridge=o.ridge, box=(lower, upper), names=names)
+    S = SurrogateSet.fit(C, Y, links=o.links, ridge=o.ridge, box=(lower, upper), names=names, method=o.method)
     F = surrogate_front(
         S.predict, lower, upper, pop_size=o.pop_size, n_gen=o.n_gen, seed=seed,
         algorithm=o.algorithm, x0=C, names=S.names,

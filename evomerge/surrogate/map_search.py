@@ -51,7 +51,7 @@ KINDS = ("plain", "bayesian", "nested")
 
 
 def _front_options(o: "MapOptimizer") -> FrontOptions:
-    return FrontOptions(links=o.links, ridge=o.ridge, pop_size=o.pop_size, n_gen=o.n_gen)
+    return FrontOptions(links=o.links, ridge=o.ridge, method=o.fit, pop_size=o.pop_size, n_gen=o.n_gen)
 
 
 def _plain(o: "MapOptimizer") -> Program:
@@ -109,6 +109,7 @@ class MapOptimizer(Optimizer):
         target_error: float | None = None,
         links: str | list[str] = "identity",
         ridge: float = 1e-8,
+        fit: str = "auto",
         pop_size: int = 100,
         n_gen: int = 150,
         verify: int = 0,
@@ -147,7 +148,9 @@ class MapOptimizer(Optimizer):
         self.criterion, self.focus = criterion, focus
         self.target_error = None if target_error is None else float(target_error)
         self.links = links if isinstance(links, str) else list(links)
-        self.ridge, self.pop_size, self.n_gen = float(ridge), int(pop_size), int(n_gen)
+        if fit not in ("auto", "ls", "binomial"):
+            raise ConfigError(f"map: fit must be auto, ls or binomial, got {fit!r}")
+        self.ridge, self.fit, self.pop_size, self.n_gen = float(ridge), fit, int(pop_size), int(n_gen)
         self.verify = int(verify)
         self.preference = None if preference is None else [float(v) for v in preference]
         self.names = None if names is None else list(names)
@@ -317,7 +320,7 @@ def _load_config_dict(config) -> dict:
 
 MAP_KEYS = {
     "kind", "budget", "design", "include_origin", "initial", "batch_size", "criterion", "focus", "target_error",
-    "links", "ridge", "pop_size", "n_gen", "verify", "preference", "similarity", "budget_per_pair", "pair_bounds",
+    "links", "ridge", "fit", "pop_size", "n_gen", "verify", "preference", "similarity", "budget_per_pair", "pair_bounds",
 }
 
 

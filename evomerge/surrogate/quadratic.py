@@ -85,6 +85,11 @@ LINKS: dict[str, Link] = {
 }
 
 
+# How the coefficients are estimated: least squares in link space, or (logit link only) the
+# quasi-binomial likelihood of the accuracies themselves (a GLM, by IRLS).
+FIT_METHODS = ("ls", "binomial")
+
+
 def get_link(name: str) -> Link:
     try:
         return LINKS[name]
@@ -137,12 +142,26 @@ class QuadraticSurrogate:
     leave-one-out residuals in metric space, from the hat matrix) and ``loo_rmse``.
     """
 
-    def __init__(self, link: str = "identity", ridge: float = 1e-8, eps: float = 1e-4, interactions: bool = True):
+    def __init__(
+        self,
+        link: str = "identity",
+        ridge: float = 1e-8,
+        eps: float = 1e-4,
+        interactions: bool = True,
+        method: str = "auto",
+    ):
         if ridge < 0 or not np.isfinite(ridge):
             raise EvomergeError(f"surrogate ridge must be a finite number >= 0, got {ridge}")
         if not 0 < eps < 0.5:
             raise EvomergeError(f"surrogate link clipping eps must be in (0, 0.5), got {eps}")
         self.link = get_link(link)
+        if method == "auto":
+            method = "binomial" if link == "logit" else "ls"
+        if method not in FIT_METHODS:
+            raise EvomergeError(f"surrogate fit method must be one of {FIT_METHODS} or 'auto', got {method!r}")
+        if method == "binomial" and link != "logit":
+            raise EvomergeError("surrogate fit method 'binomial' needs the logit link (accuracies in [0, 1])")
+        self.method = method
         self.ridge = float(ridge)
         self.eps = float(eps)
         self.interactions = bool(interactions)
@@ -187,11 +206,38 @@ class QuadraticSurrogate:
                 "on a line or conic); add space-filling points"
             )
         D = np.sqrt(self.ridge) * np.eye(p)[:-1]
-        Q, R = np.linalg.qr(np.vstack([Phi, D]))
-        self.coef = np.linalg.solve(R, Q.T @ np.concatenate([z, np.zeros(p - 1)]))
-        h = np.sum(Q[:n] ** 2, axis=1)  # diagonal of Phi (AᵀA)⁻¹ Phiᵀ
+        zeros = np.zeros(p - 1)
+
+        def solve(w: np.ndarray, target: np.ndarray):
+            """Weighted ridge least squares via QR of the augmented system; (coef, Q, R)."""
+            sw = np.sqrt(w)
+            Q, R = np.linalg.qr(np.vstack([sw[:, None] * Phi, D]))
+            return np.linalg.solve(R, Q.T @ np.concatenate([sw * target, zeros])), Q, R
+
+        w = np.ones(n)
+        self.coef, Q, R = solve(w, z)
+        if self.method == "binomial":
+            # Quasi-binomial GLM by IRLS, started from the least-squares fit of the clipped logits:
+            # accuracies are proportions, so exact 0s and 1s need no clipping and the fit is not
+            # dominated by the huge logits of saturated points.
+            for _ in range(100):
+                eta = Phi @ self.coef
+                mu = self.link.inverse(eta)
+                w = np.clip(mu * (1.0 - mu), 1e-10, None)
+                z = eta + (y - mu) / w  # working response
+                new, Q, R = solve(w, z)
+                done = np.max(np.abs(new - self.coef)) < 1e-10 * (1.0 + np.max(np.abs(self.coef)))
+                self.coef = new
+                if done:
+                    break
+            eta = Phi @ self.coef
+            mu = self.link.inverse(eta)
+            w = np.clip(mu * (1.0 - mu), 1e-10, None)
+            z = eta + (y - mu) / w
+        h = np.sum(Q[:n] ** 2, axis=1)  # diagonal of the (weighted) hat matrix W½Φ(AᵀA)⁻¹ΦᵀW½
         z_hat = Phi @ self.coef
         with np.errstate(divide="ignore", invalid="ignore"):
+            # exact for least squares; the standard one-step approximation for the GLM
             z_loo = z - (z - z_hat) / (1.0 - h)
         z_loo = np.where(1.0 - h > 1e-10, z_loo, np.nan)  # a point the fit cannot do without
         self.n_points = n
@@ -206,9 +252,10 @@ class QuadraticSurrogate:
         self.r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res < 1e-24 else float("nan"))
         finite = np.isfinite(self.loo_residuals)
         self.loo_rmse = float(np.sqrt(np.mean(self.loo_residuals[finite] ** 2))) if finite.all() else float("inf")
-        # σ² of the link-space noise, for predictive standard deviations (Bayesian linear model view)
+        # σ² of the link-space noise (the Pearson dispersion for the GLM), for predictive standard
+        # deviations (Bayesian linear model view)
         dof = max(n - p, 1)
-        self.sigma2_link = float(np.sum((z - z_hat) ** 2) / dof)
+        self.sigma2_link = float(np.sum(w * (z - z_hat) ** 2) / dof)
         self._chol_inv_R = np.linalg.inv(R)  # (AᵀA)⁻¹ = R⁻¹ R⁻ᵀ
         return self
 
@@ -286,7 +333,7 @@ class QuadraticSurrogate:
         errs = np.empty(n)
         for f in folds:
             train = np.setdiff1d(np.arange(n), f)
-            m = QuadraticSurrogate(self.link.name, self.ridge, self.eps, self.interactions)
+            m = QuadraticSurrogate(self.link.name, self.ridge, self.eps, self.interactions, self.method)
             try:
                 m.fit(C[train], y[train], box=(self.lower, self.upper))
             except EvomergeError:
@@ -329,6 +376,7 @@ class QuadraticSurrogate:
             "ridge": self.ridge,
             "eps": self.eps,
             "interactions": self.interactions,
+            "method": self.method,
             "lower": self.lower.tolist(),
             "upper": self.upper.tolist(),
             "coef": self.coef.tolist(),
@@ -341,7 +389,7 @@ class QuadraticSurrogate:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuadraticSurrogate":
-        m = cls(d["link"], d["ridge"], d["eps"], d.get("interactions", True))
+        m = cls(d["link"], d["ridge"], d["eps"], d.get("interactions", True), d.get("method", "ls"))
         m.lower = np.asarray(d["lower"], dtype=float)
         m.upper = np.asarray(d["upper"], dtype=float)
         m.center = (m.lower + m.upper) / 2.0
@@ -380,6 +428,7 @@ class SurrogateSet:
         eps: float = 1e-4,
         box=None,
         names: Sequence[str] | None = None,
+        method: str = "auto",
     ) -> "SurrogateSet":
         """Fit every column of ``Y`` (n × m) against ``C`` (n × N)."""
         Y = np.asarray(Y, dtype=float)
@@ -389,7 +438,7 @@ class SurrogateSet:
         links = [links] * m if isinstance(links, str) else list(links)
         if len(links) != m:
             raise EvomergeError(f"surrogate set: {m} objectives but {len(links)} links")
-        models = [QuadraticSurrogate(links[j], ridge, eps).fit(C, Y[:, j], box) for j in range(m)]
+        models = [QuadraticSurrogate(links[j], ridge, eps, method=method).fit(C, Y[:, j], box) for j in range(m)]
         return cls(models, names)
 
     @property

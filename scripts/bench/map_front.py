@@ -17,7 +17,7 @@ For each setting (experts → their own tasks, task-arithmetic merges θ0 + Σ c
 
     python scripts/bench/map_front.py --quick            # tiny zoo, small grids, 1 seed: a smoke run
     python scripts/bench/map_front.py                    # demo zoo, 21×21 and 11³ grids, 3 seeds
-    python scripts/bench/map_front.py --json out.json --links logit
+    python scripts/bench/map_front.py --json out.json --links logit --cache evals.json
 
 Evaluations are cached per coefficient vector (rounded to 1e-6), so the grid and all methods
 share model calls; budgets count the distinct points each method asked for.
@@ -73,7 +73,24 @@ class ZooObjective:
                                    batch_size=batch_size)
         self.keys = [f"{t}:{split}" for t in self.tasks]
         self.cache: dict[tuple, np.ndarray] = {}
-        self.seconds = 0.0
+        self.seconds, self.n_new = 0.0, 0
+        self.tag = {"zoo": info.digest, "experts": experts, "split": split, "limit": limit}
+
+    def load(self, path: Path | None) -> None:
+        """Reuse evaluations saved by an earlier run with the same zoo, experts, split and limit."""
+        if path is None or not path.is_file():
+            return
+        data = json.loads(path.read_text())
+        entry = data.get(json.dumps(self.tag, sort_keys=True), [])
+        self.cache.update({tuple(c): np.array(y) for c, y in entry})
+        console.print(f"  {len(entry)} cached evaluations from {path}")
+
+    def save(self, path: Path | None) -> None:
+        if path is None:
+            return
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[json.dumps(self.tag, sort_keys=True)] = [[list(c), y.tolist()] for c, y in self.cache.items()]
+        path.write_text(json.dumps(data))
 
     def _recipe(self, c: np.ndarray):
         models = [self.InputModel(model=self.paths[k], name=k, parameters={"weight": float(w)})
@@ -90,6 +107,7 @@ class ZooObjective:
             r = self.evaluator.evaluate(self.model)
             self.cache[key] = np.array([r.scores[k].value for k in self.keys])
             self.seconds += time.perf_counter() - t0
+            self.n_new += 1
         return self.cache[key]
 
     def __call__(self, C: np.ndarray) -> np.ndarray:
@@ -121,7 +139,7 @@ def indicators(M: np.ndarray, true: np.ndarray, ref: np.ndarray) -> dict[str, fl
 
 
 def run_setting(obj: ZooObjective, lo: float, hi: float, grid: int, budgets: dict, seeds: int, links: str,
-                n_real: int, front_opts: dict) -> tuple[list[dict], dict]:
+                n_real: int, front_opts: dict, fit: str = "auto") -> tuple[list[dict], dict]:
     N = len(obj.experts)
     axis = np.linspace(lo, hi, grid)
     G = np.array(list(itertools.product(*[axis] * N)))
@@ -134,7 +152,7 @@ def run_setting(obj: ZooObjective, lo: float, hi: float, grid: int, budgets: dic
             "ref_point": ref.tolist(), "metric_range": [YG.min(0).tolist(), YG.max(0).tolist()]}
     console.print(f"  grid {grid}^{N} = {len(G)} evaluations in {grid_s:.0f} s; true front {len(true)} points; "
                   f"metrics in {np.round(YG.min(0), 3).tolist()} … {np.round(YG.max(0), 3).tolist()}")
-    opts = FrontOptions(links=links, **front_opts)
+    opts = FrontOptions(links=links, method=fit, **front_opts)
     rows = []
     box = ([lo] * N, [hi] * N)
     methods = []
@@ -210,6 +228,7 @@ def main() -> None:
     ap.add_argument("--upper", type=float, default=1.0)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--links", default="logit", help="surrogate link: identity | logit")
+    ap.add_argument("--fit", default="auto", help="auto | ls | binomial (logit only; auto = binomial for logit)")
     ap.add_argument("--criteria", default="disagreement,variance,bins")
     ap.add_argument("--split", default="search")
     ap.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
@@ -218,6 +237,7 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=None, help="JSON file of evaluations to reuse and extend")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -236,19 +256,24 @@ def main() -> None:
     info = build_zoo(args.preset or "demo")
     names = list(info.experts)
     console.print(f"zoo [bold]{info.preset}[/] ({', '.join(f'{k}→{info.expert_tasks[k][0]}' for k in names)}) "
-                  f"on {device}, loaded in {time.perf_counter() - t0:.1f} s; links={args.links}")
+                  f"on {device}, loaded in {time.perf_counter() - t0:.1f} s; links={args.links}, fit={args.fit}")
     front_opts = {"pop_size": 60, "n_gen": 60} if args.quick else {}
     crit = [c for c in args.criteria.split(",") if c]
     settings = [(names[:2], args.grid2, {"plain": [12, 30], "bayesian": [20, 30], "criteria": crit})]
     if len(names) >= 3 and not args.no_three:
         settings.append((names[:3], args.grid3, {"plain": [20, 40], "bayesian": [40], "criteria": crit}))
-    report = {"zoo": info.preset, "device": str(device), "links": args.links, "seeds": args.seeds,
+    report = {"zoo": info.preset, "device": str(device), "links": args.links, "fit": args.fit, "seeds": args.seeds,
               "box": [args.lower, args.upper], "settings": []}
     for experts, grid, budgets in settings:
         console.print(f"[bold]{len(experts)} tasks[/]: experts {experts}")
         obj = ZooObjective(info, experts, args.split, args.batch_size, device, args.limit)
-        rows, meta = run_setting(obj, args.lower, args.upper, grid, budgets, args.seeds, args.links, 20, front_opts)
-        meta["eval_seconds_per_point"] = obj.seconds / max(len(obj.cache), 1)
+        obj.load(args.cache)
+        try:
+            rows, meta = run_setting(obj, args.lower, args.upper, grid, budgets, args.seeds, args.links, 20,
+                                     front_opts, args.fit)
+        finally:
+            obj.save(args.cache)
+        meta["eval_seconds_per_point"] = obj.seconds / max(obj.n_new, 1)
         show(f"{len(experts)} tasks ({', '.join(obj.tasks)}), grid {grid}^{len(experts)}, box [{args.lower}, "
              f"{args.upper}], {args.seeds} seed(s), {meta['eval_seconds_per_point']:.2f} s per evaluation", rows)
         report["settings"].append({"experts": experts, **meta, "rows": rows})
