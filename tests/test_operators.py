@@ -88,10 +88,31 @@ def test_ties_lambda_and_negative_weight():
     close(got, [[0, 0.5 * -3.2, 0.5 * 3], [1, 1 + 0.5 * -4, 1 + 0.5 * -1.5]])
 
 
-def test_ties_keeps_all_entries_tied_at_the_threshold():
-    t = torch.tensor([3.0, -1.0, 1.0, 0.5])  # density 0.5 → k = 2, but |−1| = |1| tie for 2nd
-    got = run("ties", [t], [{"weight": 1, "density": 0.5}], base=torch.zeros(4))
-    close(got, [3, -1, 1, 0])
+def test_ties_keeps_exactly_k_with_ties_broken_by_index():
+    # density 0.5 → k = 2, but |−1| = |1| tie for 2nd place. Ranks by ascending |τ| with ties
+    # broken by index: 0.5 < |−1| (index 1) < |1| (index 2) < 3 → keep indices 2 and 0.
+    t = torch.tensor([3.0, -1.0, 1.0, 0.5])
+    close(run("ties", [t], [{"weight": 1, "density": 0.5}], base=torch.zeros(4)), [3, 0, 1, 0])
+    # breadcrumbs on one run of ties: keep ranks [n_bot, n_bot + target) of the tied run
+    t = torch.tensor([0.5, -0.5, 0.5, 0.5, -0.5, 2.0])  # n = 6, density .5 → 3 kept, γ = 1/6 → drop 2.0
+    got = run("breadcrumbs", [t], [{"weight": 1, "density": 0.5, "gamma": 0.17}], base=torch.zeros(6))
+    close(got, [0, 0, 0.5, 0.5, -0.5, 0])  # n_bot = 6 − 3 − 1 = 2: ties at indices 0, 1 rank lowest
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (700, 1000)])
+def test_quantised_task_vectors_keep_exactly_k(shape):
+    # bf16-like experts: |τ| takes few distinct values, so the cut falls inside long runs of ties
+    g = torch.Generator().manual_seed(3)
+    sign = torch.randint(0, 2, shape, generator=g) * 2 - 1
+    tau = sign * torch.randint(1, 7, shape, generator=g) * 2.0 ** -10  # no zeros
+    for density in (0.1, 0.37, 0.5, 0.93):
+        d = sparsify_(tau.clone(), "magnitude", {"density": density}, {}, None)
+        assert int((d != 0).sum()) == max(1, int(density * tau.numel()))  # exactly k
+        kept = d[d != 0].abs()
+        dropped = tau[(d == 0) & (tau != 0)].abs()
+        assert dropped.numel() == 0 or kept.min() >= dropped.max()
+        b = sparsify_(tau.clone(), "magnitude_outliers", {"density": density, "gamma": 0.05}, {}, None)
+        assert int((b != 0).sum()) == int(density * tau.numel())
 
 
 def test_ties_rescale_modes():
@@ -396,3 +417,72 @@ def test_large_tensor_trimming_matches_a_sort(method, p):
     want = torch.zeros(n)
     want[keep] = tau.reshape(-1)[keep]
     assert torch.equal(got.reshape(-1), want)
+
+
+def _reference_gta(base, experts, weights, densities, method, consensus, normalize, lam=1.0, gamma=0.0,
+                   rescale=False):
+    """Plain full-tensor implementation with full sorts (the slow, obvious way)."""
+    deltas = []
+    for e, dens in zip(experts, densities):
+        tau = (e - base).reshape(-1)
+        n = tau.numel()
+        order = torch.argsort(tau.abs())
+        target = int(dens * n)
+        if method == "magnitude":
+            keep = order[n - max(1, target):]
+        else:
+            n_bot = max(0, n - target - int(gamma * n))
+            keep = order[n_bot:n_bot + target]
+        t = torch.zeros(n)
+        t[keep] = tau[keep]
+        if rescale:
+            t *= tau.abs().sum() / t.abs().sum()
+        deltas.append(t.view_as(base))
+    d = torch.stack(deltas)
+    w = torch.tensor(weights).view(-1, *[1] * base.dim())
+    wd = d * w
+    if consensus:
+        mask = (wd.sign() == ((wd.sum(0) >= 0).float() * 2 - 1)).float()
+        mixed, div = (wd * mask).sum(0), (w * mask).sum(0)
+        div[div == 0] = 1
+    else:
+        mixed, div = wd.sum(0), torch.full_like(base, float(sum(weights)))
+    return base + lam * (mixed / div if normalize else mixed)
+
+
+@pytest.mark.parametrize("name,normalize,rescale", [("ties", True, False), ("ties", False, True),
+                                                    ("breadcrumbs", True, False), ("breadcrumbs_ties", False, False)])
+def test_chunked_operators_match_a_plain_reference(name, normalize, rescale):
+    # 640k entries: several chunks of the cache-resident pass and the sampled threshold path
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(800, 800, generator=g)
+    experts = [base + 0.02 * torch.randn(800, 800, generator=g) for _ in range(3)]
+    weights, dens = [0.5, -0.3, 0.8], [0.3, 0.6, 0.9]
+    params = [{"weight": w, "density": d, "gamma": 0.02} for w, d in zip(weights, dens)]
+    got = run(name, experts, params, base=base, normalize=normalize, rescale=rescale, **{"lambda": 0.9})
+    method = "magnitude" if name == "ties" else "outliers"
+    want = _reference_gta(base, experts, weights, dens, method, name != "breadcrumbs", normalize, 0.9,
+                          gamma=0.02, rescale=rescale)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5 if rescale else 2e-6)  # L1 sums in float32
+    out = torch.empty(800, 1600)[:, ::2]  # a non-contiguous destination
+    op = get_operator(name)
+    res = op.fn(base, experts, [{**op.model_params, **p} for p in params],
+                {**op.global_params, "normalize": normalize, "rescale": rescale, "lambda": 0.9}, None, out=out)
+    assert res is out
+    torch.testing.assert_close(out, got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,p", [("ties", {"density": 0.41}), ("breadcrumbs", {"density": 0.6, "gamma": 0.03})])
+def test_chunked_trim_of_tied_magnitudes_equals_whole_tensor_trim(name, p):
+    # several 256k-entry chunks; the kept ties are restored by global position in each chunk
+    g = torch.Generator().manual_seed(4)
+    shape = (700, 1000)
+    base = torch.randn(shape, generator=g)
+    sign = torch.randint(0, 2, shape, generator=g) * 2 - 1
+    tau = sign * torch.randint(1, 7, shape, generator=g) * 2.0 ** -10
+    expert = base + tau
+    got = run(name, [expert], [{"weight": 1.0, **p}], base=base)
+    method = "magnitude" if name == "ties" else "magnitude_outliers"
+    want = base + sparsify_((expert - base).clone(), method, {"gamma": 0.01, **p}, {}, None)
+    assert torch.equal(got, want)
+    assert int(((got - base) != 0).sum()) == int(p["density"] * tau.numel())
