@@ -9,7 +9,7 @@ from evomerge.surrogate.core import FrontOptions, plain_map, spread_subset
 from evomerge.surrogate.nested import closest_pair, gram_cosine, nested_map
 from evomerge.surrogate.pareto import inverted_generational_distance, non_dominated_mask
 
-FAST = FrontOptions(pop_size=40, n_gen=40)
+FAST = FrontOptions(links="identity", pop_size=40, n_gen=40)
 
 
 def _quadratic_tasks(C):
@@ -306,7 +306,7 @@ def _map_config(tiny_models, experts=2, **map_opts):
         "objectives": [{"task": f"t{k}"} for k in range(experts)],
         "executor": {"worker": "test_map:MapFakeWorker"},
         "search": {"references": False},
-        "map": {"pop_size": 40, "n_gen": 40, **map_opts},
+        "map": {"links": "identity", "pop_size": 40, "n_gen": 40, **map_opts},
     }
 
 
@@ -319,7 +319,7 @@ def test_map_optimizer_resumes_exactly_mid_batch(variant):
     extra = {"similarity": "metric_profile"} if variant == "nested" else {"budget": 14} if variant == "bayesian" else {}
 
     def run(interrupt_at=None):
-        o = MapOptimizer([0, 0], [1, 1], 0, variant=variant, verify=2, pop_size=30, n_gen=20, **extra)
+        o = MapOptimizer([0, 0], [1, 1], 0, variant=variant, verify=2, pop_size=30, n_gen=20, links="identity", **extra)
         seen = []
         while (a := o.ask()) is not None:
             if len(seen) == interrupt_at:
@@ -427,7 +427,7 @@ def test_map_end_to_end_on_the_tiny_zoo_with_real_evaluation(tmp_path, monkeypat
         "space": {"type": "task_vector", "bounds": [0.0, 1.0]},
         "objectives": [{"task": "zoo_add", "limit": 16}, {"task": "zoo_l2", "limit": 16}],
         "search": {"references": False},
-        "map": {"links": "logit", "pop_size": 20, "n_gen": 10},
+        "map": {"pop_size": 20, "n_gen": 10},  # links: auto → logit (binomial) for accuracies
     }
     out = run_map(cfg, tmp_path / "run", verify=1)
     with RunStore(tmp_path / "run") as st:

@@ -159,6 +159,9 @@ def test_predictive_std_grows_away_from_data_and_roundtrip():
     np.testing.assert_array_equal(S2.predict(X), S.predict(X))
     np.testing.assert_array_equal(S2.predict_std(X), S.predict_std(X))
     assert S2.names == ["a", "b"] and S.predict(X).shape == (7, 2)
+    # auto links: logit for a column in [0, 1], identity otherwise
+    A = SurrogateSet.fit(C, np.column_stack([1 / (1 + np.exp(-y)), y]), links="auto")
+    assert [m.link.name for m in A.models] == ["logit", "identity"] and A.models[0].method == "binomial"
     np.testing.assert_allclose(S.r2, [m.r2, m.r2])
     import pickle
 

@@ -198,7 +198,7 @@ def propose(
     surrogates: SurrogateSet | None = None,
     front: Front | None = None,
     focus: str = "box",
-    links: str | Sequence[str] = "identity",
+    links: str | Sequence[str] = "auto",
     ridge: float = 1e-8,
     method: str = "auto",
     n_candidates: int = 2048,

@@ -38,7 +38,7 @@ Program = Generator[np.ndarray, np.ndarray, Any]
 class FrontOptions:
     """How surrogates are fitted and their front searched (shared by every MAP variant)."""
 
-    links: str | Sequence[str] = "identity"
+    links: str | Sequence[str] = "auto"  # auto: logit for objectives in [0, 1], else identity
     ridge: float = 1e-8
     method: str = "auto"  # ls | binomial (logit only) | auto: binomial for logit, else ls
     pop_size: int = 100

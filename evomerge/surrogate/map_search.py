@@ -107,7 +107,7 @@ class MapOptimizer(Optimizer):
         criterion: str = "disagreement",
         focus: str = "box",
         target_error: float | None = None,
-        links: str | list[str] = "identity",
+        links: str | list[str] = "auto",
         ridge: float = 1e-8,
         fit: str = "auto",
         pop_size: int = 100,
@@ -130,7 +130,7 @@ class MapOptimizer(Optimizer):
         if similarity not in SIMILARITIES:
             raise ConfigError(f"map: unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}")
         for link in [links] if isinstance(links, str) else links:
-            if link not in LINKS:
+            if link not in LINKS and link != "auto":
                 raise ConfigError(f"map: unknown link {link!r}; choose one of {', '.join(LINKS)}")
         if int(verify) < 0:
             raise ConfigError(f"map: verify must be >= 0, got {verify}")

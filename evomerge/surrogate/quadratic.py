@@ -85,6 +85,12 @@ LINKS: dict[str, Link] = {
 }
 
 
+def auto_link(y: np.ndarray) -> str:
+    """``logit`` for values that all lie in [0, 1] (accuracies, rates), else ``identity``."""
+    y = np.asarray(y, dtype=float)
+    return "logit" if y.size and np.all((y >= 0) & (y <= 1)) else "identity"
+
+
 # How the coefficients are estimated: least squares in link space, or (logit link only) the
 # quasi-binomial likelihood of the accuracies themselves (a GLM, by IRLS).
 FIT_METHODS = ("ls", "binomial")
@@ -430,7 +436,10 @@ class SurrogateSet:
         names: Sequence[str] | None = None,
         method: str = "auto",
     ) -> "SurrogateSet":
-        """Fit every column of ``Y`` (n × m) against ``C`` (n × N)."""
+        """Fit every column of ``Y`` (n × m) against ``C`` (n × N).
+
+        ``links``: one name or one per column; ``auto`` picks :func:`auto_link` from the values.
+        """
         Y = np.asarray(Y, dtype=float)
         if Y.ndim == 1:
             Y = Y[:, None]
@@ -438,6 +447,7 @@ class SurrogateSet:
         links = [links] * m if isinstance(links, str) else list(links)
         if len(links) != m:
             raise EvomergeError(f"surrogate set: {m} objectives but {len(links)} links")
+        links = [auto_link(Y[:, j]) if links[j] == "auto" else links[j] for j in range(m)]
         models = [QuadraticSurrogate(links[j], ridge, eps, method=method).fit(C, Y[:, j], box) for j in range(m)]
         return cls(models, names)
 
