@@ -313,3 +313,28 @@ def test_ps_space_refuses_models_of_different_depth(tiny_models):
         make_space("ps", pool)
     assert make_space({"type": "dfs", "pool": ["base", "deep"]}, pool).to_recipe(
         make_space({"type": "dfs", "pool": ["base", "deep"]}, pool).x0).layer_flow is not None
+
+
+def test_cli_search_resume_runs_list_show(tiny_models, tmp_path, capsys):
+    from evomerge.cli import main
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(tiny_models, tmp_path, budget={"evaluations": 6})))
+    run = tmp_path / "runs" / "one"
+    assert main(["search", str(cfg_path), "--run-dir", str(run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "6 evaluations" in out and "best recipe" in out and "task_arithmetic" in out
+    assert main(["resume", str(run), "--evaluations", "9", "--quiet"]) == 0
+    assert "9 evaluations" in capsys.readouterr().out
+    assert main(["runs", "list", str(tmp_path / "runs")]) == 0
+    listing = capsys.readouterr().out
+    assert "finished" in listing and "9/9" in listing
+    assert main(["runs", "show", str(run), "--top", "3"]) == 0
+    shown = capsys.readouterr().out
+    assert "top 3 trials" in shown and "parents:" in shown
+    assert main(["search", str(cfg_path), "--run-dir", str(run), "--quiet"]) == 2  # exists: one-line error
+    assert "already holds a run" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: {experts: [a]}\nobjectives: [{task: x}]\n")
+    assert main(["search", str(bad), "--quiet"]) == 2
+    assert main(["runs", "show", str(tmp_path / "nothing")]) == 2

@@ -209,18 +209,19 @@ def runs_list(root: Path = typer.Argument(Path("runs"), help="Directory holding 
         console.print(f"no runs under {escape(str(root))}")
         return
     table = Table()
-    for col in ("run", "status", "space", "optimizer", "evaluations", "best", "elapsed", "updated"):
-        table.add_column(col, justify="right" if col in ("evaluations", "best", "elapsed") else "left")
+    table.add_column("run", overflow="fold")
+    for col in ("status", "space", "optimizer", "evaluations", "best", "elapsed"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("evaluations", "best", "elapsed") else "left")
     for d in dirs:
         with RunStore(d) as s:
             m = s.all_meta()
         cfg = m.get("config") or {}
         budget = (cfg.get("budget") or {}).get("evaluations")
         n = f"{m.get('evaluations', 0)}" + (f"/{budget}" if budget else "")
-        updated = m.get("updated") or m.get("created")
-        table.add_row(Text(str(d)), m.get("status", "?"), (cfg.get("space") or {}).get("type", "?"),
+        name = str(d.relative_to(root)) if d != root and d.is_relative_to(root) else str(d)
+        table.add_row(Text(name), m.get("status", "?"), (cfg.get("space") or {}).get("type", "?"),
                       (cfg.get("optimizer") or {}).get("name", "?"), n, _num(m.get("best_fitness")),
-                      _dur(m.get("elapsed")), datetime.fromtimestamp(updated).strftime("%Y-%m-%d %H:%M") if updated else "—")
+                      _dur(m.get("elapsed")))
     console.print(table)
 
 
