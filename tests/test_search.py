@@ -338,3 +338,24 @@ def test_cli_search_resume_runs_list_show(tiny_models, tmp_path, capsys):
     bad.write_text("models: {experts: [a]}\nobjectives: [{task: x}]\n")
     assert main(["search", str(bad), "--quiet"]) == 2
     assert main(["runs", "show", str(tmp_path / "nothing")]) == 2
+
+
+def test_interrupted_hybrid_resumes_in_stage_two_like_an_uninterrupted_run(tiny_models, tmp_path):
+    cfg = config(tiny_models, tmp_path, space={"type": "hybrid", "ps": {"granularity": "global",
+                                                                          "parameters": {"weight": None}}},
+                 budget={"evaluations": 20}, search={"references": False})
+
+    class Stop(Exception):
+        pass
+
+    def stop_late(p):
+        if p.evaluations >= 14:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_search(SearchConfig.from_dict(cfg), tmp_path / "a", on_progress=stop_late)
+    with RunStore(tmp_path / "a") as s:
+        assert s.meta("status") == "interrupted" and s.last_checkpoint()[0] == 1  # stopped inside stage 2
+    run_search(None, tmp_path / "a", resume=True)
+    run_search(SearchConfig.from_dict(cfg), tmp_path / "b")
+    assert sequence(tmp_path / "a") == sequence(tmp_path / "b")
