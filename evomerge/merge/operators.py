@@ -165,8 +165,16 @@ def _values(x: torch.Tensor, minus: torch.Tensor | None, absolute: bool,
 def order_statistic(a: torch.Tensor, j: int, absolute: bool = False,
                     minus: torch.Tensor | None = None) -> tuple[float, int, int]:
     """The ``j``-th smallest value ``v`` of ``a`` (of ``a − minus`` when given, of its magnitude
-    with ``absolute``; 1 ≤ j ≤ numel), and how many entries are < v and == v — without sorting
-    or materialising it.
+    with ``absolute``; 1 ≤ j ≤ numel), and how many entries are < v and == v (see
+    :func:`_order_stat`)."""
+    v, n_lt, ties = _order_stat(a, j, absolute, minus)
+    return v, n_lt, ties.numel()
+
+
+def _order_stat(a: torch.Tensor, j: int, absolute: bool = False,
+                minus: torch.Tensor | None = None) -> tuple[float, int, torch.Tensor]:
+    """(v, #entries < v, positions of the entries == v in index order) for the ``j``-th
+    smallest value v — without sorting or materialising the values.
 
     A strided sample brackets the answer, one chunked pass counts the entries below the bracket
     and gathers the few inside it, and ``kthvalue`` finishes on those; if the bracket misses
@@ -187,7 +195,7 @@ def order_statistic(a: torch.Tensor, j: int, absolute: bool = False,
         i_lo, i_hi = int(q * m - margin), int(q * m + margin)
         lo = float(ss[i_lo]) if i_lo >= 0 else -math.inf
         hi = float(ss[i_hi]) if i_hi < m else math.inf
-        below, parts = 0, []
+        below, parts, where = 0, [], []
         lt = scratch("kth.lt", a[:_CHUNK], torch.bool)
         band = scratch("kth.band", a[:_CHUNK], torch.bool)
         buf = scratch("kth.abs", a[:_CHUNK]) if absolute or minus is not None else None
@@ -200,40 +208,22 @@ def order_statistic(a: torch.Tensor, j: int, absolute: bool = False,
             torch.lt(x, lo, out=lt_c)
             below += int(torch.count_nonzero(lt_c))
             torch.le(x, hi, out=band_c).logical_xor_(lt_c)  # lo ≤ x ≤ hi
-            parts.append(x[band_c])  # boolean indexing copies
+            idx = torch.nonzero(band_c).squeeze(1)
+            parts.append(x[idx])
+            where.append(idx + i)
         cand = torch.cat(parts)
         need = j - below
         if 1 <= need <= cand.numel():
             v = torch.kthvalue(cand, need).values
-            return float(v), below + int((cand < v).sum()), int((cand == v).sum())
+            return float(v), below + int((cand < v).sum()), torch.cat(where)[cand == v]
     x = _values(a, minus, absolute)
     v = torch.kthvalue(x, j).values
-    return float(v), int((x < v).sum()), int((x == v).sum())
+    return float(v), int((x < v).sum()), torch.nonzero(x.reshape(-1) == v).squeeze(1)
 
 
 def kth_largest(a: torch.Tensor, k: int, absolute: bool = False, minus: torch.Tensor | None = None) -> float:
     """The exact ``k``-th largest value (see :func:`order_statistic`)."""
-    return order_statistic(a, a.numel() - k + 1, absolute, minus)[0]
-
-
-def _tie_positions(a: torch.Tensor, minus: torch.Tensor | None, v: float, j0: int, j1: int) -> torch.Tensor:
-    """Positions (in index order) of the ``j0``-th to ``j1``-th (exclusive) entries with |a − minus| = v."""
-    a = a.reshape(-1)
-    minus = minus.reshape(-1) if minus is not None else None
-    found, seen = [], 0
-    buf = scratch("kth.abs", a[:_CHUNK])
-    for i in range(0, a.numel(), _CHUNK):
-        x = _values(a[i:i + _CHUNK], minus[i:i + _CHUNK] if minus is not None else None, True,
-                    out=buf[: min(_CHUNK, a.numel() - i)])
-        eq = x == v
-        c = int(torch.count_nonzero(eq))
-        if seen + c > j0:
-            idx = torch.nonzero(eq).squeeze(1) + i
-            found.append(idx[max(j0 - seen, 0): j1 - seen])
-        seen += c
-        if seen >= j1:
-            break
-    return torch.cat(found) if found else torch.empty(0, dtype=torch.long, device=a.device)
+    return _order_stat(a, a.numel() - k + 1, absolute, minus)[0]
 
 
 @dataclass(frozen=True)
@@ -260,26 +250,23 @@ def _rank_window(t: torch.Tensor, base: torch.Tensor | None, r0: int, r1: int) -
         return _Window(everything=True)
     lo = hi = None
     if r0 > 0:
-        lo = order_statistic(t, r0 + 1, True, base)  # (value, #less, #equal)
+        lo = _order_stat(t, r0 + 1, True, base)  # (value, #less, positions of the equal ones)
     if r1 < n:
-        hi = order_statistic(t, r1, True, base)
-    ties = []
+        hi = _order_stat(t, r1, True, base)
     if lo is not None and hi is not None and lo[0] == hi[0]:  # the whole window is one run of ties
-        v, n_lt, n_eq = lo
-        j0, j1 = r0 - n_lt, r1 - n_lt
-        ties.append(_tie_positions(t, base, v, j0, j1))
-        return _Window(lo=v, hi=v, lo_all=False, hi_all=False, ties=ties[0])
-    w = {}
+        v, n_lt, pos = lo
+        return _Window(lo=v, hi=v, lo_all=False, hi_all=False, ties=pos[r0 - n_lt: r1 - n_lt])
+    w, ties = {}, []
     if lo is not None:
-        v, n_lt, n_eq = lo
+        v, n_lt, pos = lo
         w.update(lo=v, lo_all=r0 == n_lt)
         if r0 != n_lt:  # the lowest-index ties at lo rank below r0: keep the rest
-            ties.append(_tie_positions(t, base, v, r0 - n_lt, n_eq))
+            ties.append(pos[r0 - n_lt:])
     if hi is not None:
-        u, m_lt, m_eq = hi
-        w.update(hi=u, hi_all=r1 - m_lt == m_eq)
-        if r1 - m_lt != m_eq:
-            ties.append(_tie_positions(t, base, u, 0, r1 - m_lt))
+        u, m_lt, pos = hi
+        w.update(hi=u, hi_all=r1 - m_lt == pos.numel())
+        if r1 - m_lt != pos.numel():
+            ties.append(pos[: r1 - m_lt])
     if ties:
         w["ties"] = torch.sort(torch.cat(ties)).values
     return _Window(**w)
