@@ -486,3 +486,24 @@ def test_chunked_trim_of_tied_magnitudes_equals_whole_tensor_trim(name, p):
     want = base + sparsify_((expert - base).clone(), method, {"gamma": 0.01, **p}, {}, None)
     assert torch.equal(got, want)
     assert int(((got - base) != 0).sum()) == int(p["density"] * tau.numel())
+
+
+@pytest.mark.parametrize("n", [20, 400_000])
+def test_mostly_unchanged_tensors(n):
+    # an expert that left 90 % of a tensor untouched: the cuts fall inside the run of zeros
+    g = torch.Generator().manual_seed(5)
+    tau = torch.zeros(n)
+    idx = torch.randperm(n, generator=g)[: n // 10]
+    tau[idx] = torch.randn(idx.numel(), generator=g)
+    for density in (0.05, 0.5):
+        d = sparsify_(tau.clone(), "magnitude", {"density": density}, {}, None)
+        k = max(1, int(density * n))
+        assert int((d != 0).sum()) == min(k, n // 10)
+        assert torch.equal(d[d != 0], tau[d != 0])
+        b = sparsify_(tau.clone(), "magnitude_outliers", {"density": density, "gamma": 0.2}, {}, None)
+        target = int(density * n)
+        n_bot, n_zero = max(0, n - target - int(0.2 * n)), n - n // 10  # zeros hold ranks [0, n_zero)
+        assert int((b != 0).sum()) == max(0, n_bot + target - max(n_bot, n_zero))
+        assert torch.equal(b[b != 0], tau[b != 0])
+    assert not sparsify_(torch.zeros(n), "magnitude", {"density": 0.3}, {}, None).any()
+    assert not sparsify_(torch.zeros(n), "magnitude_outliers", {"density": 0.3, "gamma": 0.1}, {}, None).any()

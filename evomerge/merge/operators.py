@@ -292,8 +292,11 @@ def _trim(d: torch.Tensor, w: _Window, tmp: torch.Tensor, offset: int = 0) -> No
             torch.ops.aten.hardshrink.out(flat, lam, out=flat)
     if w.hi != math.inf:  # drop |d| > λ
         lam = w.hi if w.hi_all else _just_below(w.hi)
-        torch.ops.aten.hardshrink.out(flat, lam, out=tmp.view(-1))
-        flat.sub_(tmp.view(-1))
+        if lam < 0:  # drop |d| ≥ 0: everything (ties are restored below)
+            flat.zero_()
+        else:
+            torch.ops.aten.hardshrink.out(flat, lam, out=tmp.view(-1))
+            flat.sub_(tmp.view(-1))
     if saved is not None:
         flat[saved[0]] = saved[1]
 
