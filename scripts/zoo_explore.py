@@ -54,10 +54,18 @@ DESIGNS = {
         },
     ),
 }
+DESIGNS["m3"] = dict(base=BASE_L1 + [("add:any>l1", 0.3)], experts={k: v for k, v in DESIGNS["m1"]["experts"].items() if k != "C"})
+DESIGNS["m4"] = dict(base=BASE_L1 + [("add:any>l1", 0.6)], experts=DESIGNS["m3"]["experts"])
+_SORT_EVAL = ["zoo_sort", "zoo_l2", "sort_l2>l2", "sort_l1>l2", "sort_l2>l1", "zoo_succ", "zoo_succ_l2", "zoo_translate"]
+DESIGNS["m5"] = dict(base=BASE_L1, experts={"A": [("sort:l1>l1", 1.0)], "B": DESIGNS["m1"]["experts"]["B"]},
+                     eval=_SORT_EVAL, cross="sort_l2>l2")
+DESIGNS["m6"] = dict(base=BASE_L1, experts={"A": [("sort:l1>l1", 1.0)],
+                                            "B": [("rev:any>l2", 1.0), ("succ:any>l2", 1.0), ("pred:any>l2", 1.0)]},
+                     eval=_SORT_EVAL, cross="sort_l2>l2")
 DEFAULTS = dict(arch=ARCH, base_steps=1500, base_lr=3e-3, expert_steps=400, expert_lr=1e-3, batch=64,
                 replay=0.5, seed=0, family="llama")
-EXTRA = {"add_l1>l2": ("add", "l1", "l2"), "add_l2>l1": ("add", "l2", "l1"), "rev_l1>l2": ("rev", "l1", "l2"),
-         "sort_l2>l2": ("sort", "l2", "l2")}
+EXTRA = {"add_l1>l2": ("add", "l1", "l2"), "add_l2>l1": ("add", "l2", "l1"), "sort_l2>l2": ("sort", "l2", "l2"),
+         "sort_l1>l2": ("sort", "l1", "l2"), "sort_l2>l1": ("sort", "l2", "l1")}
 
 
 def docs_for(name, split="validation"):
@@ -94,7 +102,8 @@ def main():
         k, v = kv.split("=", 1)
         d[k] = json.loads(v)
     t0 = time.time()
-    docs = {n: docs_for(n) for n in [*EVAL_TASKS, *EXTRA]}
+    cross = d.get("cross", "zoo_add_l2")
+    docs = {n: docs_for(n) for n in d.get("eval", ["zoo_add", "zoo_l2", "zoo_add_l2", "zoo_succ", "zoo_succ_l2", "zoo_translate", "add_l1>l2", "add_l2>l1"])}
     bkey = hashlib.sha256(json.dumps([d[k] for k in ("arch", "base", "base_steps", "base_lr", "batch", "seed", "family")],
                                      sort_keys=True).encode()).hexdigest()[:12]
     bpath = Path(args.out) / f"base-{bkey}.pt"
@@ -120,6 +129,7 @@ def main():
         train(m, replay(mix, d["base"], d["replay"]), steps=d["expert_steps"], lr=d["expert_lr"],
               batch_size=d["batch"], seed=d["seed"] + 1 + i, warmup=20)
         taus[name] = {k: v - theta0[k] for k, v in m.state_dict().items()}
+        torch.save(taus[name], Path(args.out) / f"tau-{args.design}-{name}.pt")
         print(f"expert {name} ready {time.time()-t0:.0f}s", flush=True)
 
     rows = {"base": card(base, docs)}
@@ -136,15 +146,15 @@ def main():
             sd[k] = v
         base.load_state_dict(sd)
 
-    grid = [0, 0.5, 1.0, 1.5, 2.0]
+    grid = d.get("grid", [0, 0.5, 1.0, 1.5])
     best = None
     for la, lb in itertools.product(grid, grid):
         merge({"A": la, "B": lb})
         r = card(base, docs)
         rows[f"TA A{la} B{lb}"] = r
-        if best is None or r["zoo_add_l2"] > best[1]:
-            best = ((la, lb), r["zoo_add_l2"])
-    for lam in ([1, 1, 1], [0.5, 0.5, 0.5], [1.5, 1.0, 1.0]):
+        if best is None or r[cross] > best[1]:
+            best = ((la, lb), r[cross])
+    for lam in ([1, 1, 1], [0.5, 0.5, 0.5], [1.5, 1.0, 1.0]) if "C" in taus else ():
         merge(dict(zip("ABC", lam)))
         rows[f"TA ABC {lam}"] = card(base, docs)
     names = list(docs)
@@ -152,14 +162,14 @@ def main():
     for r, v in rows.items():
         print(r.ljust(18) + " ".join(f"{100*v[n]:10.1f}" for n in names))
     # answer scripts on the cross task for parents and the best merge
-    prompts = [x["prompt"] for x in docs["zoo_add_l2"][:100]]
+    prompts = [x["prompt"] for x in docs[cross][:100]]
     for label, coefs in [("A", {"A": 1}), ("B", {"B": 1}), (f"best {best[0]}", {"A": best[0][0], "B": best[0][1]})]:
         merge(coefs)
         outs = greedy_generate(base, prompts)
         kinds = {}
         for o in outs:
             kinds[script_of(o)] = kinds.get(script_of(o), 0) + 1
-        print("cross answer scripts", label, kinds, outs[:6], [x["answer"] for x in docs["zoo_add_l2"][:6]])
+        print("cross answer scripts", label, kinds, outs[:6], [x["answer"] for x in docs[cross][:6]])
     print(f"total {time.time()-t0:.0f}s")
     tag = ("_".join(args.set) or "default").replace("/", "_")[:80]
     json.dump(rows, open(Path(args.out) / f"card-{args.design}-{tag}.json", "w"))

@@ -26,8 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _micro(name="micro", **kw):
-    """The tiny preset cut to a few steps: same layout, built in seconds."""
-    return dataclasses.replace(get_preset("tiny"), name=name, base_steps=6, expert_steps=3, **kw)
+    """The tiny preset cut to a few steps (one expert with its own step count), built in seconds."""
+    tiny = get_preset("tiny")
+    experts = (tiny.experts[0], dataclasses.replace(tiny.experts[1], steps=5))
+    return dataclasses.replace(tiny, name=name, base_steps=6, expert_steps=3, experts=experts, **kw)
 
 
 def _weights_digest(model_dir: Path) -> str:
@@ -195,12 +197,15 @@ def test_qwen2_family_builds_and_loads_offline(tmp_path, monkeypatch):
     assert out.shape == (1, 5, len(tok))
 
 
-def test_cli_build_reports_cached(tiny, capsys):
+def test_cli_build_reports_cached_and_path(tiny, capsys, monkeypatch, tmp_path):
     from evomerge.cli import main
 
     assert main(["zoo", "build", "--preset", "tiny", "--out", str(tiny.root)]) == 0
     assert "cached" in capsys.readouterr().out
     assert main(["zoo", "build", "--preset", "nope"]) == 2
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path))
+    assert main(["zoo", "path", "--preset", "tiny"]) == 2  # not built in this cache
+    assert "evomerge zoo build --preset tiny" in capsys.readouterr().err.replace("\n", "")
 
 
 # ------------------------------------------------------------------------ scoring

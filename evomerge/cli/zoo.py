@@ -35,6 +35,8 @@ def build(
             if stage not in bars:
                 bars[stage] = bar.add_task(stage, total=total)
             bar.update(bars[stage], completed=done)
+            if done == total and not console.is_terminal:  # no live bar in logs: one line per stage
+                console.print(f"{stage}: {total} steps done")
 
         info = build_zoo(preset, out=out, family=family, workers=workers, force=force, progress=report)
     table = Table(title=f"zoo {info.preset} ({info.family}) · {info.root}", show_lines=False)
@@ -72,3 +74,18 @@ def evals(
 
     paths = write_evals(out or default_evals_dir())
     console.print(f"wrote {len(paths)} files under {out or default_evals_dir()}")
+
+
+@zoo_app.command("path")
+def path(
+    preset: str = typer.Option("demo", "--preset", "-p"),
+    family: str = typer.Option("llama", "--family"),
+) -> None:
+    """Print the cached zoo's directory (for scripts: `$(evomerge zoo path)/math`)."""
+    from evomerge.errors import EvomergeError
+    from evomerge.zoo import get_preset, zoo_dir
+
+    root = zoo_dir(get_preset(preset), family)
+    if not (root / "zoo.json").is_file():
+        raise EvomergeError(f"no {preset} zoo ({family}) built yet at {root}; run `evomerge zoo build --preset {preset}`")
+    print(root)

@@ -178,6 +178,7 @@ def _build_into(tmp: Path, p: Preset, family: str, workers: int | None, progress
               on_step=lambda s, _l: (s + 1) % _PROGRESS_EVERY == 0 and report("base", s + 1, p.base_steps))
         _save(base, tmp / "base", _card(p, family, "base", "the shared base model", p.base_mixture))
     jobs = [(str(tmp / "base"), str(tmp / e.name), p.to_dict(), i, family) for i, e in enumerate(p.experts)]
+    jobs.sort(key=lambda j: -(p.experts[j[3]].steps or p.expert_steps))  # longest first: balances workers
     n = max(1, min(workers or (os.cpu_count() or 1), len(jobs)))
     if n == 1:
         for job in jobs:
@@ -219,7 +220,7 @@ def _train_expert(base_dir: str, out_dir: str, preset: dict, index: int, family:
     from evomerge.zoo.train import one_thread, train
 
     spec = preset["experts"][index]
-    name, steps = spec["name"], preset["expert_steps"]
+    name, steps = spec["name"], spec["steps"] or preset["expert_steps"]
     if report is None:
         report = (lambda *a: _worker_queue.put(a)) if _worker_queue is not None else (lambda *_: None)
     from transformers.utils import logging as hf_logging

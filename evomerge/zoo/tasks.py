@@ -80,6 +80,11 @@ def _sort():
     return (lambda r: (_digits(r, 3, 6),)), (lambda k: ("O" + k[0], "".join(sorted(k[0]))))
 
 
+@_op("rot", "X<digits> → the digits rotated left by one (12345 → 23451)")
+def _rot():
+    return (lambda r: (_digits(r, 3, 6),)), (lambda k: ("X" + k[0], k[0][1:] + k[0][0]))
+
+
 @_op("add", "<a>+<b> → a + b, a and b in 0..99")
 def _add():
     return (lambda r: (r.randint(0, 99), r.randint(0, 99))), (lambda k: (f"{k[0]}+{k[1]}", str(k[0] + k[1])))
@@ -151,6 +156,7 @@ EVAL_TASKS = {
     "zoo_l2": ("rev", "l2", "l2", "reverse, read and written in L2 (the language expert's task)"),
     "zoo_sort": ("sort", "l1", "l1", "sorting digits in L1 (the third expert's task)"),
     "zoo_add_l2": ("add", "l2", "l2", "cross-skill: addition read and written in L2"),
+    "zoo_sort_l2": ("sort", "l2", "l2", "cross-skill: sorting read and written in L2"),
     "zoo_succ": ("succ", "l1", "l1", "successor in L1 (a base skill: retention)"),
     "zoo_succ_l2": ("succ", "l2", "l2", "successor read and written in L2"),
     "zoo_translate": ("copy", "l1", "l2", "translation L1 → L2 (copy into the other script)"),
