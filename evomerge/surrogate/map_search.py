@@ -104,7 +104,7 @@ class MapOptimizer(Optimizer):
         include_origin: bool = False,
         initial: int | None = None,
         batch_size: int | None = None,
-        criterion: str = "disagreement",
+        criterion: str = "variance",
         focus: str = "box",
         target_error: float | None = None,
         links: str | list[str] = "auto",
@@ -127,6 +127,8 @@ class MapOptimizer(Optimizer):
             raise ConfigError(f"map: unknown design {design!r}; choose one of {', '.join(SPACE_FILLING)}")
         if criterion not in CRITERIA:
             raise ConfigError(f"map: unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if focus not in ("box", "front"):
+            raise ConfigError(f"map: focus must be box or front, got {focus!r}")
         if similarity not in SIMILARITIES:
             raise ConfigError(f"map: unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}")
         for link in [links] if isinstance(links, str) else links:
