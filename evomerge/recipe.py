@@ -11,9 +11,10 @@ two things mergekit lacks:
   merged network's block sequence (data-flow-space search). A slot's model may be ``"merge"``,
   the recipe's own parameter-space merge, so PS, DFS and hybrid merges are one recipe type.
 
-Parameter values are resolved per tensor exactly like mergekit: a list of numbers is a gradient
-interpolated at ``t`` where ``t = i / (L - 1)`` for block ``i``, ``t = 0`` for embeddings and
-``t = 1`` for the final norm and head; a list of ``{filter, value}`` picks the first entry whose
+Parameter values are resolved per tensor exactly like mergekit (0.1.5, measured): a list of
+numbers is a gradient interpolated at ``t`` where ``t = i / (L - 1)`` for block ``i`` and
+``t = 0`` for every tensor outside the blocks (embeddings, final norm and head alike — use
+:class:`GroupValues` to give the head its own value); a list of ``{filter, value}`` picks the first entry whose
 ``filter`` is a substring of the tensor name (no filter matches everything).
 """
 
@@ -210,10 +211,8 @@ class TensorSite(BaseModel):
 
     @property
     def t(self) -> float:
-        if self.group == "embed":
+        if self.block is None:  # embeddings, final norm, head: mergekit reads t = 0
             return 0.0
-        if self.group == "head":
-            return 1.0
         return self.block / (self.num_blocks - 1) if self.num_blocks > 1 else 1.0
 
 

@@ -50,7 +50,7 @@ def test_parameter_resolution_follows_mergekit():
         ("model.layers.1.mlp.up_proj.weight", "layers.1", 1), ("model.layers.2.mlp.up_proj.weight", "layers.2", 2),
         ("lm_head.weight", "head", None)]]
     grad = [resolve([0.0, 1.0], s) for s in sites]
-    assert grad == [0.0, 0.0, 0.5, 1.0, 1.0]  # t = 0 (embed), i/(L-1) (blocks), 1 (head)
+    assert grad == [0.0, 0.0, 0.5, 1.0, 0.0]  # t = i/(L-1) in blocks, 0 outside (mergekit 0.1.5)
     groups = {"embed": 7.0, "layers": [1.0, 2.0, 3.0], "head": 9.0}
     r = Recipe(merge_method="linear", models=[{"model": "a", "parameters": {"weight": groups}}])
     assert [resolve(r.models[0].parameters["weight"], s) for s in sites] == [7.0, 1.0, 2.0, 3.0, 9.0]
@@ -58,6 +58,7 @@ def test_parameter_resolution_follows_mergekit():
         {"filter": "self_attn", "value": 0.25}, {"filter": "mlp", "value": [0.0, 1.0]}, {"value": 0.75}]}}])
     v = filt.models[0].parameters["weight"]
     assert [resolve(v, s) for s in sites] == [0.75, 0.25, 0.5, 1.0, 0.75]
+    assert resolve([2.0, 4.0, 6.0], sites[2]) == 4.0  # piecewise-linear through the anchors
 
 
 def test_layer_groups_and_sites():
