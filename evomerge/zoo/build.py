@@ -46,7 +46,7 @@ class ZooInfo:
     expert_tasks: dict[str, list[str]]  # expert name → the evaluated tasks it is expert on
     cross_tasks: list[str]  # tasks that need more than one expert's skill
     tasks: list[str]  # every evaluated task of this zoo
-    seconds: float  # build time (0 when it came from the cache's record, see ``cached``)
+    seconds: float  # wall time of the build that made it (also when loaded from the cache)
     cached: bool = False
 
     @property
