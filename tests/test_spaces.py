@@ -107,8 +107,11 @@ def test_ps_projects_foreign_recipes():
     s = make_space({"type": "ps", "granularity": "layer", "parameters": {"weight": None}}, pool(k=1, blocks=3))
     r = Recipe(merge_method="dare_ties", base_model="/m/base",
                models=[InputModel(model="/m/e0", name="e0", parameters={"weight": [0.0, 1.0]})])
-    # gradient: embed t=0, blocks t=i/2, head t=1
-    np.testing.assert_allclose(s.from_recipe(r), [0.0, 0.0, 0.5, 1.0, 1.0])
+    # gradient: blocks at t=i/2; embeddings and head read t=0 (mergekit's behaviour, see recipe.py)
+    expected = [resolve([0.0, 1.0], tensor_site(n, 3)) for n in (
+        "model.embed_tokens.weight", "model.layers.0.x", "model.layers.1.x", "model.layers.2.x", "lm_head.weight")]
+    assert expected[1:4] == [0.0, 0.5, 1.0]
+    np.testing.assert_allclose(s.from_recipe(r), expected)
     r = r.model_copy(update={"models": [InputModel(model="/m/e0", name="e0", parameters={"weight": 7.0})]})
     np.testing.assert_allclose(s.from_recipe(r), [2.0] * 5)  # clipped into the box
     with pytest.raises(ConfigError, match="merges with 'linear'"):
