@@ -15,16 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def cache_dir() -> Path:
-    """evomerge's cache root, as the zoo's: ``$EVOMERGE_CACHE``, else ``<repo>/.cache`` in a
-    checkout, else ``~/.cache/evomerge``."""
-    env = os.environ.get("EVOMERGE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").is_file():
-        return repo / ".cache"
-    return Path.home() / ".cache" / "evomerge"
+from evomerge.paths import cache_root as cache_dir  # noqa: E402  (re-exported for callers)
 
 
 def datasets_cache_dir() -> Path:

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 from evomerge.errors import EvomergeError
 from evomerge.io import atomic_directory, atomic_write_text
+from evomerge.paths import cache_root
 from evomerge.zoo.presets import Preset, get_preset, replay_mixture
 from evomerge.zoo.train import FAMILIES
 
@@ -71,14 +72,8 @@ class ZooInfo:
 
 
 def default_cache_root() -> Path:
-    """``$EVOMERGE_CACHE/zoo``, else ``<repo>/.cache/zoo`` in a checkout, else ``~/.cache/evomerge/zoo``."""
-    env = os.environ.get("EVOMERGE_CACHE")
-    if env:
-        return Path(env).expanduser() / "zoo"
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").is_file():
-        return repo / ".cache" / "zoo"
-    return Path.home() / ".cache" / "evomerge" / "zoo"
+    """Built zoos live under :func:`evomerge.paths.cache_root` ``/zoo``."""
+    return cache_root() / "zoo"
 
 
 def zoo_dir(preset: Preset, family: str, out: str | Path | None = None) -> Path:

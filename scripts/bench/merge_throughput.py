@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from evomerge.merge.export import export_model  # noqa: E402
 from evomerge.merge.materialize import Sources, apply_in_place, build_model  # noqa: E402
+from evomerge.paths import cache_root  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
 
 
@@ -99,7 +100,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=16000)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("EVOMERGE_CACHE", REPO / ".cache")) / "bench-merge")
+    ap.add_argument("--cache", type=Path, default=cache_root() / "bench-merge")
     ap.add_argument("--mergekit-venv", type=Path,
                     default=Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/tmp/mergekit-venv")))
     args = ap.parse_args()
