@@ -74,8 +74,13 @@ def _write_tensor(f: BinaryIO, t: torch.Tensor, dtype: torch.dtype, size: int, n
 
 def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = None, *,
                  shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-                 progress: Progress | None = None, card_extra: str = "") -> Path:
-    """Merge ``recipe`` and write it to ``out_dir`` as a Hugging Face model directory."""
+                 progress: Progress | None = None, card_extra: str = "",
+                 extra_files: dict[str, str] | None = None) -> Path:
+    """Merge ``recipe`` and write it to ``out_dir`` as a Hugging Face model directory.
+
+    ``extra_files`` (file name → text) are written into the directory before it appears, so
+    they are part of the same atomic result.
+    """
     sources = sources or Sources.from_recipe(recipe)
     layout = validate(recipe, sources)  # every error surfaces before anything is written
     entries = [(o.name, _shape(sources, o), _out_dtype(recipe, sources, o)) for o in layout]
@@ -117,6 +122,8 @@ def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = 
         _copy_tokenizer(recipe, sources, tmp)
         (tmp / "evomerge_recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "README.md").write_text(model_card(recipe, card_extra))
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
     return out_dir
 
 

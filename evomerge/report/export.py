@@ -22,7 +22,6 @@ from typing import Callable
 import yaml
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.io import atomic_write_text
 from evomerge.recipe import Recipe
 from evomerge.report.analysis import best_trial, pareto_trials, prefer_trial
 from evomerge.report.data import ReportData, TrialInfo
@@ -160,9 +159,7 @@ def export_trial(data: ReportData, t: TrialInfo, out: str | Path, how: str = "",
     text, note = mergekit_yaml(recipe)
     card = card_sections(data, t, how or f"trial {t.id}", note, text is not None)
     path = export_model(recipe, out, Sources.from_recipe(recipe), overwrite=overwrite, progress=progress,
-                        shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES, card_extra=card)
-    mk = None
-    if text is not None:
-        mk = path / MERGEKIT_FILE
-        atomic_write_text(mk, text)
+                        shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES, card_extra=card,
+                        extra_files={MERGEKIT_FILE: text} if text is not None else None)
+    mk = path / MERGEKIT_FILE if text is not None else None
     return ExportResult(path=path, trial=t, how=how, mergekit=mk, mergekit_note=note)
