@@ -83,12 +83,15 @@ class ExpertConfig(_Strict):
 class ModelsConfig(_Strict):
     zoo: str | None = None  # a zoo preset: base and experts come from build_zoo(zoo)
     base: str | None = None
+    # paths (or {model, name}); with `zoo`: the names of the zoo experts to merge (default: all)
     experts: list[str | ExpertConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelsConfig":
-        if self.zoo is not None and (self.base is not None or self.experts):
+        if self.zoo is not None and self.base is not None:
             raise ValueError("give either `zoo` or `base`/`experts`, not both")
+        if self.zoo is not None and not all(isinstance(e, str) for e in self.experts):
+            raise ValueError("with `zoo`, `experts` lists zoo expert names (e.g. [math, cipher])")
         if self.zoo is None and not self.experts:
             raise ValueError("list the `experts` to merge (and usually a `base`), or name a `zoo`")
         return self

@@ -88,7 +88,12 @@ def resolve_models(cfg: SearchConfig) -> ModelPool:
         from evomerge.zoo import build_zoo
 
         info = build_zoo(cfg.models.zoo)
-        experts = [InputModel(model=str(p), name=n) for n, p in info.experts.items()]
+        chosen = list(cfg.models.experts) or list(info.experts)
+        unknown = [n for n in chosen if n not in info.experts]
+        if unknown:
+            raise ConfigError(f"models.experts: {unknown[0]!r} is not an expert of zoo {cfg.models.zoo!r} "
+                              f"(it has {', '.join(info.experts)})")
+        experts = [InputModel(model=str(info.experts[n]), name=n) for n in chosen]
         return ModelPool.from_paths(str(info.base), experts)
     return ModelPool.from_paths(cfg.models.base, cfg.models.input_models())
 

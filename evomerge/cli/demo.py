@@ -69,7 +69,7 @@ def demo(
     evaluations: int = typer.Option(None, "--evaluations", help="Override the demo's evaluation budget."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display."),
 ) -> None:
-    """Build (or reuse) the zoo, run a short search on it, show the best merge vs its parents."""
+    """Build (or reuse) the zoo, run a short search on it, show the best merge vs its parents, write the report."""
     from evomerge.cli.search import print_summary, run_with_display
     from evomerge.config import SearchConfig
     from evomerge.search import run_search
@@ -92,3 +92,8 @@ def demo(
     summary = run_with_display("evomerge demo", quiet, lambda cb: run_search(cfg, run_dir, on_progress=cb))
     console.print("[bold]3/3[/] result")
     print_summary(summary, table=validation_table(summary, cfg) if cfg.validation.objectives else None)
+    from evomerge.report import load_report_data, write_report
+
+    report = write_report(load_report_data(run_dir), run_dir / "report.html")
+    console.print(f"[bold green]report written:[/] {escape(str(report.resolve()))} (open it in a browser)",
+                  highlight=False)
