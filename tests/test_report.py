@@ -312,7 +312,7 @@ def test_heat_map_values_are_the_engine_resolution(run_data):
 
     (label,) = short_labels([f"{EVIL} · density"])
     assert label == "<script>alert(…ript> · density"  # long names are cut in the middle, then escaped
-    assert rows[label.replace("<", "&lt;").replace(">", "&gt;")] == [0.5, 0.5, 0.9, 0.9]
+    assert rows[label.replace("<", "&lt;").replace(">", "&gt;")] == [0.5, 0.5, 0.9, 0.5]
     assert short_labels(["a" * 40, "a" * 40, "b"]) == ["a" * 14 + "…" + "a" * 15, "a" * 14 + "…" + "a" * 15 + " (2)", "b"]
     assert d["heatmap_range"] == [0.0, 1.0]  # one colour scale for every trial
 

@@ -182,7 +182,9 @@ CONFIG_ERRORS = [
     ("models: {experts: [a]}\nobjectives: [{task: x}]\n", "budget: required key is missing"),
     ("models: {experts: [a]}\nobjectives: []\nbudget: {evaluations: 3}\n", "objectives: List should have at least 1"),
     ("models: {}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\n", "models: list the `experts`"),
-    ("models: {experts: [a], zoo: demo}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\n", "either `zoo`"),
+    ("models: {base: a, zoo: demo}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\n", "either `zoo`"),
+    ("models: {zoo: demo, experts: [{model: a}]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\n",
+     "zoo expert names"),
     ("models: {experts: [a]}\nobjectives: [{task: x, split: train}]\nbudget: {evaluations: 3}\n",
      "objectives.0.split: Input should be 'search', 'validation' or 'test'"),
     ("models: {experts: [a]}\nobjectives: [{task: x}, {task: x}]\nbudget: {evaluations: 3}\n", "x:search is listed twice"),
@@ -270,6 +272,16 @@ def test_real_search_on_the_tiny_zoo(tmp_path):
         assert sorted(refs) == ["base", "cipher", "math"]
         assert all(r.ok and "zoo_add_l2:validation" in r.validation for r in refs.values())
         assert s.best().validation is not None
+
+
+def test_zoo_experts_are_chosen_by_name(tmp_path):
+    from evomerge.search import resolve_models
+
+    cfg = _zoo_config(tmp_path, "local")
+    pool = resolve_models(SearchConfig.from_dict({**cfg, "models": {"zoo": "tiny", "experts": ["cipher"]}}))
+    assert [e.alias for e in pool.experts] == ["cipher"]
+    with pytest.raises(ConfigError, match="'chess' is not an expert of zoo 'tiny'"):
+        resolve_models(SearchConfig.from_dict({**cfg, "models": {"zoo": "tiny", "experts": ["chess"]}}))
 
 
 @pytest.mark.slow
