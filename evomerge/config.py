@@ -233,6 +233,20 @@ class SearchConfig(_Strict):
             self.validation.when = "none"
         return self
 
+    @model_validator(mode="after")
+    def _model_archive(self) -> "SearchConfig":
+        """M2N2 on weights (evomerge/archive.py) fixes the optimizer and the executor."""
+        if getattr(self.space, "type", None) != "model_archive":
+            return self
+        if self.optimizer.name != "m2n2":
+            raise ValueError(f"optimizer: space model_archive crosses weights with M2N2; set optimizer: m2n2 "
+                             f"(got {self.optimizer.name!r})")
+        if self.executor.type != "local":
+            raise ValueError("executor: model_archive runs use the local executor (set executor: local)")
+        if self.executor.worker is not None:
+            raise ValueError("executor.worker: model_archive runs use their own worker; remove executor.worker")
+        return self
+
     # ------------------------------------------------------------------ derived
     @property
     def window(self) -> int:

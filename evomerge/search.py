@@ -293,7 +293,7 @@ class Search:
         stage = self.stages[st["stage"]]
         genome = st["fixed"].copy()
         genome[stage.genes] = a.genome
-        recipe = self.space.to_recipe(genome)
+        recipe = self._recipe_for(a, genome)
         rjson, h = recipe.canonical_json(), recipe.hash()
         p = _Pending(ask=a, seq=st["seq0"] + a.id, genome=genome, recipe_json=rjson, hash=h)
         st["n_asked"] = max(st["n_asked"], a.id + 1)
@@ -316,6 +316,11 @@ class Search:
             self._submit(_TaskInfo("search", h, rjson, seq=p.seq, stage=st["stage"], genome=genome,
                                    info=dict(a.info)), splits)
             self.inflight[h] = [p]
+
+    def _recipe_for(self, a, genome: np.ndarray) -> Recipe:
+        """The candidate of an ask (anything with ``canonical_json()`` and ``hash()``; a model-archive
+        search returns a weight lineage here, see :mod:`evomerge.archive`)."""
+        return self.space.to_recipe(genome)
 
     def _submit(self, info: _TaskInfo, splits: tuple[str, ...]) -> None:
         self._task_ids += 1
@@ -602,7 +607,10 @@ def run_search(config: SearchConfig | str | Path, run_dir: str | Path, *, resume
         store = RunStore(run_dir, create=True)
         store.set_meta(config=cfg.to_dict(), name=cfg.name or run_dir.name, created=time.time(), status="new")
     try:
-        search = Search(cfg, store, executor=executor, on_progress=on_progress)
+        cls = Search
+        if getattr(cfg.space, "type", None) == "model_archive":  # M2N2 on weights: evomerge/archive.py
+            from evomerge.archive import ArchiveSearch as cls
+        search = cls(cfg, store, executor=executor, on_progress=on_progress)
         return search.run(resume=resume)
     finally:
         store.close()

@@ -17,6 +17,13 @@ from rich.text import Text
 
 from evomerge.cli import app, console
 
+
+def recipe_yaml(recipe_json: str) -> str:
+    """A stored recipe as YAML (a model-archive child's lineage too)."""
+    from evomerge.archive import recipe_yaml as _yaml
+
+    return _yaml(recipe_json)
+
 runs_app = typer.Typer(help="List and inspect run directories.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 
@@ -116,7 +123,7 @@ def print_summary(summary, table=None) -> None:
     if table is None:
         table = metrics_table(summary)
     console.print(table)
-    console.print(Panel(Text(best.recipe.to_yaml().rstrip()), title="best recipe", title_align="left"))
+    console.print(Panel(Text(recipe_yaml(best.recipe_json).rstrip()), title="best recipe", title_align="left"))
     console.print(f"run directory: [bold]{escape(str(summary.run_dir))}[/]  ·  report: "
                   f"[bold]evomerge report {escape(str(summary.run_dir))}[/]  ·  export: "
                   f"[bold]evomerge export {escape(str(summary.run_dir))} --best -o MODEL_DIR[/]", highlight=False)
@@ -263,5 +270,5 @@ def runs_show(
     for t in failed[:5]:
         console.print(Text(f"failed trial {t.id} (seq {t.seq}): {t.error}", style="red"))
     if best is not None:
-        console.print(Panel(Text(best.recipe.to_yaml().rstrip()), title=f"best recipe (trial {best.id})",
+        console.print(Panel(Text(recipe_yaml(best.recipe_json).rstrip()), title=f"best recipe (trial {best.id})",
                             title_align="left"))

@@ -139,15 +139,19 @@ class ModelWorker:
                 )
         self.startup_s = time.perf_counter() - t0
 
-    def run(self, task: Task) -> Outcome:
+    def materialize(self, task: Task) -> float:
+        """Write the task's candidate into the resident model in place; returns seconds spent."""
         from evomerge.merge.materialize import apply_in_place
         from evomerge.recipe import Recipe
 
+        recipe = Recipe.model_validate_json(task.recipe_json)
+        return apply_in_place(self.model, recipe, self.sources)["merge_s"]
+
+    def run(self, task: Task) -> Outcome:
         t0 = time.perf_counter()
         merge_s = 0.0
         try:
-            recipe = Recipe.model_validate_json(task.recipe_json)
-            merge_s = apply_in_place(self.model, recipe, self.sources)["merge_s"]
+            merge_s = self.materialize(task)
             scores: dict[str, Score] = {}
             eval_s, model_s = 0.0, 0.0
             for split in task.splits:

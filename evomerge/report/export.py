@@ -151,6 +151,13 @@ def export_trial(data: ReportData, t: TrialInfo, out: str | Path, how: str = "",
 
     if not t.recipe:
         raise EvomergeError(f"{data.run.run_dir}: trial {t.id} has no stored recipe")
+    from evomerge.archive import export_member, is_lineage
+
+    if is_lineage(t.recipe):  # a model-archive child: its weights come from its lineage
+        card = card_sections(data, t, how or f"trial {t.id}", None, False).split("\n## Reproduce")[0]
+        path = export_member(data.run.run_dir, t.recipe_hash, out, card_extra=card, overwrite=overwrite)
+        return ExportResult(path=path, trial=t, how=how, mergekit=None,
+                            mergekit_note="No mergekit config: a model-archive child has no merge recipe.")
     recipe = Recipe.from_dict(t.recipe, where=f"{data.run.run_dir}: trial {t.id} recipe")
     missing = [p for p in recipe.model_paths().values() if not Path(p).exists()]
     if missing:

@@ -90,6 +90,12 @@ def _zrange(trials: dict) -> list[float] | None:
 def _recipe_payload(data: ReportData, recipe_dict: dict | None) -> dict:
     if not recipe_dict:
         return {"recipe": None}
+    from evomerge.archive import is_lineage
+
+    if is_lineage(recipe_dict):  # a model-archive child: weights crossed directly, no recipe
+        return {"recipe": None, "recipe_yaml": yaml.safe_dump(recipe_dict, sort_keys=False),
+                "recipe_note": "model-archive child (M2N2 on weights): no merge recipe; its lineage is "
+                               "split-point SLERP of the parent members below (hashes = trials' recipe hashes)"}
     try:
         r = Recipe.model_validate(recipe_dict)
     except Exception as e:  # a stored recipe from a newer/older evomerge: show it raw
