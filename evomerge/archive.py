@@ -326,6 +326,9 @@ class ArchiveSearch(Search):
         spec.options = {"run_dir": str(Path(store.run_dir).resolve()), "sources": self.source_hashes,
                         "cache": space.config.cache or self.archive_size + 2}
         own = executor is None
+        if executor is not None and getattr(executor.spec, "factory", None) != spec.factory:
+            raise ConfigError("model_archive: a caller's executor must run evomerge.archive:ArchiveWorker "
+                              "(build it from evomerge.archive's worker spec) or pass none")
         super().__init__(cfg, store, executor=executor or make_executor(cfg.executor, spec),
                          on_progress=on_progress, pool=pool)
         self._own_executor = own
