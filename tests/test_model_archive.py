@@ -139,9 +139,7 @@ def test_child_weights_are_exactly_split_slerp_of_the_parents(archive_run):
             if t.recipe_hash in members:  # the file written during the search holds the same bits
                 saved = load_file(str(run / "archive" / f"{t.recipe_hash}.safetensors"))
                 assert all(torch.equal(saved[n], x) for n, x in zip(weights.names, expect))
-        # the split really splits: before it the child leans to t = w, after it to 1 − w
-        t = store.trials()[-1]
-        assert weights.names and len(weights.get(t.recipe_hash)) == len(weights.names)
+        assert len(weights.names) == len(got) > 0
 
 
 def test_export_of_a_child_loads_with_transformers_and_matches_in_memory(archive_run, tmp_path):
