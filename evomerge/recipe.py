@@ -167,6 +167,18 @@ class Recipe(BaseModel):
         """Content hash: same recipe ⇒ same hash ⇒ same weights ⇒ evaluated once."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
 
+    def merge_key(self) -> str:
+        """Identity of the parameter-space merge alone, independent of where the models live:
+        paths become aliases and the layer flow is left out. Random operators are seeded from
+        it, so moving the models (or exporting on another machine) gives the same weights."""
+        portable = self.model_copy(update={
+            "base_model": "base" if self.base_model is not None else None,
+            "models": [m.model_copy(update={"model": m.alias, "name": None}) for m in self.models],
+            "layer_flow": None,
+            "tokenizer_source": None,
+        })
+        return portable.hash()
+
     # ------------------------------------------------------------------ I/O
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -321,3 +321,23 @@ def test_interrupted_export_leaves_nothing(tiny_models, tmp_path):
 
 def test_errors_are_user_errors():
     assert issubclass(ConfigError, EvomergeError) and issubclass(ModelError, EvomergeError)
+
+
+def test_random_operators_do_not_depend_on_where_models_live(tiny_models, tmp_path):
+    """DARE masks are seeded from the portable merge key: copy the models elsewhere, same weights."""
+    moved = {k: tmp_path / "elsewhere" / k for k in ("base", "e0", "e1")}
+    for k, p in moved.items():
+        shutil.copytree(tiny_models[k], p)
+
+    def dare(m, seed=0):
+        return Recipe(merge_method="dare_ties", base_model=str(m["base"]), seed=seed,
+                      models=[{"model": str(m["e0"]), "parameters": {"weight": 0.6, "density": 0.5}},
+                              {"model": str(m["e1"]), "parameters": {"weight": 0.4, "density": 0.5}}])
+
+    here, there = dare(tiny_models), dare(moved)
+    assert here.hash() != there.hash() and here.merge_key() == there.merge_key()
+    a = dict(merged_tensors(here, Sources.from_recipe(here)))
+    b = dict(merged_tensors(there, Sources.from_recipe(there)))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = dict(merged_tensors(dare(tiny_models, seed=1), Sources.from_recipe(here)))
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], c["model.layers.0.mlp.up_proj.weight"])

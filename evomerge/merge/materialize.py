@@ -107,8 +107,7 @@ def _plan(recipe: Recipe, sources: Sources) -> _Plan:
         raise ConfigError(f"merge_method {op.name} takes {want} models, the recipe lists {n}")
     if op.needs_base and recipe.base_model is None:
         raise ConfigError(f"merge_method {op.name} needs `base_model`")
-    ps_part = recipe.model_copy(update={"layer_flow": None}).hash()
-    return _Plan(op=op, seed_key=ps_part)
+    return _Plan(op=op, seed_key=recipe.merge_key())
 
 
 def _value(recipe: Recipe, model_index: int | None, pname: str, default: Any, site: TensorSite,
