@@ -24,10 +24,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.recipe import InputModel, format_validation_error, load_yaml
+from evomerge.recipe import InputModel, load_yaml, parse_model
 
 SPLITS = ("search", "validation", "test")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d)?\s*$")
@@ -267,21 +267,11 @@ class SearchConfig(_Strict):
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "config") -> "SearchConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(f"{where}: {_friendly(format_validation_error(e))}") from None
+        return parse_model(cls, data, where)
 
     @classmethod
     def load(cls, path: str | Path) -> "SearchConfig":
         return cls.from_dict(load_yaml(path), where=str(path))
-
-
-def _friendly(msg: str) -> str:
-    return (msg.replace("Field required", "required key is missing")
-               .replace("Extra inputs are not permitted", "unknown key (check the spelling)"))
 
 
 def load_config(path: str | Path) -> SearchConfig:

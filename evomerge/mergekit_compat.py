@@ -153,16 +153,7 @@ def recipe_from_mergekit(config: Any, base_dir: str | Path | None = None,
     data = {"merge_method": method, "base_model": base, "models": models,
             "parameters": global_params, "layer_flow": layer_flow, "dtype": dtype,
             "tokenizer_source": tok}
-    try:
-        return Recipe.model_validate(data)
-    except Exception as e:  # pydantic: one line
-        from pydantic import ValidationError
-
-        from evomerge.recipe import format_validation_error
-
-        if isinstance(e, ValidationError):
-            raise ConfigError(f"{where}: {format_validation_error(e)}") from None
-        raise
+    return Recipe.from_dict(data, where)
 
 
 class _Importer:

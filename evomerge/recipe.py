@@ -190,12 +190,7 @@ class Recipe(BaseModel):
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(f"{where}: {format_validation_error(e)}") from None
+        return parse_model(cls, data, where)
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -265,9 +260,21 @@ def load_yaml(path: str | Path) -> Any:
 
 
 def format_validation_error(e: ValidationError) -> str:
-    """The first pydantic error as one line: ``field.path: message``."""
+    """The first pydantic error as one line: ``field.path: message``, in a user's words."""
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = (err["msg"].removeprefix("Value error, ")
+           .replace("Field required", "required key is missing")
+           .replace("Extra inputs are not permitted", "unknown key (check the spelling)"))
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
     return f"{loc}: {msg}{more}"
+
+
+def parse_model(cls: type[BaseModel], data: Any, where: str):
+    """Validate ``data`` as ``cls`` (a recipe, a search config, ...) or raise one clear line."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {format_validation_error(e)}") from None

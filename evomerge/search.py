@@ -170,8 +170,6 @@ class Search:
 
     def __init__(self, cfg: SearchConfig, store: RunStore, *, executor: Executor | None = None,
                  on_progress: Callable[[Progress], None] | None = None, pool: ModelPool | None = None):
-        from evomerge.optimizers import load_optimizer, make_optimizer  # noqa: F401
-
         self.cfg, self.store = cfg, store
         self.pool = pool or stored_models(store) or resolve_models(cfg)
         store.set_meta(models={"base": self.pool.base, "experts": [e.model_dump() for e in self.pool.experts]})
@@ -208,8 +206,6 @@ class Search:
     # ------------------------------------------------------------------ optimizer per stage
     def _check_optimizer(self) -> None:
         """Fail on a bad optimizer name/options before any worker starts."""
-        from evomerge.optimizers import make_optimizer
-
         check_optimizer(self.cfg, self.space)
 
     def _new_optimizer(self, stage: int, fixed: np.ndarray):
@@ -479,7 +475,6 @@ class Search:
         ))
 
     def _run_stage(self) -> None:
-        st = self.state
         self._fill()
         told_since = 0
         while self.pending:

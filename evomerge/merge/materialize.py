@@ -24,7 +24,7 @@ import torch
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge import layer_flow as lf
 from evomerge.merge.operators import Operator, get_operator
-from evomerge.models import ModelDir, block_index, check_compatible, tensor_site, with_block_index
+from evomerge.models import ModelDir, check_compatible
 from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
 
 

@@ -342,7 +342,6 @@ def sparsify_(d: torch.Tensor, method: str, p: dict[str, Any], options: dict[str
     rescale = bool(options.get("rescale", False))
     mode = options.get("rescale_mode", "l1")
     flat = d.view(-1)
-    n = flat.numel()
     l1 = float(torch.linalg.vector_norm(flat, 1)) if rescale and mode == "l1" else None
     if method in ("magnitude", "magnitude_outliers"):
         _trim(flat, _window(flat, None, method, p), scratch("sparsify.aux", flat))

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError
-from evomerge.recipe import InputModel, Recipe, format_validation_error, load_yaml
+from evomerge.recipe import InputModel, Recipe, load_yaml, parse_model
 
 SEARCH_SPACES_DIR = Path(__file__).resolve().parent.parent.parent / "search_spaces"
 
@@ -252,10 +252,7 @@ def parse_space_config(value: Any, where: str = "space") -> SpaceConfig:
     shipped = shipped_space_file(kind)
     base = load_yaml(shipped) if shipped.is_file() else {}
     merged = _deep_merge(base if isinstance(base, dict) else {}, value)
-    try:
-        return SPACES[kind].config.model_validate(merged)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {format_validation_error(e)}") from None
+    return parse_model(SPACES[kind].config, merged, where)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
