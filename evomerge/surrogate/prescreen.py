@@ -154,7 +154,7 @@ class Prescreen(Optimizer):
         if self.rejected == "drop":
             for i in dropped:
                 # forget the proposal: it will never be told (steady-state optimizers only)
-                self.inner._pending.pop(proposals[i].id, None)
+                self.inner.discard(proposals[i].id)
             self._batches[batch]["rejected"] = []
         self._queue.extend((proposals[i], float(pred[i]), batch) for i in kept)
         return True
