@@ -403,6 +403,11 @@ def test_map_nested_with_task_vector_gram(tiny_models, tmp_path, monkeypatch):
     assert G.shape == (3, 3) and np.allclose(G, G.T) and np.all(np.diag(G) > 0)
     cfg, space = map_search_config(_map_config(tiny_models, experts=3, kind="nested", budget_per_pair=12))
     assert cfg.budget.evaluations == 24 and np.allclose(cfg.optimizer.options["gram"], G)
+    # default budgets: plain (N+1)(N+2), Bayesian twice that, plus verification
+    assert map_search_config(_map_config(tiny_models, experts=2))[0].budget.evaluations == 12
+    assert map_search_config(_map_config(tiny_models, experts=2, kind="bayesian", verify=3))[0].budget.evaluations == 27
+    with pytest.raises(Exception, match="below what MAP .bayesian. needs: 24"):
+        map_search_config({**_map_config(tiny_models, experts=2, kind="bayesian"), "budget": {"evaluations": 20}})
     out = run_map(_map_config(tiny_models, experts=3, kind="nested"), tmp_path / "run", verify=1)
     rounds = out.summary["nested"]["rounds"]
     assert len(rounds) == 2 and out.summary["nested"]["measured"] is not None

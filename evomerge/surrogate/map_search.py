@@ -30,7 +30,7 @@ import numpy as np
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.optimizers.base import Ask, Optimizer, register
-from evomerge.surrogate.bayesian import CRITERIA, bayesian_program
+from evomerge.surrogate.bayesian import CRITERIA, bayesian_default_budget, bayesian_program
 from evomerge.surrogate.core import FrontOptions, MapResult, Program, fit_and_front, plain_program, verify_program
 from evomerge.surrogate.design import SPACE_FILLING, default_budget
 from evomerge.surrogate.front import Front
@@ -82,7 +82,7 @@ class MapOptimizer(Optimizer):
 
     The genome is the coefficient vector c (the ``task_vector`` space); the optimizer fits one
     surrogate per *objective* (``tell(..., objectives=...)``), not the weighted fitness. Options:
-    ``budget`` (evaluations of the plan / of Bayesian MAP; default (N+1)(N+2)), ``design``,
+    ``budget`` (evaluations of the plan, default (N+1)(N+2); of Bayesian MAP, default 2(N+1)(N+2)), ``design``,
     ``include_origin``, ``initial``, ``batch_size``, ``criterion``, ``focus``, ``target_error``
     (Bayesian), ``links`` (one name or one per objective), ``ridge``, ``pop_size``/``n_gen``
     (NSGA-II on the surrogates), ``verify`` (re-evaluate this many predicted front points; nested:
@@ -104,7 +104,7 @@ class MapOptimizer(Optimizer):
         include_origin: bool = False,
         initial: int | None = None,
         batch_size: int | None = None,
-        criterion: str = "variance",
+        criterion: str = "disagreement",
         focus: str = "box",
         target_error: float | None = None,
         links: str | list[str] = "auto",
@@ -270,7 +270,8 @@ def map_budget(kind: str, n: int, options: dict) -> int:
         per = int(options.get("budget_per_pair", 12))
         extra = (n + 1) + (n - 1) if options.get("similarity", "task_vector") == "metric_profile" else 0
         return (n - 1) * per + extra + (1 if verify else 0)
-    return int(options.get("budget") or default_budget(n)) + verify
+    default = bayesian_default_budget(n) if kind == "bayesian" else default_budget(n)
+    return int(options.get("budget") or default) + verify
 
 
 def task_vector_gram(base: str | Path, experts: Sequence[str | Path]) -> np.ndarray:
