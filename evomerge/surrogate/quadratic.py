@@ -221,25 +221,42 @@ class QuadraticSurrogate:
             return np.linalg.solve(R, Q.T @ np.concatenate([sw * target, zeros])), Q, R
 
         w = np.ones(n)
-        self.coef, Q, R = solve(w, z)
         if self.method == "binomial":
-            # Quasi-binomial GLM by IRLS, started from the least-squares fit of the clipped logits:
-            # accuracies are proportions, so exact 0s and 1s need no clipping and the fit is not
-            # dominated by the huge logits of saturated points.
-            for _ in range(100):
+            # Quasi-binomial GLM: Newton/IRLS on the penalised negative log-likelihood of the
+            # accuracies, with step halving so that it never increases (plain IRLS blows up on
+            # nearly separable data: many exact 0s and 1s). Accuracies are proportions, so exact
+            # 0s and 1s need no clipping and saturated points do not dominate through huge logits.
+            def objective(coef: np.ndarray) -> float:
+                eta = Phi @ coef
+                nll = y * np.logaddexp(0.0, -eta) + (1.0 - y) * np.logaddexp(0.0, eta)
+                return float(np.sum(nll) + 0.5 * self.ridge * np.sum(coef[:-1] ** 2))
+
+            self.coef, Q, R = solve(w, self.link.forward(y, 0.05))  # a moderate start
+            f = objective(self.coef)
+            for _ in range(200):
                 eta = Phi @ self.coef
                 mu = self.link.inverse(eta)
-                w = np.clip(mu * (1.0 - mu), 1e-10, None)
-                z = eta + (y - mu) / w  # working response
-                new, Q, R = solve(w, z)
-                done = np.max(np.abs(new - self.coef)) < 1e-10 * (1.0 + np.max(np.abs(self.coef)))
-                self.coef = new
+                w = np.clip(mu * (1.0 - mu), 1e-12, None)
+                new, Q, R = solve(w, eta + (y - mu) / w)
+                f_new = objective(new)
+                for _ in range(40):  # step halving
+                    if f_new <= f + 1e-12 * max(1.0, abs(f)):
+                        break
+                    new = (self.coef + new) / 2.0
+                    f_new = objective(new)
+                else:
+                    break  # no descent possible: at the optimum up to rounding
+                done = f - f_new <= 1e-13 * max(1.0, abs(f))
+                self.coef, f = new, f_new
                 if done:
                     break
             eta = Phi @ self.coef
             mu = self.link.inverse(eta)
-            w = np.clip(mu * (1.0 - mu), 1e-10, None)
-            z = eta + (y - mu) / w
+            w = np.clip(mu * (1.0 - mu), 1e-12, None)
+            z = eta + (y - mu) / w  # working response: LOO and dispersion below
+            Q, R = solve(w, z)[1:]
+        else:
+            self.coef, Q, R = solve(w, z)
         h = np.sum(Q[:n] ** 2, axis=1)  # diagonal of the (weighted) hat matrix W½Φ(AᵀA)⁻¹ΦᵀW½
         z_hat = Phi @ self.coef
         with np.errstate(divide="ignore", invalid="ignore"):
