@@ -3,6 +3,7 @@
     python scripts/zoo_flow_explore.py enumerate [--task zoo_sort_l2] [--limit 200] [--top 30]
     python scripts/zoo_flow_explore.py scales    [--task zoo_sort_l2] [--top 10]
     python scripts/zoo_flow_explore.py diagnose  [--task zoo_sort_l2] [--top 5]
+    python scripts/zoo_flow_explore.py heldout   [--task zoo_sort_l2] [--runs RUN_DIR ...]
     python scripts/zoo_flow_explore.py parents
 
 Question (issue 3, evals/README.md): does some layer flow — read with one expert's early blocks,
@@ -188,18 +189,43 @@ def cmd_diagnose(sc: FlowScorer, args) -> None:
                        "value_any_script": value / 2, "all_l2": l2 / 2})
 
 
+def cmd_heldout(sc: FlowScorer, args) -> None:
+    """Every zoo task on validation and test for: the parents, the best enumerated flow, each run's best."""
+    from evomerge.store import RunStore
+
+    tasks = list(sc.info.tasks)
+    rows = [json.loads(l) for l in args.log.read_text().splitlines()]
+    rows = [r for r in rows if r["kind"] in ("enumerate", "scales") and r["task"] == args.task]
+    cands = [(m, sc.recipe(parent_slots(m, sc.n_blocks), m)) for m in MODELS]
+    if rows:
+        best = max(rows, key=lambda r: (r["search"], r["validation"][args.task]))
+        cands.append((f"enumerated {fmt(best['slots'], best['embed'])}",
+                      sc.recipe([tuple(s) for s in best["slots"]], best["embed"])))
+    for run in args.runs:
+        trial = RunStore(run).best()
+        cands.append((f"{run.name} best (search {100 * trial.fitness:.1f})",
+                      Recipe.model_validate_json(trial.recipe_json)))
+    for name, recipe in cands:
+        for split in ("validation", "test"):
+            r = sc.score(recipe, tasks, split)
+            print(f"| {name} | {split} | " + " | ".join(f"{r[t]:.1f}" for t in tasks) + " |", flush=True)
+            log(args.log, {"kind": "heldout", "task": args.task, "name": name, "split": split, "scores": r,
+                           "recipe": json.loads(recipe.canonical_json())})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["parents", "enumerate", "scales", "diagnose"])
+    ap.add_argument("cmd", choices=["parents", "enumerate", "scales", "diagnose", "heldout"])
     ap.add_argument("--task", default="zoo_sort_l2", choices=sorted(SKILL))
     ap.add_argument("--limit", type=int, default=None, help="search-split items per candidate")
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--runs", type=Path, nargs="*", default=[], help="search run directories (heldout)")
     ap.add_argument("--log", type=Path, default=Path("artifacts/zoo_flow/explore.jsonl"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     sc = FlowScorer()
-    {"parents": cmd_parents, "enumerate": cmd_enumerate, "scales": cmd_scales, "diagnose": cmd_diagnose}[args.cmd](sc, args)
+    {"parents": cmd_parents, "enumerate": cmd_enumerate, "scales": cmd_scales, "diagnose": cmd_diagnose, "heldout": cmd_heldout}[args.cmd](sc, args)
     return 0
 
 
