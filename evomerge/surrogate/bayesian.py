@@ -18,10 +18,8 @@ sampler can never leave it), each choosing a batch of k points:
   quadratic cannot fit pull the resampled fits apart), so it also finds what the current fit
   gets wrong. Batches are diversified by damping the score near already chosen points.
 
-On the zoo (docs/map.md) ``disagreement`` gave the most accurate predicted fronts on two tasks and
-was close to the best on three, where ``variance`` missed a sharp corner of the box (the sort
-expert's accuracy) that the flat fit could not see; the paper's ``bins`` was good on three tasks,
-worst on two.
+On the zoo (docs/map.md) ``disagreement`` gave the most accurate predicted fronts on two tasks and,
+by a hair, on three; ``variance`` was close; the paper's ``bins`` trailed on two tasks.
 
 ``focus="front"`` restricts candidates to the neighbourhood of the current predicted front: the
 front is what MAP reports, so accuracy elsewhere is worth less.
