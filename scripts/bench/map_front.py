@@ -271,7 +271,7 @@ def main() -> None:
         args.preset = args.preset or ("demo" if built else "tiny")  # tiny: a smoke run (its models score ~0)
         args.grid2, args.grid3, args.seeds = min(args.grid2, 11), min(args.grid3, 5), 1
         args.limit = args.limit or 64
-        args.criteria = "variance"
+        args.criteria = "disagreement"
         args.n_real = min(args.n_real, 10)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
