@@ -232,7 +232,13 @@ def test_shipped_examples_load_and_build(path):
     from evomerge.search import check_optimizer
     from evomerge.spaces import ModelPool, make_space
 
-    cfg = SearchConfig.load(path)
+    from evomerge.recipe import load_yaml
+
+    data = load_yaml(path)
+    if "map" in data:  # a MAP config (`evomerge map`): MAP supplies the optimizer and the budget
+        data.pop("map")
+        data["budget"] = {"evaluations": 24}
+    cfg = SearchConfig.from_dict(data, where=str(path))
     assert cfg.models.zoo == "demo" and path.read_text().startswith("#")
     experts = tuple(InputModel(model=f"/zoo/{n}", name=n) for n in ("math", "cipher", "sort"))
     pool = ModelPool(base="/zoo/base", experts=experts, num_blocks={"base": 4, "math": 4, "cipher": 4, "sort": 4})
