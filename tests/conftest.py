@@ -69,3 +69,34 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     out["deep"] = make_model(root / "deep", 20, layers=3)
     out["qwen"] = make_model(root / "qwen", 30, family="qwen2")
     return out
+
+
+def run_search_then_sigkill(config: dict, run_dir: Path, *, after: int, timeout: float,
+                            env: dict | None = None) -> None:
+    """Start ``evomerge.search.run_search`` in a subprocess and kill -9 it once ``after`` trials
+    are committed (the search must still be running then)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from evomerge.store import RunStore
+
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    tests = str(Path(__file__).resolve().parent)
+    full_env = {**os.environ, **(env or {}),
+                "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    code = "import sys; from evomerge.search import run_search; run_search(sys.argv[1], sys.argv[2])"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(run_dir)], env=full_env)
+    t0, n = time.time(), 0
+    while n < after and time.time() - t0 < timeout and proc.poll() is None:
+        time.sleep(0.05)
+        if (run_dir / "evomerge.sqlite").exists():
+            with RunStore(run_dir) as s:
+                n = s.count()
+    assert proc.poll() is None, "the search finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError
 from evomerge.search import run_search
 from evomerge.store import RunStore
+
+from conftest import run_search_then_sigkill
 
 TESTS = Path(__file__).resolve().parent
 OBJECTIVE = "python:test_model_archive:token_scores"
@@ -181,21 +178,7 @@ def test_export_of_a_child_loads_with_transformers_and_matches_in_memory(archive
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_models, tmp_path):
     cfg = config(tiny_models, budget={"evaluations": 30})
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "ARCHIVE_TEST_SLEEP": "0.15",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    code = "import sys; from evomerge.search import run_search; run_search(sys.argv[1], sys.argv[2])"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(tmp_path / "killed")], env=env)
-    t0, n = time.time(), 0
-    while n < 10 and time.time() - t0 < 120 and proc.poll() is None:
-        time.sleep(0.05)
-        if (tmp_path / "killed" / "evomerge.sqlite").exists():
-            with RunStore(tmp_path / "killed") as s:
-                n = s.count()
-    assert proc.poll() is None, "the search finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_search_then_sigkill(cfg, tmp_path / "killed", after=10, timeout=120, env={"ARCHIVE_TEST_SLEEP": "0.15"})
     with RunStore(tmp_path / "killed") as s:
         assert s.meta("status") == "running" and 10 <= s.count() < 27
     out = run_search(None, tmp_path / "killed", resume=True)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,6 +15,8 @@ from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError
 from evomerge.search import run_search
 from evomerge.store import RunStore
+
+from conftest import run_search_then_sigkill
 
 TESTS = Path(__file__).resolve().parent
 
@@ -151,21 +150,7 @@ def test_resume_extends_budget_and_equals_a_longer_run(tiny_models, tmp_path):
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_models, tmp_path, optimizer):
     cfg = config(tiny_models, tmp_path, optimizer=optimizer, budget={"evaluations": 40},
                  executor={"worker_options": {"sleep": 0.03, "log": str(tmp_path / "log.txt")}})
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    code = "import sys; from evomerge.search import run_search; run_search(sys.argv[1], sys.argv[2])"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(tmp_path / "killed")], env=env)
-    t0 = time.time()
-    n = 0
-    while n < 15 and time.time() - t0 < 60 and proc.poll() is None:
-        time.sleep(0.05)
-        if (tmp_path / "killed" / "evomerge.sqlite").exists():
-            with RunStore(tmp_path / "killed") as s:
-                n = s.count()
-    assert proc.poll() is None, "the search finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_search_then_sigkill(cfg, tmp_path / "killed", after=15, timeout=60)
     with RunStore(tmp_path / "killed") as s:
         committed = {t.recipe_hash for t in s.trials(kind=None)}
         assert s.meta("status") == "running" and 15 <= len(committed) < 44
