@@ -130,9 +130,9 @@ def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = 
 def _write_config(recipe: Recipe, sources: Sources, out: Path) -> None:
     cfg = lf.output_config(recipe, sources)
     if recipe.dtype is not None:
-        for key in ("torch_dtype", "dtype"):
-            if key in cfg or key == "dtype":
-                cfg[key] = recipe.dtype
+        cfg["dtype"] = recipe.dtype
+        if "torch_dtype" in cfg:  # older transformers' name for it
+            cfg["torch_dtype"] = recipe.dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = sources.reference.path / "generation_config.json"
     if gen.is_file():

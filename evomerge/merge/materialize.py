@@ -98,7 +98,7 @@ class _Plan:
     seed_key: str  # identifies the parameter-space merge (not the layer flow) for RNG seeding
 
 
-def _plan(recipe: Recipe, sources: Sources) -> _Plan:
+def _plan(recipe: Recipe) -> _Plan:
     op = get_operator(recipe.merge_method)
     n = len(recipe.models)
     if n < op.min_models or (op.max_models is not None and n > op.max_models):
@@ -143,7 +143,7 @@ def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site:
     """The parameter-space merge of one tensor (float32, on the sources' device), written into
     ``out`` when given (a float32 tensor that aliases no input, e.g. a resident parameter)."""
     op = plan.op
-    if not sources.reference.tensor_names or name not in sources.reference:
+    if name not in sources.reference:
         raise ModelError(f"{sources.reference.path}: no tensor named {name}")
     if not sources.reference.dtype(name).is_floating_point:
         return sources.get("base" if "base" in sources.dirs else recipe.models[0].alias, name).clone()
@@ -185,7 +185,7 @@ def _first_alias(recipe: Recipe) -> str:
 
 def validate(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
     """Check everything that can be checked before the first tensor is written."""
-    plan = _plan(recipe, sources)
+    plan = _plan(recipe)
     layout = output_layout(recipe, sources)
     if any(o.source == MERGED for o in layout):
         ref = sources.reference
@@ -205,7 +205,7 @@ def merged_tensors(recipe: Recipe, sources: Sources, layout: list[OutputTensor] 
     for floating tensors). Merged tensors are computed straight into ``targets[name]`` when that
     is a float32 tensor on the right device (then the yielded tensor *is* the target)."""
     layout = validate(recipe, sources) if layout is None else layout
-    plan = _plan(recipe, sources)
+    plan = _plan(recipe)
     ref = sources.reference
     targets = targets or {}
     for out in layout:
