@@ -27,7 +27,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.recipe import InputModel, load_yaml, parse_model
+from evomerge.io import load_yaml, parse_model
+from evomerge.recipe import InputModel
 
 SPLITS = ("search", "validation", "test")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d)?\s*$")

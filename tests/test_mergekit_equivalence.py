@@ -24,8 +24,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evomerge.merge.materialize import Sources, merged_tensors
-from evomerge.mergekit_compat import recipe_from_mergekit
+from evomerge.merge.materialize import merged_tensors
+from evomerge.merge.sources import Sources
+from evomerge.merge.mergekit import recipe_from_mergekit
 
 VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/tmp/mergekit-venv"))
 MERGEKIT_YAML = VENV / "bin" / "mergekit-yaml"

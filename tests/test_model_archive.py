@@ -143,7 +143,8 @@ def test_export_of_a_child_loads_with_transformers_and_matches_in_memory(archive
     from transformers import AutoModelForCausalLM
 
     from evomerge.archive import load_into
-    from evomerge.merge.materialize import Sources, build_model
+    from evomerge.merge.materialize import build_model
+    from evomerge.merge.sources import Sources
     from evomerge.models import ModelDir
     from evomerge.report import load_report_data, write_report
     from evomerge.report.export import choose_trial, export_trial

@@ -405,7 +405,8 @@ def _state(path_or_model) -> dict[str, torch.Tensor]:
 def test_export_round_trip_equals_in_place(model_run, tmp_path, capsys, i):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge.materialize import Sources, apply_in_place, build_model
+    from evomerge.merge.materialize import apply_in_place, build_model
+    from evomerge.merge.sources import Sources
 
     data = load_report_data(model_run)
     t = data.ok_trials[i]

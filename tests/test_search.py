@@ -217,7 +217,7 @@ def test_shipped_examples_load_and_build(path):
     from evomerge.search import check_optimizer
     from evomerge.spaces import ModelPool, make_space
 
-    from evomerge.recipe import load_yaml
+    from evomerge.io import load_yaml
 
     data = load_yaml(path)
     if "map" in data:  # a MAP config (`evomerge map`): MAP supplies the optimizer and the budget

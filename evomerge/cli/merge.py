@@ -31,7 +31,7 @@ def merge(
 ) -> None:
     """Merge the models of RECIPE and write the result as a Hugging Face model directory."""
     from evomerge.merge.export import export_model
-    from evomerge.merge.materialize import Sources
+    from evomerge.merge.sources import Sources
     from evomerge.recipe import Recipe
 
     r = Recipe.load(recipe)

@@ -115,7 +115,8 @@ class ModelWorker:
         from transformers import AutoTokenizer
 
         from evomerge.evaluation import Evaluator, Objective
-        from evomerge.merge.materialize import Sources, build_model
+        from evomerge.merge.materialize import build_model
+        from evomerge.merge.sources import Sources
         from evomerge.models import ModelDir
 
         t0 = time.perf_counter()

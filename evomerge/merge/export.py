@@ -18,7 +18,8 @@ import torch
 from evomerge import __version__
 from evomerge.io import atomic_directory
 from evomerge.merge import layer_flow as lf
-from evomerge.merge.materialize import OutputTensor, Sources, merged_tensors, validate
+from evomerge.merge.materialize import merged_tensors, validate
+from evomerge.merge.sources import OutputTensor, Sources
 from evomerge.recipe import MERGED, Recipe
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -7,8 +7,8 @@ materialising a merge consume it:
   worker does this thousands of times: no disk, no re-instantiation, no second copy of the model);
 * :func:`evomerge.merge.export.export_model` streams the tensors into a Hugging Face directory.
 
-Inputs come from :class:`Sources`: memory-mapped safetensors (export) or tensors resident on a
-worker's device (search).
+Inputs come from :class:`~evomerge.merge.sources.Sources`: memory-mapped safetensors (export) or
+tensors resident on a worker's device (search).
 """
 
 from __future__ import annotations
@@ -23,72 +23,9 @@ import torch
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge import layer_flow as lf
-from evomerge.merge.operators import Operator, get_operator
-from evomerge.models import ModelDir, check_compatible
+from evomerge.merge.methods import Operator, get_operator
+from evomerge.merge.sources import OutputTensor, Sources
 from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
-
-
-# ---------------------------------------------------------------------- sources
-class Sources:
-    """A recipe's input models by alias (``base`` and each model's alias).
-
-    Lazily read from disk by default; :meth:`resident` preloads every tensor onto a device so
-    that a worker merges from memory.
-    """
-
-    def __init__(self, dirs: dict[str, ModelDir], device: str | torch.device = "cpu",
-                 tensors: dict[str, dict[str, torch.Tensor]] | None = None):
-        if not dirs:
-            raise ConfigError("a recipe needs at least one input model")
-        self.dirs = dirs
-        self.device = torch.device(device)
-        self._tensors = tensors
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe, allow_pickle: bool = False) -> "Sources":
-        by_path: dict[str, ModelDir] = {}
-        dirs = {}
-        for alias, path in recipe.model_paths().items():
-            if path not in by_path:
-                by_path[path] = ModelDir(path, allow_pickle=allow_pickle)
-            dirs[alias] = by_path[path]
-        src = cls(dirs)
-        src.check(same_depth=recipe.layer_flow is None or recipe.merge_method != "passthrough")
-        return src
-
-    def check(self, same_depth: bool = True) -> None:
-        ref, *others = list(dict.fromkeys(self.dirs.values()))
-        check_compatible(ref, others, same_depth=same_depth)
-
-    @property
-    def reference(self) -> ModelDir:
-        """The model whose layout the output follows: the base, else the first input."""
-        return self.dirs.get("base") or next(iter(self.dirs.values()))
-
-    def resident(self, device: str | torch.device) -> "Sources":
-        """Every tensor of every input, loaded once onto ``device`` (shared between aliases)."""
-        loaded: dict[int, dict[str, torch.Tensor]] = {}
-        tensors = {}
-        for alias, d in self.dirs.items():
-            if id(d) not in loaded:
-                loaded[id(d)] = {n: _finite(d.get(n, device), d, n) for n in d.tensor_names}
-            tensors[alias] = loaded[id(d)]
-        return Sources(self.dirs, device, tensors)
-
-    def get(self, alias: str, name: str) -> torch.Tensor:
-        if self._tensors is not None:
-            try:
-                return self._tensors[alias][name]
-            except KeyError:
-                raise ModelError(f"{self.dirs[alias].path}: no tensor named {name}") from None
-        d = self.dirs[alias]
-        return _finite(d.get(name, self.device), d, name)
-
-
-def _finite(t: torch.Tensor, d: ModelDir, name: str) -> torch.Tensor:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ModelError(f"{d.path}: tensor {name} contains NaN or Inf values")
-    return t
 
 
 # ---------------------------------------------------------------------- parameter resolution
@@ -160,16 +97,6 @@ def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site:
 
 
 # ---------------------------------------------------------------------- the merge as a stream
-@dataclass(frozen=True)
-class OutputTensor:
-    """One tensor of the merged model and where it comes from."""
-
-    name: str  # in the merged model
-    source: str  # alias, or "merge" for the recipe's parameter-space merge
-    source_name: str  # in the source model
-    scale: float = 1.0  # folded layer-flow scale (output projections only)
-
-
 def output_layout(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
     """The merged model's tensors in file order: embeddings, blocks, head."""
     ref = sources.reference
@@ -257,7 +184,7 @@ def apply_in_place(model: torch.nn.Module, recipe: Recipe, sources: Sources) -> 
             if target is None:
                 target = buffers.get(name)
             if target is None:
-                if tied and "lm_head" in name:
+                if tied and sources.reference.roles.role(name).kind == "head":
                     continue
                 raise ModelError(f"the resident model has no parameter {name}")
             if tensor is not targets.get(name):

@@ -23,7 +23,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError
-from evomerge.recipe import InputModel, Recipe, load_yaml, parse_model
+from evomerge.io import load_yaml, parse_model
+from evomerge.recipe import InputModel, Recipe
 
 SEARCH_SPACES_DIR = Path(__file__).resolve().parent.parent.parent / "search_spaces"
 

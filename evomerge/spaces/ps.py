@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evomerge.errors import ConfigError
-from evomerge.merge.operators import get_operator
+from evomerge.merge.methods import get_operator
 from evomerge.recipe import FilteredValue, GroupValues, InputModel, Recipe, TensorSite, resolve
 from evomerge.spaces.base import ModelPool, Space, SpaceConfig, register_space
 

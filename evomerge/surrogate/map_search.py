@@ -309,7 +309,7 @@ class MapRun:
 
 def _load_config_dict(config) -> dict:
     from evomerge.config import SearchConfig
-    from evomerge.recipe import load_yaml
+    from evomerge.io import load_yaml
 
     if isinstance(config, SearchConfig):
         return config.to_dict()

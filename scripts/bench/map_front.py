@@ -60,7 +60,8 @@ class ZooObjective:
         from transformers import AutoTokenizer
 
         from evomerge.evaluation import Evaluator, Objective
-        from evomerge.merge.materialize import Sources, build_model
+        from evomerge.merge.materialize import build_model
+        from evomerge.merge.sources import Sources
         from evomerge.recipe import InputModel, Recipe
 
         self.Recipe, self.InputModel = Recipe, InputModel
