@@ -258,3 +258,62 @@ def test_scale_folding_fails_for_the_other_families(model_type, tmp_path):
         handle.remove()
         got = folded(ids).logits
     assert (got - want).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------- roles in the merge engine
+def _flow(path, model_type: str, scales) -> "Recipe":
+    from evomerge.recipe import Recipe
+
+    return Recipe(merge_method="passthrough", models=[{"model": str(path), "name": "m"}],
+                  layer_flow={"slots": [{"model": "m", "layer": layer, "scale": s}
+                                        for layer, s in zip((1, 0, 1), scales)]})
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox"])
+def test_layer_flow_folds_scales_into_each_familys_projections(model_type, tmp_path):
+    """A 3-block flow of a 2-block GPT-2 / GPT-NeoX (``transformer.h.N`` / ``gpt_neox.layers.N``,
+    ``c_proj`` / ``dense`` projections with biases, NeoX's ``embed_out`` head) exports a plain model
+    equal to the unscaled flow with its residual stream scaled; in place (GPT-2) it is the same net."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.export import export_model
+    from evomerge.merge.materialize import apply_in_place, build_model
+    from evomerge.merge.sources import Sources
+
+    tiny(model_type).save_pretrained(tmp_path / "m")
+    scales = (1.0, 2.0, 0.5)
+    folded = AutoModelForCausalLM.from_pretrained(export_model(_flow(tmp_path / "m", model_type, scales),
+                                                               tmp_path / "folded")).eval()
+    plain = AutoModelForCausalLM.from_pretrained(export_model(_flow(tmp_path / "m", model_type, (1.0,) * 3),
+                                                              tmp_path / "plain")).eval()
+    assert plain.config.num_hidden_layers == 3
+    ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unscaled = plain(ids).logits
+        for j, s in enumerate(scales):
+            _scaled_stream(plain, j, s)
+        hooked = plain(ids).logits
+        got = folded(ids).logits
+    assert (hooked - unscaled).abs().max() > 1e-3
+    torch.testing.assert_close(got, hooked, rtol=1e-5, atol=1e-6)
+    if model_type == "gpt2":
+        recipe = _flow(tmp_path / "m", model_type, scales)
+        src = Sources.from_recipe(recipe).resident("cpu")
+        resident = build_model(src)
+        apply_in_place(resident, recipe, src)
+        assert len(resident.transformer.h) == 3
+        with torch.no_grad():
+            torch.testing.assert_close(resident(ids).logits, got, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_flow_refuses_scales_for_a_family_that_cannot_fold_them(tmp_path):
+    from evomerge.errors import ConfigError
+    from evomerge.merge.materialize import validate
+    from evomerge.merge.sources import Sources
+
+    tiny("opt").save_pretrained(tmp_path / "m")
+    recipe = _flow(tmp_path / "m", "opt", (1.0, 2.0, 1.0))
+    with pytest.raises(ConfigError, match=r"layer_flow scales need a pre-norm architecture \(.*gpt2.*\); "
+                                          r"opt is not known to be one"):
+        validate(recipe, Sources.from_recipe(recipe))
+    assert len(validate(_flow(tmp_path / "m", "opt", (1.0,) * 3), Sources.from_recipe(recipe))) > 0
