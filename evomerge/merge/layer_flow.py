@@ -2,12 +2,14 @@
 
 A slot ``(model, layer, scale)`` places block ``layer`` of ``model`` at the next position and
 multiplies the residual stream entering it by ``scale``. In a pre-norm transformer every block
-reads the stream through an RMSNorm (scale-invariant up to ε) and the final norm removes a global
-scale, so multiplying the stream by ``s_j`` before block ``j`` is equivalent to dividing the
-output projections (attention-out and MLP-out: ``o_proj`` / ``down_proj`` in Llama; per family in
-:mod:`evomerge.architecture`) of block ``j`` and every later block by the cumulative scale ``S_j = s_0 · … · s_j``. evomerge stores the scaling that way:
-folded into those weights. The merged model is therefore a plain ``transformers`` model with a
-new ``num_hidden_layers`` — no custom code, and nothing a plain load could silently drop.
+reads the stream through a norm (RMSNorm or LayerNorm: scale-invariant up to ε) and the final
+norm removes a global scale, so multiplying the stream by ``s_j`` before block ``j`` is
+equivalent to dividing the output projections (attention-out and MLP-out: ``o_proj`` /
+``down_proj`` in Llama, per family in :mod:`evomerge.architecture`, which also says which
+families are pre-norm) of block ``j`` and every later block by the cumulative scale
+``S_j = s_0 · … · s_j``. evomerge stores the scaling that way: folded into those weights. The
+merged model is therefore a plain ``transformers`` model with a new ``num_hidden_layers`` — no
+custom code, and nothing a plain load could silently drop.
 Scales must be positive (a negative scale would flip the stream, which no norm undoes).
 """
 

@@ -478,7 +478,6 @@ class _Exporter:
             ref = self.recipe.base_model or self.recipe.models[0].model
             try:
                 self._ref = ModelDir(ref)
-                self._ref.tensor_names
             except Exception as e:
                 raise ConfigError(f"{why}: mergekit needs per-tensor filters for this value, and the tensor "
                                   f"names of {ref} could not be read ({e})") from None
