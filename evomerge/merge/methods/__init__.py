@@ -25,7 +25,9 @@ an option (``rescale_mode``, ``sign_method``, ``normalize``) whose default is me
 ``docs/operators.md`` has the formulas and the equivalence record.
 
 Performance: searches merge thousands of times, so operators avoid full sorts (see
-:func:`kth_largest`), fuse what they can into a few passes, and keep their temporaries in
+:func:`~evomerge.merge.methods.sparsify.kth_largest`), fuse what they can into a few passes, and
+keep their temporaries in per-thread scratch buffers reused across calls
+(:mod:`~evomerge.merge.methods.scratch`; ``release_scratch`` frees them).
 
 Families: :mod:`.linear` (``linear``), :mod:`.generalized_task_arithmetic` (``task_arithmetic``,
 ``ties``, ``dare_*``, ``breadcrumbs*``, ``della*``; their trimming and masks live in
