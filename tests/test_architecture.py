@@ -133,7 +133,7 @@ def test_roles_of_every_checkpoint_tensor(model_type, tmp_path):
     assert seen_outside == set(outside)  # the table names every non-block tensor the family saves
     assert set(parts) <= seen_parts  # ... and output projections that exist
     assert [roles.block_index(n) for n in roles.output_projections(names, block=1)] == [1] * len(parts)
-    assert model.get_submodule(prefix) is not None  # the block list lives where roles say
+    assert isinstance(model.get_submodule(prefix), torch.nn.ModuleList)  # the block list lives where roles say
 
 
 def test_gpt_neox_head_is_embed_out_under_both_names():
