@@ -262,7 +262,7 @@ def test_cli_prints_table_and_fails_cleanly(tok, tmp_path, capsys):
     make_model(tok, 7).save_pretrained(model_dir, safe_serialization=True)
     tok.save_pretrained(model_dir)
     capsys.readouterr()
-    rc = cli_main(["eval", str(model_dir), "-o", "fx_mc", "-o", "fx_add:validation",
+    rc = cli_main(["eval", str(model_dir), "-t", "fx_mc", "-t", "fx_add:validation",
                    "--evals-dir", str(FIXTURES), "--limit", "4", "--batch-size", "2"])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -270,11 +270,11 @@ def test_cli_prints_table_and_fails_cleanly(tok, tmp_path, capsys):
                      "model", "harness"):
         assert fragment in out
     for args, fragment in (
-        (["-o", "nope"], "unknown task 'nope'"),
-        (["-o", "fx_add:dev"], "no split 'dev'"),
+        (["-t", "nope"], "unknown task 'nope'"),
+        (["-t", "fx_add:dev"], "no split 'dev'"),
     ):
         rc = cli_main(["eval", str(model_dir), *args, "--evals-dir", str(FIXTURES)])
         err = capsys.readouterr().err
         assert rc == 2 and fragment in err and err.count("\n") == 1, err
-    rc = cli_main(["eval", str(tmp_path / "missing"), "-o", "fx_mc", "--evals-dir", str(FIXTURES)])
+    rc = cli_main(["eval", str(tmp_path / "missing"), "-t", "fx_mc", "--evals-dir", str(FIXTURES)])
     assert rc == 2 and "not found" in capsys.readouterr().err

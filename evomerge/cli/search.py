@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from evomerge.cli import app, console
+from evomerge.paths import resolve_config
 
 
 def recipe_yaml(recipe_json: str) -> str:
@@ -145,6 +146,24 @@ def metrics_table(summary) -> Table:
     return table
 
 
+def load_search_config(path: Path, *, evaluations: int | None = None, zoo: str | None = None):
+    """A search config with the command line's overrides (``--evaluations``, ``--zoo``) applied."""
+    from evomerge.config import SearchConfig
+    from evomerge.errors import ConfigError
+
+    cfg = SearchConfig.load(path)
+    if evaluations is not None:
+        cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"evaluations": evaluations})})
+    if zoo is not None:
+        if cfg.models.zoo is None:
+            raise ConfigError(f"--zoo: {path} names its models directly, not a zoo preset")
+        from evomerge.zoo import get_preset
+
+        get_preset(zoo)  # one line for an unknown preset
+        cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"zoo": zoo})})
+    return cfg
+
+
 def _executor_overrides(ray_address: str | None, workers: int | None) -> dict:
     out: dict = {}
     if ray_address:
@@ -159,22 +178,23 @@ def _executor_overrides(ray_address: str | None, workers: int | None) -> dict:
 # ---------------------------------------------------------------------- commands
 @app.command()
 def search(
-    config: Path = typer.Argument(..., help="Search config (YAML); see examples/ and docs/search.md."),
-    run_dir: Path = typer.Option(None, "--run-dir", "-o", help="Run directory (default: runs/<name>-<time>)."),
+    config: str = typer.Argument(..., help="Search config (YAML), or example:NAME for a shipped example "
+                                 "(example:demo, example:ps, ...); see docs/search.md."),
+    run_dir: Path = typer.Option(None, "--run-dir", "-r", help="Run directory (default: runs/<name>-<time>)."),
     ray_address: str = typer.Option(None, "--ray-address", help="Use the Ray executor on this cluster "
                                     "(default: executor.ray_address, else $RAY_ADDRESS)."),
     workers: int = typer.Option(None, "--workers", help="Number of workers (more than 1 means Ray)."),
-    evaluations: int = typer.Option(None, "--evaluations", help="Override budget.evaluations."),
+    evaluations: int = typer.Option(None, "--evaluations", min=1, help="Override budget.evaluations."),
+    zoo: str = typer.Option(None, "--zoo", help="Use this zoo preset for a `models: {zoo: ...}` config "
+                            "(e.g. tiny for a quick try)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display."),
 ) -> None:
     """Run a search: ask the optimizer, evaluate candidates on workers, store every result."""
-    from evomerge.config import SearchConfig
     from evomerge.search import run_search
 
-    cfg = SearchConfig.load(config)
-    if evaluations is not None:
-        cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"evaluations": evaluations})})
-    name = cfg.name or config.stem
+    path = resolve_config(config)
+    cfg = load_search_config(path, evaluations=evaluations, zoo=zoo)
+    name = cfg.name or path.stem
     run_dir = run_dir or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
     summary = run_with_display(f"evomerge search · {name}", quiet, lambda cb: run_search(
         cfg, run_dir, on_progress=cb, executor_overrides=_executor_overrides(ray_address, workers) or None))

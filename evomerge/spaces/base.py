@@ -23,9 +23,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError
+from evomerge.paths import search_spaces_dir
 from evomerge.recipe import InputModel, Recipe, load_yaml, parse_model
 
-SEARCH_SPACES_DIR = Path(__file__).resolve().parent.parent.parent / "search_spaces"
+SEARCH_SPACES_DIR = search_spaces_dir()
 
 
 # ---------------------------------------------------------------------- the models a space combines
