@@ -22,6 +22,7 @@ import sys
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperOption
 
 from evomerge import __version__
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except EvomergeError as e:
         if _state["debug"] or "--debug" in args:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code

@@ -66,7 +66,7 @@ def eval_command(
         help="TASK[:split] (split: search | validation | test; default search), or "
              "python:pkg.module:function[:split]. Repeat, or separate with commas: -t zoo_add,zoo_l2.",
     ),
-    evals_dir: Path = typer.Option(None, "--evals-dir", help="lm-eval task directory [default: the shipped evals/]."),
+    evals_dir: Path = typer.Option(None, "--evals-dir", help="lm-eval task directory (default: the shipped evals/)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Score only the first N documents of each split."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... [default: cuda if available]."),
