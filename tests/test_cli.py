@@ -243,3 +243,17 @@ def test_missing_extras_through_the_cli(fake_run, tiny_models, tmp_path, monkeyp
     cfg.write_text(yaml.safe_dump(fake_config(tiny_models, tmp_path)))
     assert main(["search", str(cfg), "-r", str(tmp_path / "run"), "--workers", "2", "-q"]) == 2
     assert capsys.readouterr().err == "error: the Ray executor needs the 'ray' extra: pip install 'evomerge[ray]'\n"
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_optional_dependencies_are_imported_only_when_used():
+    """The core imports (CLI, search, report, MAP, optimizers, executors) pull in no extra."""
+    import subprocess
+
+    code = ("import sys\nfrom evomerge.cli import _load_commands\n_load_commands()\n"
+            "import evomerge.search, evomerge.report, evomerge.surrogate.map_search, evomerge.optimizers, "
+            "evomerge.executors\n"
+            "print(sorted(m for m in ('ray', 'plotly', 'pymoo', 'optuna', 'matplotlib', 'gguf', 'peft') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "[]\n"

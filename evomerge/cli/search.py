@@ -33,6 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from evomerge.cli import app, console
+from evomerge.extras import require_extra
 from evomerge.paths import resolve_config
 
 
@@ -213,10 +214,13 @@ def search(
 
     path = resolve_config(config)
     cfg = load_search_config(path, evaluations=evaluations, zoo=zoo)
+    overrides = _executor_overrides(ray_address, workers)
+    if overrides.get("type", cfg.executor.type) == "ray":  # before the run directory exists
+        require_extra("ray", "ray", "the Ray executor")
     name = cfg.name or path.stem
     run_dir = run_dir or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
     summary = run_with_display(f"evomerge search · {name}", quiet, lambda cb: run_search(
-        cfg, run_dir, on_progress=cb, executor_overrides=_executor_overrides(ray_address, workers) or None))
+        cfg, run_dir, on_progress=cb, executor_overrides=overrides or None))
     print_summary(summary)
 
 
