@@ -181,11 +181,21 @@ def test_summary_table_full_objective_names_in_config_order(fake_run):
 
 
 # ---------------------------------------------------------------------- progress in logs
-def test_plain_progress_lines():
+def test_plain_progress_lines(capsys):
     from evomerge.cli.progress import StageProgress, progress_line
 
     assert progress_line("merge", 120, 340, "tensors", 4.06) == "merge: 120/340 tensors (35%) 4.1 s"
     assert progress_line("merge", 7, None, "tensors", 0.5) == "merge: 7 tensors 0.5 s"
+    with StageProgress("steps", plain=True, every_s=0.0) as report:  # a line per call, one at the end
+        for done in (1, 2, 3, 4, 4):
+            report("base", done, 4)
+    with StageProgress("steps", plain=True, every_s=1e6) as report:  # only the end
+        for done in (0, 1, 2, 2):
+            report("math", done, 2)
+    out, err = capsys.readouterr()
+    lines = [re.sub(r" \d+\.\d s$", "", ln) for ln in err.splitlines()]
+    assert out == "" and lines == ["base: 1/4 steps (25%)", "base: 2/4 steps (50%)", "base: 3/4 steps (75%)",
+                                   "base: 4/4 steps (100%)", "math: 2/2 steps (100%)"]
 
 
 def test_merge_prints_progress_lines_without_a_terminal(tiny_models, tmp_path):

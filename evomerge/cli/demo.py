@@ -38,7 +38,7 @@ def validation_table(summary, cfg) -> Table:
                   title_justify="left")
     table.add_column("model")
     for k in keys:
-        table.add_column(k.rsplit(":", 1)[0], justify="right")
+        table.add_column(k.rsplit(":", 1)[0], justify="right", overflow="fold")
     table.add_column("validation fitness", justify="right")
     table.add_column("search fitness", justify="right")
 

@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from evomerge.cli import app, console
+from evomerge.cli.output import emit_json, finite
 from evomerge.errors import ModelError
 
 
@@ -53,8 +53,8 @@ def eval_json(model_dir: Path, objectives, result) -> dict:
     for o in objectives:
         score = result.scores[o.key]
         rows.append({"key": o.key, "task": o.task, "split": o.split, "metric": score.metric,
-                     "value": float(score.value), "docs": len(score.doc_ids),
-                     "metrics": {k: float(v) for k, v in score.metrics.items()}})
+                     "value": finite(score.value), "docs": len(score.doc_ids),
+                     "metrics": {k: finite(v) for k, v in score.metrics.items()}})
     return {"model": str(model_dir), "objectives": rows, "seconds": {k: float(v) for k, v in result.seconds.items()}}
 
 
@@ -73,7 +73,7 @@ def eval_command(
     engine: str = typer.Option("fast", "--engine", help="fast | lm-eval (reference, slower)."),
     threads: int = typer.Option(None, "--threads", min=1,
                                 help="CPU threads for torch [default: torch's]; 1 on a busy machine."),
-    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON on stdout (keys: see docs)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON on stdout (keys: see docs/evaluation.md)."),
 ) -> None:
     """Score MODEL_DIR on each objective and print every metric."""
     import torch
@@ -88,7 +88,7 @@ def eval_command(
     evaluator = Evaluator(objectives, tokenizer, evals_dir=evals_dir, batch_size=batch_size, engine=engine)
     result = evaluator.evaluate(model)
     if as_json:
-        typer.echo(json.dumps(eval_json(model_dir, objectives, result), indent=2))
+        emit_json(eval_json(model_dir, objectives, result))
         return
 
     table = Table(title=f"{model_dir}", title_justify="left")

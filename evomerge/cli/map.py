@@ -14,8 +14,6 @@ measurement is ``null``)::
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +22,7 @@ import typer
 from rich.table import Table
 
 from evomerge.cli import app, console
+from evomerge.cli.output import emit_json, finite
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.paths import resolve_config
 
@@ -89,14 +88,13 @@ def pareto_command(
         genes = store.meta("genes") or []
     order = sorted(front, key=lambda tr: -tr.metrics[keys[0]] * signs[0])
     if as_json:
-        typer.echo(json.dumps(pareto_json(run_dir, keys, order, predicted_front(run_dir, refit=refit)), indent=2,
-                              allow_nan=False))
+        emit_json(pareto_json(run_dir, keys, order, predicted_front(run_dir, refit=refit)))
         return
     t = Table(title=f"evaluated front ({len(front)} trials)", title_justify="left")
     t.add_column("trial", justify="right")
     t.add_column("coefficients")
     for k in keys:
-        t.add_column(k, justify="right")
+        t.add_column(k, justify="right", overflow="fold")
     t.add_column("map", style="dim")
     for tr in order:
         t.add_row(str(tr.id), _vec(tr.genome), *[f"{tr.metrics[k]:.4f}" for k in keys], str(tr.info.get("map", "")))
@@ -111,10 +109,6 @@ def pareto_command(
 
 def _floats(v) -> list | None:
     return None if v is None else [float(x) for x in np.asarray(v, dtype=float).reshape(-1)]
-
-
-def _num_or_null(x) -> float | None:
-    return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
 def pareto_json(run_dir, keys: list[str], evaluated, s: dict | None) -> dict:
@@ -138,12 +132,12 @@ def pareto_json(run_dir, keys: list[str], evaluated, s: dict | None) -> dict:
     if "front" in s:
         pred["front"] = [{"coefficients": _floats(c), "metrics": dict(zip(pkeys, _floats(m)))}
                          for c, m in zip(s["front"]["C"], s["front"]["M"])]
-        pred["fit"] = {k: {"r2": _num_or_null(r), "loo_rmse": _num_or_null(e)}
+        pred["fit"] = {k: {"r2": finite(r), "loo_rmse": finite(e)}
                        for k, r, e in zip(pkeys, s["r2"], s["loo_rmse"])}
     v = s.get("verified")
     if v:
         pred["verified"] = [{"coefficients": _floats(c), "predicted": dict(zip(pkeys, _floats(p))),
-                             "measured": {k: _num_or_null(x) for k, x in zip(pkeys, np.asarray(q, dtype=float))}}
+                             "measured": {k: finite(x) for k, x in zip(pkeys, np.asarray(q, dtype=float))}}
                             for c, p, q in zip(v["C"], v["predicted"], v["measured"])]
     doc["predicted"] = pred
     return doc

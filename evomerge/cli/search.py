@@ -33,6 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from evomerge.cli import app, console
+from evomerge.cli.output import emit_json, finite
 from evomerge.extras import require_extra
 from evomerge.paths import resolve_config
 
@@ -249,25 +250,6 @@ def resume(
     print_summary(summary)
 
 
-def _emit_json(doc) -> None:
-    """A ``--json`` document on stdout (and nothing else there)."""
-    typer.echo(json.dumps(doc, indent=2, allow_nan=False, default=_jsonable))
-
-
-def _jsonable(x):
-    import numpy as np
-
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def _finite(x: float | None) -> float | None:
-    return None if x is None or x != x or x in (float("inf"), float("-inf")) else float(x)
-
-
 def run_rows(root: Path) -> list[dict]:
     """The ``runs list --json`` rows: every run directory under ``root`` (or ``root`` itself)."""
     from evomerge.store import STORE_FILE, RunStore
@@ -282,7 +264,7 @@ def run_rows(root: Path) -> list[dict]:
             "run": str(d.relative_to(root)) if d != root and d.is_relative_to(root) else str(d),
             "path": str(d), "status": m.get("status"), "space": (cfg.get("space") or {}).get("type"),
             "optimizer": (cfg.get("optimizer") or {}).get("name"), "evaluations": m.get("evaluations", 0),
-            "budget": (cfg.get("budget") or {}).get("evaluations"), "best_fitness": _finite(m.get("best_fitness")),
+            "budget": (cfg.get("budget") or {}).get("evaluations"), "best_fitness": finite(m.get("best_fitness")),
             "elapsed_s": m.get("elapsed"),
         })
     return rows
@@ -296,7 +278,7 @@ def runs_list(
     """One line per run directory under ROOT: status, progress, best fitness."""
     rows = run_rows(root)
     if as_json:
-        _emit_json(rows)
+        emit_json(rows)
         return
     if not rows:
         console.print(f"no runs under {escape(str(root))}")
@@ -313,7 +295,7 @@ def runs_list(
 
 
 def _trial_doc(t) -> dict:
-    return {"id": t.id, "seq": t.seq, "stage": t.stage, "fitness": _finite(t.fitness), "metrics": dict(t.metrics),
+    return {"id": t.id, "seq": t.seq, "stage": t.stage, "fitness": finite(t.fitness), "metrics": dict(t.metrics),
             "validation": {k: v for k, v in (t.validation or {}).items() if k != "error"} or None,
             "worker": t.worker, "merge_s": t.seconds.get("merge_s"), "eval_s": t.seconds.get("eval_s"),
             "recipe": json.loads(t.recipe_json)}
@@ -363,7 +345,7 @@ def runs_show(
     """A run's facts, its best trials, the parents, failures and the best recipe."""
     doc = run_doc(run_dir, top)
     if as_json:
-        _emit_json(doc)
+        emit_json(doc)
         return
     rate = doc["evaluations_per_min"]
     facts = Table.grid(padding=(0, 2))
