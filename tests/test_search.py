@@ -13,6 +13,7 @@ import yaml
 
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError
+from evomerge.paths import examples_dir
 from evomerge.search import run_search
 from evomerge.store import RunStore
 
@@ -207,7 +208,7 @@ def test_bad_optimizer_is_reported_before_workers_start(tiny_models, tmp_path):
         run_search(SearchConfig.from_dict(cfg), tmp_path / "run2")
 
 
-EXAMPLES = sorted((TESTS.parent / "examples").glob("*.yaml"))
+EXAMPLES = sorted(examples_dir().glob("*.yaml"))  # the shipped copies (package data)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])

@@ -6,9 +6,8 @@ import re
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from evomerge.cli import app, console
+from evomerge.cli.progress import StageProgress
 from evomerge.errors import ConfigError
 
 
@@ -36,9 +35,7 @@ def merge(
 
     r = Recipe.load(recipe)
     sources = Sources.from_recipe(r, allow_pickle=allow_pickle)
-    with Progress(TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("merge", total=None)
+    with StageProgress("tensors") as progress:
         export_model(r, out, sources, shard_bytes=parse_size(shard_size), overwrite=force,
-                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+                     progress=lambda done, total: progress("merge", done, total))
     console.print(f"[green]wrote[/] {out}  ({r.merge_method}, recipe {r.hash()})")

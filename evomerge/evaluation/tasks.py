@@ -20,6 +20,7 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.evaluation import _lmeval
 from evomerge.evaluation._lmeval import quiet
+from evomerge import paths
 
 from lm_eval.api.task import ConfigurableTask, Task  # noqa: E402  (after _lmeval: offline first)
 from lm_eval.tasks import TaskManager  # noqa: E402
@@ -28,8 +29,8 @@ from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 
 
 def default_evals_dir() -> Path:
-    """The repository's ``evals/`` (next to the ``evomerge`` package)."""
-    return Path(__file__).resolve().parents[2] / "evals"
+    """The shipped ``evals/`` (package data; see :mod:`evomerge.paths`)."""
+    return paths.evals_dir()
 
 
 def _listing(names) -> str:

@@ -25,6 +25,7 @@ import time
 from collections import deque
 
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.extras import require_extra
 from evomerge.executors.base import Executor
 from evomerge.executors.worker import Outcome, Task, WorkerSpec, make_worker
 
@@ -61,6 +62,7 @@ class RayExecutor(Executor):
     def __init__(self, spec: WorkerSpec, workers: int = 1, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  address: str | None = None, max_retries: int = 2, max_restarts: int = 10,
                  temp_dir: str | None = None):
+        require_extra("ray", "ray", "the Ray executor")
         super().__init__(spec, workers)
         self.num_cpus, self.num_gpus = float(num_cpus), float(num_gpus)
         self.address = address or os.environ.get("RAY_ADDRESS") or None

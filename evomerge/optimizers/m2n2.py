@@ -1,4 +1,4 @@
-"""M2N2 — Model Merging of Natural Niches (Abrantes, Lange, Tang 2025), ALGORITHMS.md §4.
+"""M2N2 — Model Merging of Natural Niches (Abrantes, Lange, Tang 2025), docs/ALGORITHMS.md §4.
 
 An archive of P members with a per-data-point score matrix S (P × N). Competition: each data
 point is a resource shared by the members that solve it, z_j = (Σ_k S_kj)^α (1 where the sum is

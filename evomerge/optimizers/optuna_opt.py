@@ -17,10 +17,12 @@ from typing import Any, Callable
 import numpy as np
 
 from evomerge.errors import ConfigError
+from evomerge.extras import require_extra
 from evomerge.optimizers.base import Ask, Optimizer, register
 
 
 def _samplers() -> dict[str, Callable[..., Any]]:
+    require_extra("optuna", "optuna", "the optuna optimizer")
     import optuna.samplers as s
 
     table = {

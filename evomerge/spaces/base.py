@@ -24,9 +24,10 @@ from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError
 from evomerge.io import load_yaml, parse_model
+from evomerge.paths import search_spaces_dir
 from evomerge.recipe import InputModel, Recipe
 
-SEARCH_SPACES_DIR = Path(__file__).resolve().parent.parent.parent / "search_spaces"
+SEARCH_SPACES_DIR = search_spaces_dir()
 
 
 # ---------------------------------------------------------------------- the models a space combines

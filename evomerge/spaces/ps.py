@@ -1,6 +1,6 @@
 """Parameter-space (PS) search: operator parameters per expert and per layer group.
 
-After Akiba et al. 2024 (ALGORITHMS.md §2): one merge operator (TIES with DARE by default), and
+After Akiba et al. 2024 (docs/ALGORITHMS.md §2): one merge operator (TIES with DARE by default), and
 for every expert ``k``, every searched parameter ``p`` (weight, density) and every *group* of
 tensors one gene. Groups come from the granularity:
 

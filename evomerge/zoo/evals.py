@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evomerge.io import atomic_write_text
+from evomerge.paths import evals_dir
 from evomerge.zoo.tasks import EVAL_TASKS, write_eval_data
 
 # The answer alphabet of every zoo task (both scripts): the regex keeps the first run of it.
@@ -89,7 +90,8 @@ test_split: {split}
 
 
 def default_evals_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "evals"
+    """The shipped ``evals/`` — in a checkout, the repository's top-level folder (its source)."""
+    return evals_dir()
 
 
 def write_evals(out_dir: str | Path) -> list[Path]:

@@ -19,7 +19,7 @@ Contract (every operator):
   must not alias any input.
 
 The result is a float32 tensor of the same shape (``out`` when given, else a new tensor).
-Semantics follow ALGORITHMS.md §1 and mergekit 0.1.5's implementation where mergekit has the
+Semantics follow docs/ALGORITHMS.md §1 and mergekit 0.1.5's implementation where mergekit has the
 method (same parameter names and defaults); where the papers and mergekit differ the choice is
 an option (``rescale_mode``, ``sign_method``, ``normalize``) whose default is mergekit's.
 ``docs/operators.md`` has the formulas and the equivalence record.

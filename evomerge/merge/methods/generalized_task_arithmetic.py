@@ -2,7 +2,7 @@
 ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``, ``breadcrumbs``,
 ``breadcrumbs_ties``, ``della``, ``della_linear`` — θ = θ0 + λ · mix(sparsify(τ_k)) / divisor.
 
-Semantics follow ALGORITHMS.md §1 and mergekit 0.1.5 (same parameter names and defaults); where
+Semantics follow docs/ALGORITHMS.md §1 and mergekit 0.1.5 (same parameter names and defaults); where
 the papers and mergekit differ the choice is an option (``rescale_mode``, ``sign_method``,
 ``normalize``) whose default is mergekit's.
 """
