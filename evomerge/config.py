@@ -235,7 +235,7 @@ class SearchConfig(_Strict):
 
     @model_validator(mode="after")
     def _model_archive(self) -> "SearchConfig":
-        """M2N2 on weights (evomerge/archive.py) fixes the optimizer and the executor."""
+        """M2N2 on weights (evomerge/search/archive.py) fixes the optimizer and the executor."""
         if getattr(self.space, "type", None) != "model_archive":
             return self
         if self.optimizer.name != "m2n2":

@@ -20,7 +20,7 @@ from evomerge.cli import app, console
 
 def recipe_yaml(recipe_json: str) -> str:
     """A stored recipe as YAML (a model-archive child's lineage too)."""
-    from evomerge.archive import recipe_yaml as _yaml
+    from evomerge.lineage import recipe_yaml as _yaml
 
     return _yaml(recipe_json)
 

@@ -208,11 +208,6 @@ def register_space(name: str, config: type[SpaceConfig]):
     return deco
 
 
-def _ensure_registered() -> None:
-    # Importing the package registers the shipped spaces.
-    import evomerge.spaces  # noqa: F401
-
-
 def shipped_space_file(name: str) -> Path:
     return SEARCH_SPACES_DIR / f"{name}.yaml"
 
@@ -223,7 +218,6 @@ def parse_space_config(value: Any, where: str = "space") -> SpaceConfig:
     A mapping starts from the shipped file of its type (``search_spaces/<type>.yaml``), so a
     config only names what it changes.
     """
-    _ensure_registered()
     if isinstance(value, SpaceConfig):
         return value
     if isinstance(value, (str, Path)):
