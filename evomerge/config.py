@@ -29,7 +29,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from evomerge.errors import ConfigError
 from evomerge.recipe import InputModel, load_yaml, parse_model
 
-SPLITS = ("search", "validation", "test")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d)?\s*$")
 _UNIT = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
 
@@ -59,7 +58,7 @@ class ObjectiveConfig(_Strict):
 
     task: str = Field(min_length=1)
     metric: str | None = None  # default: the task's first metric
-    split: Literal["search", "validation", "test"] = "search"
+    split: Literal["search", "validation", "test"] = "search"  # = evaluation.objective.SPLITS (a test checks)
     weight: float = 1.0
     limit: int | None = Field(default=None, ge=1)
 
