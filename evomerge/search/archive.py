@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError
 from evomerge.executors.worker import ModelWorker
 from evomerge.lineage import ArchiveWeights, Lineage, float_names, load_into, parse_lineage, store_lineage
 from evomerge.optimizers.m2n2 import ArchiveM2N2
