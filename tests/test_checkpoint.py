@@ -163,3 +163,22 @@ def test_an_old_pickled_checkpoint_resumes_exactly_with_the_opt_in(tiny_models, 
         assert not checkpoint.is_pickle(s.last_checkpoint()[2])
     run_search(SearchConfig.from_dict({**cfg, "budget": {"evaluations": 20}}), tmp_path / "new")
     assert sequence(tmp_path / "old") == sequence(tmp_path / "new") and len(sequence(tmp_path / "new")) == 20
+
+
+def test_a_tampered_optimizer_state_fails_with_one_clear_line():
+    import io
+    import json
+
+    opt = make_optimizer("cmaes", [0, 0, 0], [1, 1, 1], seed=0)
+    opt.ask()
+    blob = opt.state_bytes()
+    with np.load(io.BytesIO(blob)) as z:
+        arrays = {k: z[k] for k in z.files}
+    text = arrays[checkpoint._JSON].tobytes().decode()
+    assert '"type": "full"' in text
+    arrays[checkpoint._JSON] = np.frombuffer(text.replace('"type": "full"', '"type": "evil"').encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with pytest.raises(ConfigError, match=r"optimizer checkpoint of evomerge.optimizers.cmaes_opt:CMAES is damaged"):
+        load_optimizer(buf.getvalue())
+    json.loads(text)  # the untampered document is plain JSON

@@ -315,7 +315,11 @@ def _optimizer_from(d: dict) -> Optimizer:
     if cls is None:
         raise EvomergeError(f"optimizer checkpoint: unknown optimizer class {d['class']!r}")
     obj = cls.__new__(cls)
-    obj._set_state(d["state"])
+    try:
+        obj._set_state(d["state"])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ConfigError(f"optimizer checkpoint of {d['class']} is damaged ({type(exc).__name__}: {exc}); "
+                          "the run store may be damaged") from None
     return obj
 
 
