@@ -30,7 +30,6 @@ from evomerge.errors import ConfigError
 from evomerge.io import load_yaml, parse_model
 from evomerge.recipe import InputModel
 
-SPLITS = ("search", "validation", "test")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d)?\s*$")
 _UNIT = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
 
@@ -60,7 +59,7 @@ class ObjectiveConfig(_Strict):
 
     task: str = Field(min_length=1)
     metric: str | None = None  # default: the task's first metric
-    split: Literal["search", "validation", "test"] = "search"
+    split: Literal["search", "validation", "test"] = "search"  # = evaluation.objective.SPLITS (a test checks)
     weight: float = 1.0
     limit: int | None = Field(default=None, ge=1)
 
@@ -236,7 +235,7 @@ class SearchConfig(_Strict):
 
     @model_validator(mode="after")
     def _model_archive(self) -> "SearchConfig":
-        """M2N2 on weights (evomerge/archive.py) fixes the optimizer and the executor."""
+        """M2N2 on weights (evomerge/search/archive.py) fixes the optimizer and the executor."""
         if getattr(self.space, "type", None) != "model_archive":
             return self
         if self.optimizer.name != "m2n2":

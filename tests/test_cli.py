@@ -261,7 +261,7 @@ def test_optional_dependencies_are_imported_only_when_used():
     import subprocess
 
     code = ("import sys\nfrom evomerge.cli import _load_commands\n_load_commands()\n"
-            "import evomerge.search, evomerge.report, evomerge.surrogate.map_search, evomerge.optimizers, "
+            "import evomerge.search, evomerge.report, evomerge.optimizers.map, evomerge.optimizers, "
             "evomerge.executors\n"
             "print(sorted(m for m in ('ray', 'plotly', 'pymoo', 'optuna', 'matplotlib', 'gguf', 'peft') "
             "if m in sys.modules))")

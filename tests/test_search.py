@@ -363,3 +363,15 @@ def test_interrupted_hybrid_resumes_in_stage_two_like_an_uninterrupted_run(tiny_
     run_search(None, tmp_path / "a", resume=True)
     run_search(SearchConfig.from_dict(cfg), tmp_path / "b")
     assert sequence(tmp_path / "a") == sequence(tmp_path / "b")
+
+
+def test_split_names_have_one_home():
+    """``evaluation.objective.SPLITS`` is the home; the config's Literal and the workers' names follow it."""
+    from typing import get_args
+
+    from evomerge.config import ObjectiveConfig
+    from evomerge.evaluation.objective import SPLITS
+    from evomerge.executors import worker
+
+    assert get_args(ObjectiveConfig.model_fields["split"].annotation) == SPLITS
+    assert (worker.SEARCH, worker.VALIDATION) == SPLITS[:2]

@@ -254,8 +254,15 @@ def test_shipped_yaml_equals_code_defaults_and_has_a_banner(name):
     path = SEARCH_SPACES_DIR / f"{name}.yaml"
     text = path.read_text()
     assert text.startswith("#") and f"evomerge/spaces/{name}.py" in text.splitlines()[0]
-    from_file = parse_space_config(name)
-    assert from_file == SPACES[name].config.model_validate({"type": name})
+    # the code holds the defaults; the file shows every one of them, with the same values
+    from evomerge.io import load_yaml
+    from evomerge.spaces.base import space_defaults
+
+    shown = load_yaml(path)
+    assert set(shown) == set(space_defaults(name)), "the shipped file must show every key"
+    assert SPACES[name].config.model_validate(shown) == SPACES[name].config.model_validate({"type": name})
+    from_file = parse_space_config(str(path))
+    assert from_file == parse_space_config(name)
     # a mapping only names what it changes; the rest comes from the shipped file
     changed = parse_space_config({"type": name, "decimals": 2})
     assert changed.decimals == 2 and changed.model_copy(update={"decimals": 4}) == from_file

@@ -47,7 +47,7 @@ def map_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the MAP run in --run-dir."),
 ) -> None:
     """Fit quadratic surrogates of each objective over the merge coefficients (MAP) and predict the Pareto front."""
-    from evomerge.surrogate.map_search import KINDS, run_map
+    from evomerge.search.map import KINDS, run_map
 
     if kind is not None and kind not in KINDS:
         raise ConfigError(f"--kind: choose one of {', '.join(KINDS)}, got {kind!r}")
@@ -78,7 +78,7 @@ def pareto_command(
     """Print the evaluated Pareto front and the predicted (MAP) front of a run."""
     from evomerge.config import SearchConfig
     from evomerge.store import RunStore
-    from evomerge.surrogate.map_search import predicted_front
+    from evomerge.search.map import predicted_front
 
     with RunStore(run_dir) as store:
         cfg = SearchConfig.from_dict(store.meta("config"), where=f"{run_dir} (stored config)")

@@ -40,7 +40,7 @@ from evomerge.paths import resolve_config
 
 def recipe_yaml(recipe_json: str) -> str:
     """A stored recipe as YAML (a model-archive child's lineage too)."""
-    from evomerge.archive import recipe_yaml as _yaml
+    from evomerge.lineage import recipe_yaml as _yaml
 
     return _yaml(recipe_json)
 
@@ -234,6 +234,8 @@ def resume(
     workers: int = typer.Option(None, "--workers", help="Number of workers (changes the window only if "
                                 "search.window is unset)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a checkpoint of an older evomerge, "
+                                      "stored as a pickle (unsafe: trusted run directories only)."),
 ) -> None:
     """Continue a search from its last checkpoint; stored evaluations are never repeated."""
     from evomerge.config import parse_duration
@@ -246,7 +248,7 @@ def resume(
         budget["wall_time"] = parse_duration(wall_time)
     summary = run_with_display(f"evomerge resume · {run_dir.name}", quiet, lambda cb: run_search(
         None, run_dir, resume=True, on_progress=cb, budget=budget or None,
-        executor_overrides=_executor_overrides(ray_address, workers) or None))
+        executor_overrides=_executor_overrides(ray_address, workers) or None, allow_pickle=allow_pickle))
     print_summary(summary)
 
 

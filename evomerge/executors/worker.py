@@ -20,6 +20,8 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 
+# = evaluation.objective.SPLITS[:2], the names' home (a test checks); importing the evaluation
+# package here would load lm-eval into every process that only talks to workers
 SEARCH, VALIDATION = "search", "validation"
 
 

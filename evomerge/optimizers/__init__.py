@@ -1,7 +1,9 @@
 """Optimizers behind one ask/tell interface (maximise, seeded, exactly resumable).
 
 ``make_optimizer(name, lower, upper, seed, x0=None, **options)``; names: ``cmaes`` (``cmaes:sep``,
-``cmaes:full``), ``m2n2``, ``random``, ``optuna:<sampler>``. See docs/optimizers.md.
+``cmaes:full``), ``m2n2``, ``random``, ``optuna:<sampler>``, ``map[:plain|bayesian|nested]`` (MAP,
+:mod:`.map`) and ``prescreen:<inner>`` (surrogate pre-screening, :mod:`.prescreen`). See
+docs/optimizers.md.
 """
 
 from evomerge.optimizers.base import (
@@ -12,7 +14,7 @@ from evomerge.optimizers.base import (
     make_optimizer,
     register,
 )
-from evomerge.optimizers import cmaes_opt, m2n2, optuna_opt, random_opt  # noqa: F401  (register)
+from evomerge.optimizers import cmaes_opt, m2n2, map, optuna_opt, prescreen, random_opt  # noqa: F401  (register)
 from evomerge.optimizers.m2n2 import split_slerp, split_slerp_parts
 
 __all__ = [
@@ -25,7 +27,3 @@ __all__ = [
     "split_slerp",
     "split_slerp_parts",
 ]
-
-# Optimizers defined with the surrogates register themselves on import: ``map[:plain|bayesian|nested]``
-# (MAP as a search kind) and ``prescreen:<inner>`` (surrogate pre-screening). Kept last: they import base.
-from evomerge.surrogate import map_search as _map_search, prescreen as _prescreen  # noqa: E402,F401

@@ -151,7 +151,7 @@ def export_trial(data: ReportData, t: TrialInfo, out: str | Path, how: str = "",
 
     if not t.recipe:
         raise EvomergeError(f"{data.run.run_dir}: trial {t.id} has no stored recipe")
-    from evomerge.archive import export_member, is_lineage
+    from evomerge.lineage import export_member, is_lineage
 
     if is_lineage(t.recipe):  # a model-archive child: its weights come from its lineage
         card = card_sections(data, t, how or f"trial {t.id}", None, False).split("\n## Reproduce")[0]
