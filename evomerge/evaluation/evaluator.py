@@ -46,7 +46,8 @@ class Evaluator:
         objectives: Sequence[Objective],
         tokenizer,
         *,
-        evals_dir: str | Path | None = None,
+        evals_dir: str | Path | Sequence[str | Path] | None = None,
+        builtin_tasks: bool = False,
         batch_size: int = 64,
         device: str | torch.device | None = None,
         engine: str = "fast",
@@ -71,7 +72,7 @@ class Evaluator:
 
         self._python = {o.key: PythonObjective(o) for o in self.objectives if o.is_python}
         lm_objectives = [o for o in self.objectives if not o.is_python]
-        self.catalog = TaskCatalog(evals_dir) if lm_objectives else None
+        self.catalog = TaskCatalog(evals_dir, builtin_tasks=builtin_tasks) if lm_objectives else None
         self._prepared: dict[str, PreparedTask] = {}
         self._reference: dict[str, tuple] = {}
         for o in lm_objectives:
