@@ -113,7 +113,8 @@ def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
         models=models,
         objectives=[o.model_dump() for o in cfg.objectives],
         validation=[o.model_dump() for o in cfg.validation.objectives] if cfg.validation.when != "none" else [],
-        evals_dir=cfg.evaluation.evals_dir, batch_size=cfg.evaluation.batch_size, dtype=cfg.evaluation.dtype,
+        evals_dir=cfg.evaluation.evals_dir, builtin_tasks=cfg.evaluation.builtin_tasks,
+        batch_size=cfg.evaluation.batch_size, dtype=cfg.evaluation.dtype,
         device=cfg.executor.device, threads=cfg.executor.threads, factory=cfg.executor.worker,
         options=dict(cfg.executor.worker_options),
     )
@@ -139,6 +140,16 @@ def check_optimizer(cfg: SearchConfig, space: Space):
         raise ConfigError(f"optimizer {cfg.optimizer.name!r} expects {n} objectives but the config lists "
                           f"{len(cfg.objectives)}; set optimizer.options.objectives: {len(cfg.objectives)}")
     return opt
+
+
+def check_tasks(cfg: SearchConfig) -> dict[str, str]:
+    """Build the config's lm-eval objectives once here (see evomerge/evaluation/check.py): objective
+    key → the dataset split it scores; unknown tasks, splits, metrics or missing data fail now."""
+    from evomerge.evaluation.check import check_objectives
+
+    val = cfg.validation.objectives if cfg.validation.when != "none" else []
+    return check_objectives([o.to_objective() for o in cfg.objectives], [o.to_objective() for o in val],
+                            evals_dir=cfg.evaluation.evals_dir, builtin_tasks=cfg.evaluation.builtin_tasks)
 
 
 @dataclass
@@ -599,8 +610,11 @@ def run_search(config: SearchConfig | str | Path, run_dir: str | Path, *, resume
         if RunStore.exists(run_dir):
             raise ConfigError(f"{run_dir}: already holds a run; continue it with `evomerge resume {run_dir}` "
                               "or choose another --run-dir")
+        # bad tasks, splits or data: one line and no run directory (a custom worker scores its own way)
+        splits = check_tasks(cfg) if cfg.executor.worker is None else {}
         store = RunStore(run_dir, create=True)
-        store.set_meta(config=cfg.to_dict(), name=cfg.name or run_dir.name, created=time.time(), status="new")
+        store.set_meta(config=cfg.to_dict(), name=cfg.name or run_dir.name, created=time.time(), status="new",
+                       splits=splits)
     try:
         cls = Search
         if getattr(cfg.space, "type", None) == "model_archive":  # M2N2 on weights: evomerge/archive.py

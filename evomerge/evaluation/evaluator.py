@@ -75,8 +75,10 @@ class Evaluator:
         self.catalog = TaskCatalog(evals_dir, builtin_tasks=builtin_tasks) if lm_objectives else None
         self._prepared: dict[str, PreparedTask] = {}
         self._reference: dict[str, tuple] = {}
+        self.splits: dict[str, str] = {}  # objective key -> the dataset split scored (roles resolved)
         for o in lm_objectives:
             task = self.catalog.build(o.task, o.split, key=o.key)
+            self.splits[o.key] = task.config.test_split
             if engine == "fast":
                 self._prepared[o.key] = PreparedTask(task, o.key, o.metric, o.limit)
             else:
