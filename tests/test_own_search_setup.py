@@ -237,3 +237,54 @@ def test_map_summary_reports_weighted_fitness_and_pick():
     assert preference_index(R.front.M, [2.0, 1.0]) == s["pick"]
     s = summarize(R, "plain", ["a:search", "b:search"], signs, ["c0", "c1"], weights=[0.1, -1.0])
     assert s["pick"] == 0 and preference_index(R.front.M, [0.1, 1.0]) == 0
+
+
+# ---------------------------------------------------------------------- through the search loop
+def search_config(tiny_models, tmp_path, **over) -> dict:
+    cfg = {
+        "name": "t",
+        "models": {"base": str(tiny_models["base"]), "experts": [str(tiny_models[f"e{k}"]) for k in range(3)]},
+        "space": {"type": "task_vector", "decimals": 6},
+        "objectives": [{"task": "fake"}],
+        "executor": {"worker": "search_fakes:FakeWorker"},
+        "search": {"references": False},
+        "seed": 3,
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_grid_search_runs_the_whole_grid_without_a_budget(tiny_models, tmp_path):
+    from evomerge.search import run_search
+    from evomerge.store import RunStore
+
+    cfg = SearchConfig.from_dict(search_config(tiny_models, tmp_path,
+                                               optimizer={"name": "grid", "options": {"points": 3}}))
+    out = run_search(cfg, tmp_path / "run")
+    space = make_space(cfg.space, ModelPool.from_paths(cfg.models.base, cfg.models.input_models()))
+    expected = [np.array(p) for p in itertools.product(*[np.linspace(lo, hi, 3) for lo, hi in
+                                                        zip(space.lower, space.upper)])]
+    assert out.evaluations == 27 and out.stopped == "all stages done" and out.failures == 0
+    with RunStore(tmp_path / "run") as s:
+        trials = sorted(s.trials(), key=lambda t: t.seq)
+        assert len(trials) == 27
+        for t, g in zip(trials, expected):
+            np.testing.assert_allclose(t.genome, g)
+    # a smaller evaluation budget stops the grid part-way, in order
+    short = SearchConfig.from_dict(search_config(tiny_models, tmp_path, optimizer={"name": "grid"},
+                                                 budget={"evaluations": 5}))
+    assert run_search(short, tmp_path / "short").evaluations == 5
+
+
+def test_plugin_optimizer_runs_a_search_from_a_config(tiny_models, tmp_path, plugin_dist):
+    from evomerge.search import run_search
+    from evomerge.store import RunStore
+
+    cfg = SearchConfig.from_dict(search_config(tiny_models, tmp_path, optimizer={"name": "corners", "options": {"n": 1}}))
+    assert cfg.budget.exhaust  # the plugin says it is finite
+    out = run_search(cfg, tmp_path / "run")
+    assert out.evaluations == 3 and out.failures == 0
+    with RunStore(tmp_path / "run") as s:
+        genomes = [t.genome.tolist() for t in sorted(s.trials(), key=lambda t: t.seq)]
+    space = make_space(cfg.space, ModelPool.from_paths(cfg.models.base, cfg.models.input_models()))
+    np.testing.assert_allclose(genomes, [space.lower, space.upper, (space.lower + space.upper) / 2])
