@@ -288,3 +288,33 @@ def test_plugin_optimizer_runs_a_search_from_a_config(tiny_models, tmp_path, plu
         genomes = [t.genome.tolist() for t in sorted(s.trials(), key=lambda t: t.seq)]
     space = make_space(cfg.space, ModelPool.from_paths(cfg.models.base, cfg.models.input_models()))
     np.testing.assert_allclose(genomes, [space.lower, space.upper, (space.lower + space.upper) / 2])
+
+
+def test_map_uses_the_objective_weights_for_its_pick(tiny_models, tmp_path, monkeypatch, capsys):
+    from test_map import _map_config
+
+    from evomerge.cli import main
+    from evomerge.surrogate.map_search import map_search_config, run_map
+
+    base = _map_config(tiny_models)
+    weighted = {**base, "objectives": [{"task": "t0", "weight": 3.0}, {"task": "t1", "weight": -0.5}]}
+    assert map_search_config(weighted)[0].optimizer.options["preference"] == [3.0, 0.5]
+    assert map_search_config({**weighted, "map": {**base["map"], "preference": [1, 1]}})[0] \
+        .optimizer.options["preference"] == [1, 1]  # an explicit preference wins
+    with pytest.raises(ConfigError, match="objectives: every weight is 0; MAP picks its merge by the weights"):
+        map_search_config({**base, "objectives": [{"task": "t0", "weight": 0}, {"task": "t1", "weight": 0}]})
+
+    monkeypatch.chdir(tmp_path)
+    w = [1.0, 3.0]
+    run = run_map({**base, "objectives": [{"task": "t0", "weight": w[0]}, {"task": "t1", "weight": w[1]}]},
+                  tmp_path / "run", verify=1)
+    s = run.summary
+    M = np.array(s["front"]["M"])
+    np.testing.assert_allclose(s["front"]["fitness"], M @ w)
+    assert s["weights"] == w and s["pick"] == int(np.argmax(M @ w))
+    # the verified point is the weighted pick (verify includes the preference point first)
+    np.testing.assert_allclose(s["verified"]["C"][0], s["front"]["C"][s["pick"]])
+    capsys.readouterr()
+    assert main(["pareto", str(tmp_path / "run"), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "fitness" in out and out.count("← pick") == 1
