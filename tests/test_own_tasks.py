@@ -91,7 +91,7 @@ def test_splits_of_a_custom_dataset_are_listed_by_loading_it(tmp_path):
                splits="validation_split: dev\ntest_split: test")
     cat = TaskCatalog(tmp_path)
     assert docs(cat.build("cds", "search")) == ["x"] and cat.build("cds", "search").config.test_split == "dev"
-    with pytest.raises(EvomergeError, match=r"task 'cds' has no split 'test' and no test_split to stand in .*its splits: dev"):
+    with pytest.raises(EvomergeError, match=r"^task 'cds' has no split 'test'; its splits: dev \(set"):
         cat.build("cds", "test")
 
 
@@ -270,3 +270,11 @@ def test_eval_cli_takes_several_evals_dirs_and_shows_the_scored_split(tmp_path, 
     rc = cli_main(["eval", str(model_dir), "-o", "own:train", "--evals-dir", str(tmp_path / "mine")])
     err = capsys.readouterr().err
     assert rc == 2 and "task 'own' has no split 'train'; its splits: dev, test" in err and err.count("\n") == 1, err
+
+
+def test_a_declared_role_split_that_the_dataset_lacks_is_named(tmp_path):
+    write_task(tmp_path, "typo", {"dev": ["d"]}, splits="validation_split: valid\ntest_split: dev")
+    with pytest.raises(EvomergeError) as e:
+        TaskCatalog(tmp_path).build("typo", "search")
+    assert str(e.value) == ("task 'typo' has no split 'search', nor its validation_split 'valid'; its splits: dev "
+                            "(set the objective's split to one of them)")

@@ -163,9 +163,13 @@ def _pick_split(task: str, split: str, cfg: dict[str, Any], available: list[str]
     if split in available:
         return split
     declared = cfg.get(ROLE_SPLITS[split]) if split in ROLE_SPLITS else None
-    if declared in available:
+    if declared is not None and declared in available:
         return declared
-    via = f" and no {ROLE_SPLITS[split]} to stand in for it" if split in ROLE_SPLITS else ""
+    via = ""
+    if split in ROLE_SPLITS:
+        role_key = ROLE_SPLITS[split]
+        via = (f" and no {role_key} to stand in for it" if declared is None
+               else f", nor its {role_key} {declared!r}" if declared != split else "")
     raise EvomergeError(f"task {task!r} has no split {split!r}{via}; its splits: {_listing(available)} "
                         "(set the objective's split to one of them)")
 
