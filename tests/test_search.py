@@ -171,8 +171,8 @@ CONFIG_ERRORS = [
     ("models: {base: a, zoo: demo}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\n", "either `zoo`"),
     ("models: {zoo: demo, experts: [{model: a}]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\n",
      "zoo expert names"),
-    ("models: {experts: [a]}\nobjectives: [{task: x, split: train}]\nbudget: {evaluations: 3}\n",
-     "objectives.0.split: Input should be 'search', 'validation' or 'test'"),
+    ("models: {experts: [a]}\nobjectives: [{task: x, split: ''}]\nbudget: {evaluations: 3}\n",
+     "objectives.0.split: String should have at least 1 character"),  # any split name; checked against the task later
     ("models: {experts: [a]}\nobjectives: [{task: x}, {task: x}]\nbudget: {evaluations: 3}\n", "x:search is listed twice"),
     ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 0}\n", "budget.evaluations"),
     ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {wall_time: soon}\n", "'soon' is not a duration"),

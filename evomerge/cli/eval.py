@@ -63,10 +63,15 @@ def eval_command(
     model_dir: Path = typer.Argument(..., help="Hugging Face model directory (safetensors)."),
     task: list[str] = typer.Option(
         ..., "--task", "--objective", "-t",
-        help="TASK[:split] (split: search | validation | test; default search), or "
+        help="TASK[:split] (split: search | validation | test, or any split of the task; default search), or "
              "python:pkg.module:function[:split]. Repeat, or separate with commas: -t zoo_add,zoo_l2.",
     ),
-    evals_dir: Path = typer.Option(None, "--evals-dir", help="lm-eval task directory (default: the shipped evals/)."),
+    evals_dir: list[Path] = typer.Option(
+        None, "--evals-dir",
+        help="lm-eval task directory; repeat for several (first wins a name clash). The shipped evals are always included.",
+    ),
+    builtin_tasks: bool = typer.Option(False, "--builtin-tasks",
+                                       help="Also index lm-eval's built-in tasks (costs ~19 s)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Score only the first N documents of each split."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... [default: cuda if available]."),
@@ -85,7 +90,8 @@ def eval_command(
 
     objectives = [Objective.parse(spec, limit=limit) for spec in split_list(task)]
     model, tokenizer = load_model_dir(model_dir, device)
-    evaluator = Evaluator(objectives, tokenizer, evals_dir=evals_dir, batch_size=batch_size, engine=engine)
+    evaluator = Evaluator(objectives, tokenizer, evals_dir=list(evals_dir or []) or None, builtin_tasks=builtin_tasks,
+                          batch_size=batch_size, engine=engine)
     result = evaluator.evaluate(model)
     if as_json:
         emit_json(eval_json(model_dir, objectives, result))
@@ -99,8 +105,10 @@ def eval_command(
         score = result.scores[o.key]
         for name, value in score.metrics.items():
             chosen = name == score.metric
-            table.add_row(o.task, o.split, name + (" *" if chosen else ""), f"{value:.4f}",
-                          str(len(score.doc_ids)), style="bold" if chosen else None)
+            split = evaluator.splits.get(o.key, o.split)
+            table.add_row(o.task, o.split if split == o.split else f"{o.split} → {split}",
+                          name + (" *" if chosen else ""), f"{value:.4f}", str(len(score.doc_ids)),
+                          style="bold" if chosen else None)
     console.print(table)
     s = result.seconds
     console.print(

@@ -174,8 +174,14 @@ def _print_summary(s: dict, run_dir, *, all_points: bool = False, genes=None) ->
     t.add_column("coefficients")
     for k in keys:
         t.add_column(k, justify="right")
+    fitness, pick = s["front"].get("fitness"), s.get("pick")
+    if fitness is not None:  # Σ weight · metric, the search's scalarisation
+        t.add_column("fitness", justify="right")
+        if pick is not None and pick not in idx:
+            idx = np.sort(np.append(idx, pick))
     for i in idx:
-        t.add_row(_vec(C[i]), *[f"{x:.4f}" for x in M[i]])
+        cells = [f"{x:.4f}" for x in M[i]] + ([f"{fitness[i]:.4f}"] if fitness is not None else [])
+        t.add_row(_vec(C[i]) + (" ← pick" if i == pick else ""), *cells, style="bold" if i == pick else None)
     console.print(t)
     console.print("surrogate fit: " + ", ".join(
         f"{k} R² {r:.3f} LOO-RMSE {e:.4f}" for k, r, e in zip(keys, s["r2"], s["loo_rmse"])), highlight=False)

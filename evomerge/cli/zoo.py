@@ -59,10 +59,11 @@ def evals(
                              "checkout the repository's evals/)."),
 ) -> None:
     """Regenerate the lm-eval task YAMLs and held-out JSONL data of every zoo task."""
-    from evomerge.zoo.evals import default_evals_dir, write_evals
+    from evomerge.paths import evals_dir
+    from evomerge.zoo.evals import write_evals
 
-    paths = write_evals(out or default_evals_dir())
-    console.print(f"wrote {len(paths)} files under {out or default_evals_dir()}")
+    paths = write_evals(out or evals_dir())
+    console.print(f"wrote {len(paths)} files under {out or evals_dir()}")
 
 
 @zoo_app.command("path")

@@ -61,7 +61,8 @@ class WorkerSpec:
     models: dict[str, str]  # alias ("base", experts) -> directory
     objectives: list[dict[str, Any]]  # search objectives (ObjectiveConfig dumps)
     validation: list[dict[str, Any]] = field(default_factory=list)
-    evals_dir: str | None = None
+    evals_dir: str | list[str] | None = None
+    builtin_tasks: bool = False
     batch_size: int = 16
     dtype: str = "float32"
     device: str = "auto"
@@ -138,6 +139,7 @@ class ModelWorker:
             if objs:
                 self.evaluators[split] = Evaluator(
                     [Objective(**o) for o in objs], self.tokenizer, evals_dir=spec.evals_dir,
+                    builtin_tasks=spec.builtin_tasks,
                     batch_size=spec.batch_size, device=self.device,
                 )
         self.startup_s = time.perf_counter() - t0

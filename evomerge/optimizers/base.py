@@ -83,6 +83,9 @@ class Optimizer(ABC):
     name: ClassVar[str] = ""
     #: whether the box may be unbounded (M2N2 on raw weights); others need finite bounds.
     allows_infinite_bounds: ClassVar[bool] = False
+    #: whether it asks a finite set of candidates and then stops (grid): a search config may then
+    #: leave out its budget and run until ``ask`` returns None with nothing outstanding.
+    finite: ClassVar[bool] = False
 
     def __init__(self, lower, upper, seed: int, x0=None):
         self.lower, self.upper = _as_bounds(
@@ -274,20 +277,60 @@ def _option_names(cls: type[Optimizer]) -> list[str]:
     return [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY]
 
 
+#: entry-point group through which installed distributions add optimizers (name = the
+#: registry name, value = ``module:Class``, an :class:`Optimizer` subclass).
+ENTRY_POINT_GROUP = "evomerge.optimizers"
+
+
+def _load_plugin(family: str) -> type[Optimizer] | None:
+    """The optimizer ``family`` from an installed distribution's entry points, registered on first use."""
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == family]
+    if not found:
+        return None
+    ep = found[0]
+    try:
+        cls = ep.load()
+    except Exception as e:  # noqa: BLE001  (a broken plugin is the user's to fix: say which)
+        raise ConfigError(f"optimizer {family!r}: plugin entry point {ep.value!r} does not load "
+                          f"({type(e).__name__}: {e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
+        raise ConfigError(f"optimizer {family!r}: plugin entry point {ep.value!r} is not an Optimizer subclass")
+    if family not in OPTIMIZERS:
+        register(family)(cls)
+    return OPTIMIZERS[family]
+
+
+def _plugin_names() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)]
+
+
+def optimizer_class(name: str) -> type[Optimizer]:
+    """The class behind ``name`` (``family[:variant]``): built-in, or from a plugin's entry point."""
+    from evomerge import optimizers as _pkg  # noqa: F401  (registers the built-ins)
+
+    family = str(name).partition(":")[0]
+    cls = OPTIMIZERS.get(family) or _load_plugin(family)
+    if cls is None:
+        raise ConfigError(
+            f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(set(OPTIMIZERS) | set(_plugin_names())))} "
+            "(Optuna samplers as optuna:<sampler>)"
+        )
+    return cls
+
+
 def make_optimizer(name: str, lower, upper, seed: int, x0=None, **options: Any) -> Optimizer:
-    """Build an optimizer by name: ``cmaes``, ``cmaes:sep``, ``m2n2``, ``random``, ``optuna:tpe``...
+    """Build an optimizer by name: ``cmaes``, ``cmaes:sep``, ``m2n2``, ``random``, ``grid``,
+    ``optuna:tpe``..., or a name a plugin registers under the ``evomerge.optimizers`` entry points.
 
     The part after ``:`` is the optimizer's ``variant`` (CMA flavour, Optuna sampler).
     Unknown names or options raise ConfigError listing what is valid.
     """
-    # the built-ins are registered: importing this module ran its package's __init__, which imports them
     family, _, variant = str(name).partition(":")
-    cls = OPTIMIZERS.get(family)
-    if cls is None:
-        raise ConfigError(
-            f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(OPTIMIZERS))} "
-            "(Optuna samplers as optuna:<sampler>)"
-        )
+    cls = optimizer_class(name)
     valid = _option_names(cls)
     if variant:
         if "variant" not in valid:

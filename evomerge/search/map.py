@@ -134,6 +134,10 @@ def map_search_config(config, *, kind: str | None = None, prefer: Sequence[float
     if options.get("preference") is not None and len(options["preference"]) != len(names):
         raise ConfigError(f"{where}: map: preference needs one weight per objective ({len(names)}), "
                           f"got {len(options['preference'])}")
+    if options.get("preference") is None:  # the objectives' weights pick the merge (on sign-flipped metrics)
+        if not any(o.weight for o in cfg.objectives):
+            raise ConfigError(f"{where}: objectives: every weight is 0; MAP picks its merge by the weights")
+        options["preference"] = [abs(o.weight) for o in cfg.objectives]
     if kind == "nested":
         if len(names) != n:
             raise ConfigError(f"{where}: nested MAP pairs experts by their tasks: give one objective per expert, "
@@ -236,14 +240,22 @@ def replay_map(run_dir: str | Path) -> tuple[MapResult | NestedResult | None, di
             if missing:
                 break
         result = opt.result
-        summary = summarize(result, opt.variant, keys, signs, list(space.names))
+        summary = summarize(result, opt.variant, keys, signs, list(space.names),
+                            weights=[o.weight for o in cfg.objectives])
         return result, summary, n
 
 
-def summarize(result, kind: str, keys: list[str], signs: np.ndarray, genes: list[str]) -> dict:
-    """JSON-able description of a MAP result (what ``evomerge pareto`` shows), metrics unsigned."""
+def summarize(result, kind: str, keys: list[str], signs: np.ndarray, genes: list[str],
+              weights: Sequence[float] | None = None) -> dict:
+    """JSON-able description of a MAP result (what ``evomerge pareto`` shows), metrics unsigned.
+
+    With the objectives' ``weights``, each front point also gets its weighted fitness Σ w·m (the
+    search's own scalarisation) and ``pick`` is the point maximising it.
+    """
     out: dict[str, Any] = {"kind": kind, "objectives": keys, "signs": signs.tolist(), "genes": genes,
                            "complete": result is not None}
+    if weights is not None:
+        out["weights"] = [float(w) for w in weights]
     if result is None:
         return out
     if isinstance(result, NestedResult):
@@ -256,8 +268,13 @@ def summarize(result, kind: str, keys: list[str], signs: np.ndarray, genes: list
         }
         return out
     F = result.front
+    front: dict[str, Any] = {"C": F.C.tolist(), "M": (F.M * signs).tolist()}
+    if weights is not None and len(F):
+        fitness = (F.M * signs) @ np.asarray(weights, dtype=float)
+        front["fitness"] = fitness.tolist()
+        out["pick"] = int(np.argmax(fitness))
     out.update(
-        front={"C": F.C.tolist(), "M": (F.M * signs).tolist()},
+        front=front,
         surrogates=result.surrogates.to_dict(),
         r2=result.surrogates.r2.tolist(),
         loo_rmse=result.surrogates.loo_rmse.tolist(),

@@ -12,6 +12,7 @@ from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.executors import Executor
 from evomerge.search.kinds import search_class
+from evomerge.search.setup import check_tasks
 from evomerge.search.loop import Progress, SearchSummary
 from evomerge.store import RunStore
 
@@ -66,8 +67,11 @@ def run_search(config: SearchConfig | str | Path, run_dir: str | Path, *, resume
         if RunStore.exists(run_dir):
             raise ConfigError(f"{run_dir}: already holds a run; continue it with `evomerge resume {run_dir}` "
                               "or choose another --run-dir")
+        # bad tasks, splits or data: one line and no run directory (a custom worker scores its own way)
+        splits = check_tasks(cfg) if cfg.executor.worker is None else {}
         store = RunStore(run_dir, create=True)
-        store.set_meta(config=cfg.to_dict(), name=cfg.name or run_dir.name, created=time.time(), status="new")
+        store.set_meta(config=cfg.to_dict(), name=cfg.name or run_dir.name, created=time.time(), status="new",
+                       splits=splits)
     cls = search_class(cfg)
     try:
         summary = cls(cfg, store, executor=executor, on_progress=on_progress, allow_pickle=allow_pickle).run(resume=resume)

@@ -45,10 +45,21 @@ def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
         models=models,
         objectives=[o.model_dump() for o in cfg.objectives],
         validation=[o.model_dump() for o in cfg.validation.objectives] if cfg.validation.when != "none" else [],
-        evals_dir=cfg.evaluation.evals_dir, batch_size=cfg.evaluation.batch_size, dtype=cfg.evaluation.dtype,
+        evals_dir=cfg.evaluation.evals_dir, builtin_tasks=cfg.evaluation.builtin_tasks,
+        batch_size=cfg.evaluation.batch_size, dtype=cfg.evaluation.dtype,
         device=cfg.executor.device, threads=cfg.executor.threads, factory=cfg.executor.worker,
         options=dict(cfg.executor.worker_options),
     )
+
+
+def check_tasks(cfg: SearchConfig) -> dict[str, str]:
+    """Build the config's lm-eval objectives once here (see evomerge/evaluation/check.py): objective
+    key → the dataset split it scores; unknown tasks, splits, metrics or missing data fail now."""
+    from evomerge.evaluation.check import check_objectives
+
+    val = cfg.validation.objectives if cfg.validation.when != "none" else []
+    return check_objectives([o.to_objective() for o in cfg.objectives], [o.to_objective() for o in val],
+                            evals_dir=cfg.evaluation.evals_dir, builtin_tasks=cfg.evaluation.builtin_tasks)
 
 
 def stage_bounds(cfg: SearchConfig, space: Space) -> list[tuple[int | None, float | None]]:

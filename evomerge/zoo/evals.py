@@ -89,11 +89,6 @@ test_split: {split}
 """
 
 
-def default_evals_dir() -> Path:
-    """The shipped ``evals/`` — in a checkout, the repository's top-level folder (its source)."""
-    return evals_dir()
-
-
 def write_evals(out_dir: str | Path) -> list[Path]:
     """Write every task's YAMLs and data under ``out_dir``; returns the written paths."""
     out = Path(out_dir)
@@ -112,4 +107,4 @@ def write_evals(out_dir: str | Path) -> list[Path]:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    print(len(write_evals(default_evals_dir())), "files written")
+    print(len(write_evals(evals_dir())), "files written")
