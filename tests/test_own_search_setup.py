@@ -294,7 +294,7 @@ def test_map_uses_the_objective_weights_for_its_pick(tiny_models, tmp_path, monk
     from test_map import _map_config
 
     from evomerge.cli import main
-    from evomerge.surrogate.map_search import map_search_config, run_map
+    from evomerge.search.map import map_search_config, run_map
 
     base = _map_config(tiny_models)
     weighted = {**base, "objectives": [{"task": "t0", "weight": 3.0}, {"task": "t1", "weight": -0.5}]}

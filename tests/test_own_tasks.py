@@ -260,14 +260,14 @@ def test_eval_cli_takes_several_evals_dirs_and_shows_the_scored_split(tmp_path, 
     write_task(tmp_path / "mine", "own", {"dev": ["12", "34"], "test": ["5"]},
                splits="validation_split: dev\ntest_split: test")
     capsys.readouterr()
-    rc = cli_main(["eval", str(model_dir), "-o", "own", "-o", "fx_mc:test", "--evals-dir", str(tmp_path / "mine"),
+    rc = cli_main(["eval", str(model_dir), "-t", "own", "-t", "fx_mc:test", "--evals-dir", str(tmp_path / "mine"),
                    "--evals-dir", str(FIXTURES), "--threads", "1"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "search → dev" in out and "fx_mc" in out and "acc,none *" in out
     rows = [line.strip("│ ").split() for line in out.splitlines() if "search → dev" in line]
     assert len(rows) == 1 and rows[0][0] == "own" and rows[0][-1] == "2", out  # the two dev documents
-    rc = cli_main(["eval", str(model_dir), "-o", "own:train", "--evals-dir", str(tmp_path / "mine")])
+    rc = cli_main(["eval", str(model_dir), "-t", "own:train", "--evals-dir", str(tmp_path / "mine")])
     err = capsys.readouterr().err
     assert rc == 2 and "task 'own' has no split 'train'; its splits: dev, test" in err and err.count("\n") == 1, err
 
