@@ -270,30 +270,56 @@ class ParameterMap:
     :meth:`assemble` builds a fused parameter from all of its checkpoint tensors.
     """
 
-    def __init__(self, model: Any):
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming
-
-        transforms = getattr(model, "_weight_conversions", None)
-        if transforms is None:
-            transforms = get_model_conversion_mapping(model)
+    def __init__(self, transforms: list, model: Any = None):
         self.model = model
-        self._renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-        self._converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self._renamings: list = []
+        self._converters: list = []
+        if transforms:
+            from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+            self._renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+            self._converters = [t for t in transforms if isinstance(t, WeightConverter)]
         self._by_pattern = {p: c for c in self._converters for p in c.source_patterns}
-        self._prefix = getattr(model, "base_model_prefix", None) or None
+        self._prefix = (getattr(model, "base_model_prefix", None) or None) if model is not None else None
         self._cache: dict[str, tuple[str, str | None]] = {}
 
-    def target(self, name: str, known: dict[str, Any]) -> tuple[str, str | None]:
+    @classmethod
+    def for_model(cls, model: Any) -> "ParameterMap":
+        """The transforms ``from_pretrained`` used for ``model`` (else the registered ones)."""
+        transforms = getattr(model, "_weight_conversions", None)
+        if transforms is None:
+            try:
+                from transformers.conversion_mapping import get_model_conversion_mapping
+            except ImportError:  # transformers 4 loads checkpoints by their own names
+                return cls([], model)
+            transforms = get_model_conversion_mapping(model)
+        return cls(transforms, model)
+
+    @classmethod
+    def for_config(cls, config: dict) -> "ParameterMap":
+        """Without a model: the transforms registered for the config's architecture class, else
+        its ``model_type`` (enough for names; :meth:`assemble` needs :meth:`for_model`)."""
+        try:
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        except ImportError:  # transformers 4
+            return cls([])
+        archs = config.get("architectures") or []
+        transforms = (get_checkpoint_conversion_mapping(archs[0]) if archs else None) \
+            or get_checkpoint_conversion_mapping(config.get("model_type")) or []
+        return cls(transforms)
+
+    def target(self, name: str, known: dict[str, Any] | None = None) -> tuple[str, str | None]:
         """``(parameter name, converter pattern or None)`` for checkpoint tensor ``name``;
-        ``known`` holds the model's parameter (and buffer) names."""
+        ``known`` maps the model's parameter (and buffer) names to tensors (``None``: no model)."""
         hit = self._cache.get(name)
-        if hit is not None and hit[0] in known:
+        if hit is not None and (known is None or hit[0] in known):
             return hit
+        if not self._renamings and not self._converters:
+            return name, None
         from transformers.core_model_loading import rename_source_key
 
         renamed, pattern = rename_source_key(name, self._renamings, self._converters, self._prefix, known)
-        if renamed not in known and name in known:  # the loader's own fallback: keep the name
+        if known is not None and renamed not in known and name in known:  # the loader's fallback
             renamed, pattern = name, None
         self._cache[name] = (renamed, pattern)
         return renamed, pattern

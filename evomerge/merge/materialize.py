@@ -221,5 +221,5 @@ _PARAMETER_MAPS: "weakref.WeakKeyDictionary[torch.nn.Module, ParameterMap]" = we
 def _parameter_map(model: torch.nn.Module) -> ParameterMap:
     pmap = _PARAMETER_MAPS.get(model)
     if pmap is None:
-        pmap = _PARAMETER_MAPS[model] = ParameterMap(model)
+        pmap = _PARAMETER_MAPS[model] = ParameterMap.for_model(model)
     return pmap
