@@ -27,6 +27,7 @@ from evomerge.errors import ConfigError, ModelError
 from evomerge.merge import layer_flow as lf
 from evomerge.merge.methods import Operator, get_operator
 from evomerge.merge.sources import OutputTensor, Sources
+from evomerge.merge.vocab import vocabulary_of
 from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
 
 
@@ -164,6 +165,9 @@ def build_model(sources: Sources, device: str | torch.device | None = None,
     config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(ref.path, config=config, dtype=dtype,
                                                  trust_remote_code=trust_remote_code)
+    vocab = vocabulary_of(sources)
+    if vocab is not None:  # the merge re-indexes the vocabulary (tokenizer_source)
+        model.resize_token_embeddings(vocab.size, mean_resizing=False)
     return model.to(device).eval()
 
 

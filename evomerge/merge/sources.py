@@ -14,6 +14,7 @@ import torch
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge.lora import open_model
+from evomerge.merge.vocab import align as align_vocabularies
 from evomerge.models import ModelDir, check_compatible
 from evomerge.recipe import Recipe
 
@@ -41,7 +42,7 @@ class Sources:
             if path not in by_path:
                 by_path[path] = open_model(path, allow_pickle=allow_pickle)  # dir, adapter, base+adapter
             dirs[alias] = by_path[path]
-        src = cls(dirs)
+        src = cls(align_vocabularies(recipe, dirs))
         src.check(same_depth=recipe.layer_flow is None or recipe.merge_method != "passthrough")
         return src
 
