@@ -99,7 +99,7 @@ def check_export_and_in_place(recipe: Recipe, out) -> None:
 
 def fixed_sequence_logprob(model):
     """A cheap objective: per position, the log-probability of the next token of a fixed sequence."""
-    ids = torch.tensor([[1, 4, 9, 16, 25, 36, 49, 64]])
+    ids = torch.tensor([[1, 4, 9, 16, 25, 36, 49, 64]]) % model.get_input_embeddings().num_embeddings
     with torch.no_grad():
         logp = model(ids).logits.float().log_softmax(-1)
     return logp[0, :-1].gather(-1, ids[0, 1:, None])[:, 0].tolist()

@@ -135,3 +135,27 @@ def test_refusals(tmp_path):
     AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", **TINY)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ModelError, match=r"targets model\.layers\.0\.\S+\.weight, which .*gpt2 does not have"):
         open_model(f"{tmp_path / 'gpt2'}+{adapter}")
+
+
+def test_search_with_an_adapter_expert(tmp_path):
+    """A search over a base and a LoRA expert (adapter directory and base+adapter) runs on the
+    real worker; the reference evaluation of the adapter expert is PEFT's merged model."""
+    from evomerge.config import SearchConfig
+    from evomerge.search import run_search
+    from evomerge.store import RunStore
+
+    base, adapter, _ = build("llama", tmp_path)
+    from conftest import char_tokenizer
+
+    char_tokenizer().save_pretrained(base)
+    cfg = {"models": {"base": str(base), "experts": [{"model": str(adapter), "name": "dir"},
+                                                     {"model": f"{base}+{adapter}", "name": "ref"}]},
+           "space": {"type": "ps", "granularity": "global"}, "optimizer": "random",
+           "objectives": [{"task": "python:test_families:fixed_sequence_logprob"}],
+           "budget": {"evaluations": 2}, "executor": "local", "seed": 0}
+    out = run_search(SearchConfig.from_dict(cfg), tmp_path / "run")
+    assert out.evaluations == 2 and out.failures == 0
+    with RunStore(tmp_path / "run") as s:
+        refs = s.references()
+        assert sorted(refs) == ["base", "dir", "ref"] and all(r.ok for r in refs.values())
+        assert refs["dir"].fitness == refs["ref"].fitness != refs["base"].fitness
