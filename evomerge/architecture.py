@@ -324,6 +324,16 @@ class ParameterMap:
         self._cache[name] = (renamed, pattern)
         return renamed, pattern
 
+    def checkpoint_names(self, tensor_names: Iterable[str]) -> dict[str, str]:
+        """Parameter name → checkpoint name for the tensors among ``tensor_names`` that are whole
+        parameters (renamed or not; tensors ``transformers`` fuses are left out)."""
+        out: dict[str, str] = {}
+        for n in tensor_names:
+            param, pattern = self.target(n)
+            if pattern is None:
+                out.setdefault(param, n)
+        return out
+
     def assemble(self, param: str, parts: list[tuple[str, str, Any]]) -> Any:
         """The fused parameter ``param`` from ``(checkpoint name, pattern, tensor)`` triples."""
         from copy import deepcopy

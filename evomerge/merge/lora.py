@@ -127,7 +127,8 @@ class AdaptedModel:
         self.fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
         r, alpha, rslora = config.get("r", 8), config.get("lora_alpha", 8), bool(config.get("use_rslora", False))
 
-        to_checkpoint = self._checkpoint_names()
+        # adapter keys are in-memory module paths: map them back to checkpoint names
+        to_checkpoint = ParameterMap.for_config(base.config).checkpoint_names(base.tensor_names)
         low_rank: dict[str, dict[str, str]] = {}
         self._full: dict[str, str] = {}  # checkpoint name → adapter key stored in full
         for key in self._file.keys():
@@ -153,17 +154,6 @@ class AdaptedModel:
             name = self._resolve(to_checkpoint, f"{module}.weight", keys[a_key])
             self._low_rank[name] = (keys[a_key], keys[b_key], embedding, scale)
             self._check_shape(name, keys[a_key], keys[b_key], embedding)
-
-    def _checkpoint_names(self) -> dict[str, str]:
-        """In-memory parameter name → checkpoint name, for the base's tensors ``transformers``
-        only renames (fused tensors have no per-tensor parameter to adapt)."""
-        pmap = ParameterMap.for_config(self.base.config)
-        out = {}
-        for n in self.base.tensor_names:
-            param, pattern = pmap.target(n)
-            if pattern is None:
-                out.setdefault(param, n)
-        return out
 
     def _resolve(self, to_checkpoint: dict[str, str], name: str, key: str) -> str:
         if name in self.base:

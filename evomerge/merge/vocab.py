@@ -30,6 +30,8 @@ a literal Jinja template.
 
 from __future__ import annotations
 
+import copy
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -78,8 +80,6 @@ def load_tokenizer(path: Path):
 def token_tensors(config_json: str) -> tuple[str, ...]:
     """Checkpoint names of the token-indexed tensors (input and output embeddings) of an
     architecture, asked of ``transformers`` on the meta device (no weights are allocated)."""
-    import json
-
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = json.loads(config_json)
@@ -167,8 +167,6 @@ class AlignedModel:
 
 
 def _config_json(d) -> str:
-    import json
-
     cfg = {k: v for k, v in d.config.items() if k not in ("architectures", "transformers_version", "dtype",
                                                           "torch_dtype", "auto_map")}
     return json.dumps(cfg, sort_keys=True)
@@ -241,20 +239,12 @@ def align(recipe, dirs: dict[str, Any]) -> dict[str, Any]:
 
 def _checkpoint_names(d) -> list[str]:
     """The token-indexed parameters of ``d``'s architecture, as names in its checkpoint."""
-    params = token_tensors(_config_json(d))
-    pmap = ParameterMap.for_config(d.config)
-    by_param = {}
-    for n in d.tensor_names:
-        p, pattern = pmap.target(n)
-        if pattern is None:
-            by_param.setdefault(p, n)
-    return [by_param[p] for p in params if p in by_param]
+    by_param = ParameterMap.for_config(d.config).checkpoint_names(d.tensor_names)
+    return [by_param[p] for p in token_tensors(_config_json(d)) if p in by_param]
 
 
 def _union(base_tok, others: list):
     """mergekit's union: the base's tokenizer plus the tokens the others have and it lacks."""
-    import copy
-
     out = copy.deepcopy(base_tok)
     have = set(out.get_vocab())
     for tok in others:
@@ -314,7 +304,7 @@ def write_tokenizer(recipe, sources, folder: Path, out: Path) -> bool:
     else:
         raise ConfigError(f"chat_template: {folder} has no tokenizer to put the template in")
     if template is not None:
-        tok = __import__("copy").deepcopy(tok)
+        tok = copy.deepcopy(tok)
         tok.chat_template = template
     tok.save_pretrained(str(out))
     return True
