@@ -186,8 +186,8 @@ def align(recipe, dirs: dict[str, Any]) -> dict[str, Any]:
     asks for a vocabulary the inputs do not already share; else ``dirs`` unchanged."""
     source = recipe.tokenizer_source
     distinct = list(dict.fromkeys(dirs.values()))
-    if source is None and len(distinct) < 2:
-        return dirs
+    if source is None and len({d.config.get("vocab_size") for d in distinct}) < 2:
+        return dirs  # nothing to align and (by their configs) nothing to explain
     ref = dirs.get("base") or next(iter(dirs.values()))
     names = tuple(dict.fromkeys(n for d in distinct for n in _checkpoint_names(d)))
     if not names:
