@@ -112,7 +112,10 @@ class Recipe(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     layer_flow: LayerFlow | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    tokenizer_source: str | None = None  # "base" (default) or a model alias / path
+    # "base", "union", or a model alias / path: the merged vocabulary (evomerge.merge.vocab);
+    # unset: the base's tokenizer files, no re-indexing
+    tokenizer_source: str | None = None
+    chat_template: str | None = None  # "auto", a built-in name, a model alias or a Jinja template
     seed: int = 0  # mixed with the recipe hash to seed random operators (DARE, DELLA)
 
     @field_validator("version")
