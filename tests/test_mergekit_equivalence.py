@@ -97,6 +97,33 @@ CASES: dict[str, dict] = {
     "model_stock_filter_wise": {"merge_method": "model_stock", "base_model": "BASE",
                                 "parameters": {"filter_wise": True},
                                 "models": [{"model": "E0"}, {"model": "E1"}, {"model": "E2"}]},
+    "sce": {"merge_method": "sce", "base_model": "BASE", "parameters": {"select_topk": 0.4},
+            "models": [{"model": "E0"}, {"model": "E1"}, {"model": "E2"}]},
+    "sce_no_select": {"merge_method": "sce", "base_model": "BASE",
+                      "models": [{"model": "E0"}, {"model": "E1"}]},
+    "nuslerp_task_vectors": {"merge_method": "nuslerp", "base_model": "BASE", "models": [
+        {"model": "E0", "parameters": {"weight": 0.3}}, {"model": "E1", "parameters": {"weight": [0.9, 0.2]}}]},
+    "nuslerp_rows_no_base": {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False},
+                             "models": [{"model": "E0", "parameters": {"weight": 0.6}},
+                                        {"model": "E2", "parameters": {"weight": 0.4}}]},
+    "nuslerp_row_wise": {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                         "models": [{"model": "E1", "parameters": {"weight": 0.5}},
+                                    {"model": "E2", "parameters": {"weight": 0.7}}]},
+    "multislerp": {"merge_method": "multislerp", "models": [
+        {"model": "E0", "parameters": {"weight": 0.5}}, {"model": "E1", "parameters": {"weight": 0.2}},
+        {"model": "E2", "parameters": {"weight": 0.3}}]},
+    "multislerp_base": {"merge_method": "multislerp", "base_model": "BASE", "models": [
+        {"model": "E0", "parameters": {"weight": 1.0}}, {"model": "E1", "parameters": {"weight": 2.0}}]},
+    "karcher": {"merge_method": "karcher", "models": [{"model": "E0"}, {"model": "E1"}, {"model": "E2"}]},
+    "karcher_base_is_input": {"merge_method": "karcher", "base_model": "BASE", "parameters": {"max_iter": 20},
+                              "models": [{"model": "E0"}, {"model": "E1"}]},
+    "nearswap": {"merge_method": "nearswap", "base_model": "BASE", "parameters": {"t": [0.001, 0.05]},
+                 "models": [{"model": "BASE"}, {"model": "E0"}]},
+    "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": "BASE",
+                     "models": [{"model": "BASE"}, {"model": "E1"}]},
+    "della_linear_density1": {"merge_method": "della_linear", "base_model": "BASE", "models": [
+        {"model": "E0", "parameters": {"weight": 0.5, "density": 1.0}},
+        {"model": "E1", "parameters": {"weight": 0.4, "density": 1.0}}]},
     "passthrough_slices": {"merge_method": "passthrough", "slices": [
         {"sources": [{"model": "BASE", "layer_range": [0, 2]}]},
         {"sources": [{"model": "E0", "layer_range": [1, 2]}]},

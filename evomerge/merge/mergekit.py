@@ -53,8 +53,9 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
 # Options evomerge adds to mergekit's methods, with the value that means "as mergekit".
 _EVOMERGE_ONLY = {"sign_method": "sum", "rescale_mode": "l1"}
-# Operators whose base is a reference point rather than a weighted input.
-_BASE_RELATIVE = {name for name, op in OPERATORS.items() if op.needs_base}
+# Operators whose base is a reference point rather than a weighted input (mergekit's
+# ``non_base`` methods); for the others mergekit adds the base as an ordinary input.
+_BASE_RELATIVE = {name for name, op in OPERATORS.items() if op.needs_base or op.optional_base}
 
 # Sites used to read how evomerge resolves a value outside the blocks.
 _EMBED_SITE = TensorSite(name="model.embed_tokens.weight", group="embed", num_blocks=2)
@@ -122,10 +123,10 @@ def recipe_from_mergekit(config: Any, base_dir: str | Path | None = None,
                 k: v for k, v in global_params.items() if k not in slice_params}
 
     if method in _BASE_RELATIVE:
-        if base is None:
+        if base is None and op.needs_base:
             raise ConfigError(f"{where}: merge_method {method} needs `base_model`")
         inputs = [(p, params) for p, params in inputs if p != base]
-    elif method == "linear" and base is not None and base not in [p for p, _ in inputs]:
+    elif method != "passthrough" and base is not None and base not in [p for p, _ in inputs]:
         inputs.append((base, {}))  # mergekit adds the base as a weighted input
 
     models = _with_aliases(inputs, reserved={"base", MERGED} if base is not None else {MERGED})
