@@ -41,7 +41,7 @@ def fisher_tensor(path: str, name: str, like: torch.Tensor) -> torch.Tensor:
         t = f.get_tensor(name)
     if t.shape != like.shape:
         raise ConfigError(f"fisher file {path}: {name} has shape {tuple(t.shape)}, the model {tuple(like.shape)}")
-    return t.to(device=like.device, dtype=torch.float32)
+    return t.to(device=like.device, dtype=torch.float32, copy=True)  # the mmap view is shared
 
 
 @register("fisher", needs_base=False, model_params={"weight": 1.0, "fisher": None},
