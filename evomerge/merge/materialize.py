@@ -104,7 +104,9 @@ def output_layout(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
     """The merged model's tensors in file order: embeddings, blocks, head."""
     ref = sources.reference
     if recipe.layer_flow is None:
-        src = MERGED if recipe.merge_method != "passthrough" else _first_alias(recipe)
+        copy = recipe.merge_method == "passthrough" and not recipe.parameters and not any(
+            m.parameters for m in recipe.models)  # a passthrough with a `scale` runs the operator
+        src = _first_alias(recipe) if copy else MERGED
         return [OutputTensor(n, src, n) for n in ref.tensor_names]
     return lf.layout(recipe, sources)
 
