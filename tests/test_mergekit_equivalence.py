@@ -124,6 +124,36 @@ CASES: dict[str, dict] = {
     "della_linear_density1": {"merge_method": "della_linear", "base_model": "BASE", "models": [
         {"model": "E0", "parameters": {"weight": 0.5, "density": 1.0}},
         {"model": "E1", "parameters": {"weight": 0.4, "density": 1.0}}]},
+    "slerp_per_slice_t": {"merge_method": "slerp", "base_model": "BASE", "slices": [
+        {"sources": [{"model": "BASE", "layer_range": [0, 1]}, {"model": "E0", "layer_range": [0, 1]}],
+         "parameters": {"t": [{"filter": "mlp", "value": 0.9}, {"value": 0.2}]}},
+        {"sources": [{"model": "BASE", "layer_range": [1, 2]}, {"model": "E0", "layer_range": [1, 2]}],
+         "parameters": {"t": [{"filter": "mlp", "value": 0.1}, {"value": 0.7}]}}]},
+    "ties_per_slice_weights_modules": {"merge_method": "ties", "base_model": "BASE", "modules": {"default": {
+        "parameters": {"density": 0.6},
+        "slices": [{"sources": [{"model": "BASE", "layer_range": [0, 1]},
+                                {"model": "E0", "layer_range": [0, 1], "parameters": {"weight": 0.8}},
+                                {"model": "E1", "layer_range": [0, 1], "parameters": {"weight": 0.1}}]},
+                   {"sources": [{"model": "BASE", "layer_range": [1, 2]},
+                                {"model": "E0", "layer_range": [1, 2], "parameters": {"weight": 0.2}},
+                                {"model": "E1", "layer_range": [1, 2], "parameters": {"weight": 0.9}}]}]}}},
+    "slerp_slices_repeat_a_merged_block": {"merge_method": "slerp", "base_model": "BASE", "slices": [
+        {"sources": [{"model": "BASE", "layer_range": [0, 2]}, {"model": "E1", "layer_range": [0, 2]}],
+         "parameters": {"t": [0.2, 0.6]}},
+        {"sources": [{"model": "BASE", "layer_range": [1, 2]}, {"model": "E1", "layer_range": [1, 2]}],
+         "parameters": {"t": 0.6}}]},
+    "passthrough_scale_filters": {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "BASE", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "E0", "layer_range": [1, 2]}],
+         "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.5},
+                                  {"value": 1.0}]}},
+        {"sources": [{"model": "BASE", "layer_range": [1, 2], "parameters": {"scale": 0.7}}]},
+        {"sources": [{"model": "E1", "layer_range": [0, 2]}]}]},
+    "passthrough_models_scale": {"merge_method": "passthrough", "models": [
+        {"model": "E2", "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}]},
+    "passthrough_head_from_another_model": {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "BASE", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "DEEP", "layer_range": [1, 3]}]}]},
     "passthrough_slices": {"merge_method": "passthrough", "slices": [
         {"sources": [{"model": "BASE", "layer_range": [0, 2]}]},
         {"sources": [{"model": "E0", "layer_range": [1, 2]}]},
@@ -150,7 +180,7 @@ def _fill(obj, paths):
 def mergekit_outputs(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("mergekit")
     paths = {"BASE": str(tiny_models["base"]), "E0": str(tiny_models["e0"]),
-             "E1": str(tiny_models["e1"]), "E2": str(tiny_models["e2"])}
+             "E1": str(tiny_models["e1"]), "E2": str(tiny_models["e2"]), "DEEP": str(tiny_models["deep"])}
     jobs, configs = [], {}
     for name, case in CASES.items():
         cfg = _fill(case, paths)
