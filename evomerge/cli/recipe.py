@@ -33,7 +33,8 @@ def import_mergekit(
     """Translate a mergekit config into an evomerge recipe."""
     from evomerge.merge.mergekit import load_mergekit
 
-    recipe = load_mergekit(config, base_dir=base_dir)
+    recipe = load_mergekit(config, base_dir=base_dir, warn=lambda m: err_console.print(
+        f"[yellow]warning:[/] {m}", highlight=False, soft_wrap=True))
     _emit(recipe.to_yaml(), out, f"{recipe.merge_method}, recipe {recipe.hash()}")
 
 

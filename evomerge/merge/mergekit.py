@@ -17,13 +17,27 @@ configs translate one to one. What needs care, and is handled here:
 * **Scopes.** mergekit looks a parameter up in the model's ``parameters``, then the slice's,
   then the global ones; a filter list that matches nothing falls through. The engine does the
   same for model → global, so slice-level parameters are chained into the global ones.
-* **Slices.** A passthrough stack of single-source slices becomes a ``layer_flow`` (and a layer
-  flow whose scales are all 1 and whose blocks come from real models exports back as slices);
-  one slice whose sources all span every layer is the ``models:`` form.
+* **Slices.** mergekit reads a gradient inside a slice of n layers at t = i/(n−1) (t = 1 when
+  n = 1) and plans the embeddings with the first slice's sources and parameters and the final
+  norm/head with the last slice's (both at t = 0). A passthrough stack of single-source slices
+  becomes a ``layer_flow`` (embeddings from the first slice's model, ``head_from`` the last's;
+  a source/slice ``scale`` becomes the slot's ``tensor_scale``). Slices merged with a method must
+  merge the same models, each block with the same block of every model; their parameters become
+  per-block :class:`GroupValues` and, when the slices are not the identity 0…L−1, the blocks are
+  stacked by a layer flow of the recipe's own merge.
+* **modules** with one module (text models) is the same config one level down; its parameters
+  rank between the slices' and the global ones.
+* **Ignored keys.** mergekit drops keys it does not know and never reads parameters a method
+  does not define; import drops them too, with one warning line each.
+* **Carried, not interpreted here:** ``chat_template``, ``tokenizer_source`` (``union`` included)
+  and ``model+lora`` references go into the recipe as written; vocabulary alignment and LoRA
+  experts are the tokenizer/LoRA support's job.
 
-Anything that does not map exactly (``modules``, ``tokenizer_source: union``, added tokens,
-LoRA references, per-slice merges, evomerge-only options such as ``sign_method: count`` or
-layer-flow scales) raises a :class:`ConfigError` that names the key.
+What does not map exactly (several modules, ``tokenizer.tokens`` surgery, ``residual_weight``,
+per-slice bases, slices that merge different models or different blocks of them, evomerge-only
+options such as ``sign_method: count`` or layer-flow scales on export) raises a
+:class:`ConfigError` that names the key. Multi-document (mergekit-multi) files and format
+detection for ``evomerge merge`` live in :mod:`evomerge.merge.mergekit_multi`.
 """
 
 from __future__ import annotations
@@ -36,7 +50,7 @@ from typing import Any, Callable
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.io import load_yaml
+from evomerge.io import load_yaml_documents
 from evomerge.merge.methods import OPERATORS, Operator, get_operator
 from evomerge.models import ModelDir
 from evomerge.recipe import (MERGED, FilteredValue, GroupValues, InputModel, LayerFlow, LayerSlot,
@@ -73,7 +87,11 @@ def _stderr_warning(message: str) -> None:
 
 def load_mergekit(path: str | Path, base_dir: str | Path | None = None, warn: Warn | None = None) -> Recipe:
     """Read a (single-document) mergekit YAML file as a recipe."""
-    return recipe_from_mergekit(load_yaml(path), base_dir=base_dir, where=str(path), warn=warn)
+    docs = load_yaml_documents(path)
+    if len(docs) > 1:
+        raise ConfigError(f"{path}: {len(docs)} merges in one file (mergekit-multi); one recipe holds one merge — "
+                          "run `evomerge merge` on the file, which merges them in order")
+    return recipe_from_mergekit(docs[0] if docs else None, base_dir=base_dir, where=str(path), warn=warn)
 
 
 def recipe_from_mergekit(config: Any, base_dir: str | Path | None = None,
@@ -630,8 +648,6 @@ def recipe_to_mergekit(recipe: Recipe) -> dict:
         if recipe.merge_method == "passthrough":
             if len(recipe.models) != 1:
                 raise ConfigError("passthrough without a layer_flow exports only with exactly one model")
-            if recipe.models[0].parameters or recipe.parameters:
-                raise ConfigError("passthrough parameters have no mergekit equivalent here")
         models = []
         if recipe.merge_method == "slerp":
             models.append({"model": recipe.base_model})
@@ -665,7 +681,10 @@ def recipe_to_mergekit(recipe: Recipe) -> dict:
     if recipe.tokenizer_source is not None:
         tok = recipe.tokenizer_source
         out["tokenizer_source"] = "base" if tok == "base" and "base_model" in out else paths.get(tok, tok)
-    order = ["merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source"]
+    if recipe.chat_template is not None:
+        out["chat_template"] = recipe.chat_template
+    order = ["merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+             "chat_template"]
     return {k: out[k] for k in order if k in out}
 
 
@@ -751,7 +770,7 @@ class _Exporter:
         r = self.recipe
         flow = r.layer_flow
         paths = r.model_paths()
-        from evomerge.merge.layer_flow import embed_source
+        from evomerge.merge.layer_flow import embed_source, head_source
 
         for i, s in enumerate(flow.slots):
             if s.scale != 1.0:
@@ -760,19 +779,30 @@ class _Exporter:
             if s.model == MERGED:
                 raise ConfigError(f"layer_flow.slots[{i}].model is the recipe's own merge; mergekit would need "
                                   "a second config for it")
-        embed = embed_source(r)
-        if embed == MERGED:
-            raise ConfigError("layer_flow.embed_from is the recipe's own merge; mergekit cannot express it")
-        if flow.slots[0].model != embed or flow.slots[-1].model != embed:
+        embed, head = embed_source(r), head_source(r)
+        if MERGED in (embed, head):
+            raise ConfigError("layer_flow.embed_from/head_from is the recipe's own merge; mergekit cannot express it")
+        if flow.slots[0].model != embed or flow.slots[-1].model != head:
             raise ConfigError(f"layer_flow: mergekit takes the embeddings from the first slice's model and the "
-                              f"final norm/head from the last one's; both must be embed_from ({embed})")
+                              f"final norm/head from the last one's; they must be embed_from ({embed}) and "
+                              f"head_from ({head})")
+        for i in (0, len(flow.slots) - 1):
+            if flow.slots[i].tensor_scale != 1.0:
+                raise ConfigError(f"layer_flow.slots[{i}].tensor_scale: mergekit would apply the first/last slice's "
+                                  "scale to the embeddings/head too")
         out: list[dict] = []
         for s in flow.slots:
             last = out[-1]["sources"][0] if out else None
-            if last is not None and last["model"] == paths[s.model] and last["layer_range"][1] == s.layer:
+            scale = s.tensor_scale if isinstance(s.tensor_scale, (int, float)) else [
+                _filtered(f.filter, f.value) for f in s.tensor_scale]
+            if (last is not None and last["model"] == paths[s.model] and last["layer_range"][1] == s.layer
+                    and last.get("parameters", {}).get("scale", 1.0) == scale):
                 last["layer_range"][1] += 1
             else:
-                out.append({"sources": [{"model": paths[s.model], "layer_range": [s.layer, s.layer + 1]}]})
+                src = {"model": paths[s.model], "layer_range": [s.layer, s.layer + 1]}
+                if scale != 1.0:
+                    src["parameters"] = {"scale": scale}
+                out.append({"sources": [src]})
         return out
 
 
