@@ -99,3 +99,23 @@ def test_wild_config_imports_merges_and_reloads(config, hub, tmp_path):
 
 def test_wild_fixtures_exist():
     assert len(CONFIGS) >= 38
+
+
+EXAMPLES = os.environ.get("EVOMERGE_MERGEKIT_EXAMPLES")  # a mergekit source checkout's examples/
+
+
+@pytest.mark.skipif(not EXAMPLES or not Path(EXAMPLES).is_dir(),
+                    reason="set EVOMERGE_MERGEKIT_EXAMPLES to mergekit's examples/ directory (LGPL: read, not copied)")
+def test_mergekit_examples_import_or_refuse_cleanly(tmp_path):
+    """Every example either translates or is refused with one ConfigError (never a crash);
+    the translated share is printed for the coverage record."""
+    done, refused = [], {}
+    for path in sorted(Path(EXAMPLES).glob("*.y*ml")):
+        try:
+            for step in plan_documents(load_yaml_documents(path), tmp_path / path.stem, str(path)):
+                recipe_from_mergekit(step.config, where=str(path), warn=lambda m: None)
+            done.append(path.name)
+        except ConfigError as e:
+            refused[path.name] = str(e)
+    print(f"mergekit examples: {len(done)} of {len(done) + len(refused)} import; refused: {refused}")
+    assert done
