@@ -256,6 +256,8 @@ def test_export_layer_flow_as_slices():
     ({"merge_method": "dare_ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}],
       "parameters": {"rescale_mode": [{"filter": "mlp", "value": "inverse_p"}]}}, "rescale_mode"),
     ({"merge_method": "passthrough", "models": [{"model": "a"}, {"model": "c"}]}, "exactly one model"),
+    ({"merge_method": "lines", "base_model": "b", "models": [{"model": "a"}], "parameters": {"alpha": 0.1, "beta": 1}},
+     "lines is evomerge's own"),
     ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}},
                                                                    {"model": "c"}]},
      r"models\[0\]\.parameters\.weight is not a per-model parameter of model_stock"),

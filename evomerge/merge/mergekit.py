@@ -66,6 +66,11 @@ _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dt
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
            "float16": "float16", "fp16": "float16", "half": "float16",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
+# mergekit 0.1.5's methods that evomerge implements with the same semantics (the others, e.g.
+# LiNeS or Fisher averaging, cannot be exported).
+MERGEKIT_METHODS = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                    "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "passthrough",
+                    "sce", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion"}
 # Options evomerge adds to mergekit's methods, with the value that means "as mergekit".
 _EVOMERGE_ONLY = {"sign_method": "sum", "rescale_mode": "l1"}
 # Operators whose base is a reference point rather than a weighted input (mergekit's
@@ -637,6 +642,8 @@ def recipe_to_mergekit(recipe: Recipe) -> dict:
     no mergekit counterpart and are dropped (mergekit's random methods are unseeded).
     """
     op = get_operator(recipe.merge_method)
+    if op.name not in MERGEKIT_METHODS:
+        raise ConfigError(f"merge_method {op.name} is evomerge's own; mergekit has no such method")
     exp = _Exporter(recipe)
     out: dict[str, Any] = {}
     paths = recipe.model_paths()
