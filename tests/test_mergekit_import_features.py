@@ -13,7 +13,7 @@ from evomerge.cli import main as cli_main
 from evomerge.errors import ConfigError
 from evomerge.merge.mergekit import recipe_from_mergekit, recipe_to_mergekit
 from evomerge.merge.mergekit_multi import plan_documents, read_merge_file
-from evomerge.recipe import FilteredValue, GroupValues, Recipe
+from evomerge.recipe import FilteredValue, GroupValues
 
 
 def fake_model(path, layers=4):

@@ -115,7 +115,7 @@ def recipe_from_mergekit(config: Any, base_dir: str | Path | None = None,
     for key in config:
         if key not in _TOP_KEYS:
             warn(f"{where}: `{key}` is not a mergekit key; ignored (as mergekit does)")
-    config = _flatten_modules(config, where)
+    config = _flatten_modules(config, where, warn)
     method = config.get("merge_method")
     if not isinstance(method, str):
         raise ConfigError(f"{where}: `merge_method` is missing")
@@ -195,7 +195,7 @@ def recipe_from_mergekit(config: Any, base_dir: str | Path | None = None,
     return Recipe.from_dict(data, where)
 
 
-def _flatten_modules(config: dict, where: str) -> dict:
+def _flatten_modules(config: dict, where: str, warn: Warn) -> dict:
     """mergekit's ``modules`` form for single-module (text-only) models: the one module's
     ``models``/``slices`` become the top level; its ``parameters`` rank between the slices'
     and the global ones, as in mergekit's lookup."""
@@ -213,7 +213,7 @@ def _flatten_modules(config: dict, where: str) -> dict:
         raise ConfigError(f"{where}: give `models`/`slices` either at the top level or in modules.{name}, not both")
     for key in module:
         if key not in ("models", "slices", "parameters"):
-            raise ConfigError(f"{where}: modules.{name}.{key} is not a module key (models, slices, parameters)")
+            warn(f"{where}: modules.{name}.{key} is not a mergekit key; ignored (as mergekit does)")
     flat = {k: v for k, v in config.items() if k != "modules"}
     flat.update({k: module[k] for k in ("models", "slices") if module.get(k)})
     flat["_module_parameters"] = module.get("parameters")
