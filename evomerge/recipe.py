@@ -76,21 +76,22 @@ class LayerSlot(BaseModel):
 
     ``tensor_scale`` multiplies the block's weights themselves (mergekit's passthrough ``scale``,
     e.g. 0 on ``o_proj``/``down_proj`` to make a repeated block an identity): a number, or a list
-    of ``{filter, value}`` matched against the source tensor names (no match: 1).
+    of ``{filter, value}`` matched against the source tensor names (no match: 1). Unset (``None``)
+    means 1, and 1 is stored as unset, so recipes without it keep their hash.
     """
 
     model_config = ConfigDict(extra="forbid")
     model: str
     layer: int = Field(ge=0)
     scale: float = 1.0
-    tensor_scale: Union[float, list["FilteredValue"]] = 1.0
+    tensor_scale: Union[float, list["FilteredValue"], None] = None
 
     @field_validator("tensor_scale")
     @classmethod
     def _numbers(cls, v):
         if isinstance(v, list) and any(isinstance(c.value, (bool, str, list, GroupValues)) for c in v):
             raise ValueError("tensor_scale filter values must be numbers")
-        return v
+        return None if v == 1.0 or v == [] else v
 
     @field_validator("scale")
     @classmethod

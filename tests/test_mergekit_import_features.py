@@ -73,8 +73,9 @@ def test_passthrough_scale_becomes_tensor_scale_and_head_from():
     assert flow.embed_from == "a" and flow.head_from == "b"
     # gradients are read at t = i/(n−1) inside the slice; a trailing catch-all 1 is the default
     assert [s.tensor_scale for s in flow.slots] == [
-        1.0, 1.0, [FilteredValue(filter="o_proj", value=0.0)], [FilteredValue(filter="o_proj", value=1.0)],
-        0.5, 0.5, 1.0]
+        None, None, [FilteredValue(filter="o_proj", value=0.0)], [FilteredValue(filter="o_proj", value=1.0)],
+        0.5, 0.5, None]
+    assert r.to_yaml().count("tensor_scale") == 4  # unset (1) is not written
     back = recipe_to_mergekit(r)
     assert back["slices"][1] == {"sources": [{"model": "d/a", "layer_range": [1, 2],
                                               "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}]}}]}

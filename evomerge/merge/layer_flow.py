@@ -104,6 +104,8 @@ def layout(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
 
 def _tensor_scale(value, name: str) -> float:
     """A slot's ``tensor_scale`` for source tensor ``name`` (first matching filter; else 1)."""
+    if value is None:
+        return 1.0
     if isinstance(value, (int, float)):
         return float(value)
     for cond in value:

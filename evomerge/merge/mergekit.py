@@ -794,14 +794,14 @@ class _Exporter:
                               f"final norm/head from the last one's; they must be embed_from ({embed}) and "
                               f"head_from ({head})")
         for i in (0, len(flow.slots) - 1):
-            if flow.slots[i].tensor_scale != 1.0:
+            if flow.slots[i].tensor_scale is not None:
                 raise ConfigError(f"layer_flow.slots[{i}].tensor_scale: mergekit would apply the first/last slice's "
                                   "scale to the embeddings/head too")
         out: list[dict] = []
         for s in flow.slots:
             last = out[-1]["sources"][0] if out else None
-            scale = s.tensor_scale if isinstance(s.tensor_scale, (int, float)) else [
-                _filtered(f.filter, f.value) for f in s.tensor_scale]
+            scale = 1.0 if s.tensor_scale is None else s.tensor_scale if isinstance(s.tensor_scale, (int, float)) \
+                else [_filtered(f.filter, f.value) for f in s.tensor_scale]
             if (last is not None and last["model"] == paths[s.model] and last["layer_range"][1] == s.layer
                     and last.get("parameters", {}).get("scale", 1.0) == scale):
                 last["layer_range"][1] += 1
