@@ -161,7 +161,7 @@ def test_format_detection(tmp_path):
     assert f.kind == "mergekit" and "version: 1" in f.note  # the base listed among models: mergekit's idiom
     assert read_merge_file(write("s.yml", {"merge_method": "passthrough", "slices": []})).kind == "mergekit"
     assert read_merge_file(write("multi.yml", [recipe, recipe], multi=True)).kind == "mergekit"
-    with pytest.raises(ConfigError, match="merge_method"):
+    with pytest.raises(ConfigError, match="neither an evomerge recipe .*merge_method.* nor a mergekit config .*merge_method"):
         read_merge_file(write("bad.yml", {"models": [{"model": "e"}]}))
     with pytest.raises(ConfigError, match="empty"):
         read_merge_file(write("empty.yml", None))

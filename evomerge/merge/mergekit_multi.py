@@ -66,10 +66,10 @@ def read_merge_file(path: str | Path) -> MergeFile:
         as_recipe, recipe_error = None, e
     try:
         as_mergekit = recipe_from_mergekit(doc, where=str(p), warn=lambda m: None)
-    except ConfigError:
-        as_mergekit = None
+    except ConfigError as e:
+        as_mergekit, mergekit_error = None, e
     if as_recipe is None and as_mergekit is None:
-        raise recipe_error
+        raise ConfigError(f"neither an evomerge recipe ({recipe_error}) nor a mergekit config ({mergekit_error})")
     if as_recipe is None:
         return MergeFile("mergekit", documents=(doc,))
     if as_mergekit is not None and as_mergekit != as_recipe:
