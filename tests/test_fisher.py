@@ -85,3 +85,21 @@ def test_fisher_file_is_cached_and_drives_a_fisher_merge(experts, tmp_path):
     torch.testing.assert_close(merged[name], (F0 * t0 + F1 * t1) / (F0 + F1), rtol=1e-5, atol=1e-7)
     with pytest.raises(ConfigError, match=r"\['zz'\] are not models"):
         with_fisher(recipe, {"zz": f0})
+
+
+def test_cli_add_fisher_writes_a_mergeable_recipe(experts, tmp_path, monkeypatch, capsys):
+    from evomerge.cli import main as cli_main
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    r = tmp_path / "r.yaml"
+    Recipe(merge_method="fisher", models=[{"model": str(experts["e0"])}, {"model": str(experts["e1"])}]).save(r)
+    out = tmp_path / "with.yaml"
+    assert cli_main(["recipe", "add-fisher", str(r), "--objective", "fx_add:search", "--evals-dir", str(EVALS),
+                     "--out", str(out)]) == 0
+    done = Recipe.load(out)
+    paths = [Path(m.parameters["fisher"]) for m in done.models]
+    assert all(p.is_file() and p.parent == tmp_path / "cache" / "fisher" for p in paths)
+    assert cli_main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
+    Recipe(merge_method="linear", models=[{"model": str(experts["e0"]), "parameters": {"weight": 1}}]).save(r)
+    assert cli_main(["recipe", "add-fisher", str(r), "--objective", "fx_add"]) == 2
+    assert "Fisher files are for merge_method: fisher" in capsys.readouterr().err

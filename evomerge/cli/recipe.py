@@ -50,3 +50,28 @@ def export_mergekit(
     r = Recipe.load(recipe)
     config = recipe_to_mergekit(r)
     _emit(dump_mergekit(config), out, f"mergekit {config['merge_method']}")
+
+
+@recipe_app.command("add-fisher")
+def add_fisher(
+    recipe: Path = typer.Argument(..., help="evomerge recipe YAML with merge_method: fisher."),
+    objective: list[str] = typer.Option(..., "--objective", help="Objective (lm-eval TASK[:split], default "
+                                                                  "split search) whose data the Fisher is estimated on."),
+    out: Path = typer.Option(None, "--out", "-o", help="Recipe file to write (default: stdout)."),
+    evals_dir: Path = typer.Option(None, "--evals-dir", help="Directory of lm-eval task YAMLs."),
+    device: str = typer.Option("cpu", "--device", help="Device for the gradient passes."),
+) -> None:
+    """Estimate (or reuse from the cache) each model's diagonal Fisher on the objectives' data and
+    write the recipe with `parameters.fisher` pointing at the files."""
+    from evomerge.errors import ConfigError
+    from evomerge.evaluation.fisher import fisher_file, with_fisher
+    from evomerge.evaluation.objective import Objective
+    from evomerge.recipe import Recipe
+
+    r = Recipe.load(recipe)
+    if r.merge_method != "fisher":
+        raise ConfigError(f"{recipe}: merge_method is {r.merge_method}; Fisher files are for merge_method: fisher")
+    objectives = [Objective.parse(o) for o in objective]
+    files = {m.alias: fisher_file(m.model, objectives, evals_dir=evals_dir, device=device) for m in r.models}
+    done = with_fisher(r, files)
+    _emit(done.to_yaml(), out, f"fisher files for {len(files)} models")

@@ -126,8 +126,9 @@ def fisher_file(expert: str | Path, objectives: Sequence[Objective], *, cache_di
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(expert, dtype=torch.float32).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(expert)
+    model = AutoModelForCausalLM.from_pretrained(expert, dtype=torch.float32, use_safetensors=True,
+                                                 local_files_only=True, trust_remote_code=False).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(expert, local_files_only=True, trust_remote_code=False)
     fisher = diagonal_fisher(model, tokenizer, fisher_examples(objectives, evals_dir))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
