@@ -103,3 +103,24 @@ def test_cli_add_fisher_writes_a_mergeable_recipe(experts, tmp_path, monkeypatch
     Recipe(merge_method="linear", models=[{"model": str(experts["e0"]), "parameters": {"weight": 1}}]).save(r)
     assert cli_main(["recipe", "add-fisher", str(r), "--objective", "fx_add"]) == 2
     assert "Fisher files are for merge_method: fisher" in capsys.readouterr().err
+
+
+def test_cli_add_scores_uses_each_experts_own_fitness(experts, tmp_path):
+    from evomerge.cli import main as cli_main
+    from evomerge.cli.eval import load_model_dir
+    from evomerge.evaluation import Evaluator
+
+    r = tmp_path / "r.yaml"
+    Recipe(merge_method="metric_weighted", base_model=str(experts["base"]),
+           models=[{"model": str(experts["e0"])}, {"model": str(experts["e1"])}]).save(r)
+    out = tmp_path / "scored.yaml"
+    assert cli_main(["recipe", "add-scores", str(r), "--objective", "fx_mc", "--evals-dir", str(EVALS),
+                     "--device", "cpu", "--out", str(out)]) == 0
+    done = Recipe.load(out)
+    objectives = [Objective("fx_mc")]
+    for m in done.models:
+        model, tok = load_model_dir(Path(m.model), "cpu")
+        assert m.parameters["score"] == Evaluator(objectives, tok, evals_dir=EVALS).evaluate(model).fitness(objectives)
+    scores = [m.parameters["score"] for m in done.models]
+    # proportional weights need a positive total; all-zero scores are refused in one line
+    assert cli_main(["merge", str(out), "--out", str(tmp_path / "merged")]) == (0 if sum(scores) > 0 else 2)

@@ -75,3 +75,33 @@ def add_fisher(
     files = {m.alias: fisher_file(m.model, objectives, evals_dir=evals_dir, device=device) for m in r.models}
     done = with_fisher(r, files)
     _emit(done.to_yaml(), out, f"fisher files for {len(files)} models")
+
+
+@recipe_app.command("add-scores")
+def add_scores(
+    recipe: Path = typer.Argument(..., help="evomerge recipe YAML with merge_method: metric_weighted."),
+    objective: list[str] = typer.Option(..., "--objective", help="Objective TASK[:split] (default split "
+                                                                  "search); repeat for several."),
+    out: Path = typer.Option(None, "--out", "-o", help="Recipe file to write (default: stdout)."),
+    evals_dir: Path = typer.Option(None, "--evals-dir", help="Directory of lm-eval task YAMLs."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Score only the first N documents of each split."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, ... [default: cuda if available]."),
+) -> None:
+    """Score each model of a metric_weighted recipe on the objectives (their fitness: Σ weight ·
+    metric) and write the recipe with `parameters.score` set to it."""
+    from evomerge.cli.eval import load_model_dir
+    from evomerge.errors import ConfigError
+    from evomerge.evaluation import Evaluator, Objective
+    from evomerge.recipe import Recipe
+
+    r = Recipe.load(recipe)
+    if r.merge_method != "metric_weighted":
+        raise ConfigError(f"{recipe}: merge_method is {r.merge_method}; scores are for merge_method: metric_weighted")
+    objectives = [Objective.parse(o, limit=limit) for o in objective]
+    models = []
+    for m in r.models:
+        model, tokenizer = load_model_dir(Path(m.model), device)
+        score = Evaluator(objectives, tokenizer, evals_dir=evals_dir).evaluate(model).fitness(objectives)
+        err_console.print(f"{m.alias}: {score:.4f}", highlight=False)
+        models.append(m.model_copy(update={"parameters": {**m.parameters, "score": score}}))
+    _emit(r.model_copy(update={"models": models}).to_yaml(), out, f"scores for {len(models)} models")
