@@ -96,13 +96,13 @@ def layout(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
         cumulative *= slot.scale
         for n in blocks[slot.layer]:
             fold = 1.0 / cumulative if d.roles.is_output_projection(n) else 1.0
-            fold *= _tensor_scale(slot.tensor_scale, n)
+            fold *= slot_tensor_scale(slot.tensor_scale, n)
             out.append(OutputTensor(d.roles.with_block_index(n, j), slot.model, n, fold))
     out += [OutputTensor(n, head_src, n) for n in head]
     return out
 
 
-def _tensor_scale(value, name: str) -> float:
+def slot_tensor_scale(value, name: str) -> float:
     """A slot's ``tensor_scale`` for source tensor ``name`` (first matching filter; else 1)."""
     if value is None:
         return 1.0

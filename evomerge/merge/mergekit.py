@@ -413,12 +413,12 @@ class _Importer:
                      and (d.roles.group_of(n) == "embed") == (part == "embed")]
         except Exception:  # noqa: BLE001 — unreadable: judge the filters alone
             names = None
-        from evomerge.merge.layer_flow import _tensor_scale
+        from evomerge.merge.layer_flow import slot_tensor_scale
 
         if names is None:
             hits = [c for c in scale if c.filter in (None, "*") and c.value != 1.0]
         else:
-            hits = [n for n in names if _tensor_scale(scale, n) != 1.0]
+            hits = [n for n in names if slot_tensor_scale(scale, n) != 1.0]
         if hits:
             raise ConfigError(f"{self.where}: {key}: passthrough `scale` ≠ 1 would also scale the "
                               f"{'embeddings' if part == 'embed' else 'final norm/head'} (mergekit reads the "
