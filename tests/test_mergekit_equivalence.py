@@ -142,6 +142,9 @@ CASES: dict[str, dict] = {
          "parameters": {"t": [0.2, 0.6]}},
         {"sources": [{"model": "BASE", "layer_range": [1, 2]}, {"model": "E1", "layer_range": [1, 2]}],
          "parameters": {"t": 0.6}}]},
+    "slerp_partial_slice_gradient": {"merge_method": "slerp", "base_model": "BASE", "slices": [
+        {"sources": [{"model": "BASE", "layer_range": [0, 1]}, {"model": "E2", "layer_range": [0, 1]}],
+         "parameters": {"t": [0.2, 0.8]}}]},
     "passthrough_scale_filters": {"merge_method": "passthrough", "slices": [
         {"sources": [{"model": "BASE", "layer_range": [0, 2]}]},
         {"sources": [{"model": "E0", "layer_range": [1, 2]}],

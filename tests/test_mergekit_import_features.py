@@ -97,6 +97,10 @@ def test_per_slice_parameters_become_per_block_values(tmp_path):
     r, _ = imported({"merge_method": "slerp", "base_model": b, "slices": [sl(0, 4, 0.3), sl(2, 3, 0.3)]})
     assert [(s.model, s.layer) for s in r.layer_flow.slots] == [("merge", i) for i in (0, 1, 2, 3, 2)]
     assert r.parameters["t"] == 0.3
+    # one partial slice reads its gradient over its own layers: blocks 1, 2 at t = 0, 1
+    r, _ = imported({"merge_method": "slerp", "base_model": b, "slices": [sl(1, 3, [0.2, 0.8])]})
+    assert r.parameters["t"].layers[1:3] == [0.2, 0.8]
+    assert [s.layer for s in r.layer_flow.slots] == [1, 2]
     with pytest.raises(ConfigError, match="block 2 is merged in several slices with different values"):
         imported({"merge_method": "slerp", "base_model": b, "slices": [sl(0, 4, 0.3), sl(2, 3, 0.9)]})
     with pytest.raises(ConfigError, match="set in some slices only"):

@@ -468,16 +468,17 @@ class _Importer:
         per_model = {}
         for p in models:
             raws = [next(r for q, _, _, r in srcs if q == p) for srcs in parsed]
-            per_model[p] = self._combine([r or {} for r in raws], ranges, block_of, n_blocks, flow,
+            per_model[p] = self._combine([r or {} for r in raws], block_of, n_blocks, identity,
                                          f"slices[*].sources({Path(p).name}).parameters", per_model=True)
-        slice_params = self._combine([s.get("parameters") or {} for s in slices], ranges, block_of, n_blocks,
-                                     flow, "slices[*].parameters", per_model=False)
+        slice_params = self._combine([s.get("parameters") or {} for s in slices], block_of, n_blocks, identity,
+                                     "slices[*].parameters", per_model=False)
         layer_flow = None if identity else (MERGED, MERGED, [(MERGED, layer, 1.0) for layer in flow])
         return [(p, per_model[p]) for p in models], slice_params, layer_flow
 
-    def _combine(self, raws: list[dict], ranges, block_of, n_blocks: int, flow: list[int], key: str,
+    def _combine(self, raws: list[dict], block_of, n_blocks: int, identity: bool, key: str,
                  per_model: bool) -> dict[str, Any]:
-        """One value per parameter from per-slice settings (see :meth:`merge_slices`)."""
+        """One value per parameter from per-slice settings (see :meth:`merge_slices`). One slice
+        spanning every block in order reads gradients exactly like a whole-model value."""
         names = []
         for r in raws:
             if not isinstance(r, dict):
@@ -490,7 +491,7 @@ class _Importer:
                 self.warn(f"{self.where}: {key}.{name} is not a parameter of {self.op.name} (known: {known}); "
                           "ignored (as mergekit does)")
                 continue
-            if len(raws) == 1:
+            if len(raws) == 1 and identity:
                 v = self.value(name, raws[0][name], f"{key}.{name}")
                 if v is not None:
                     out[name] = v
