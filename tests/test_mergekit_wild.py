@@ -3,9 +3,9 @@ for evomerge) — each is imported, merged through `evomerge merge` (which detec
 tiny 4-layer Llama models built here, and the result reloaded with transformers.
 
 Hub names in the configs are mapped onto the tiny models. Configs that rely on work outside the
-merge engine (LoRA experts, ``tokenizer_source: union``, applying ``chat_template``) are listed in
-PENDING with the stage they are expected to stop at today; everything else must pass all three
-stages. ``EVOMERGE_WILD_REPORT=path.json`` writes the per-config stages (the coverage numbers in
+Every config must pass all three stages (import, merge, reload); ``org/Lora-A`` is a real PEFT
+LoRA adapter on ``org/Model-A`` and Model-A's tokenizer carries a chat template, so that
+``model+lora`` and ``chat_template: auto`` are exercised for real. ``EVOMERGE_WILD_REPORT=path.json`` writes the per-config stages (the coverage numbers in
 docs/operators.md)."""
 
 from __future__ import annotations
@@ -26,16 +26,18 @@ from evomerge.io import load_yaml_documents
 from evomerge.merge.mergekit_multi import plan_documents
 
 CONFIGS = sorted((Path(__file__).parent / "fixtures" / "mergekit_configs").glob("*.yml"))
-# config → the first stage that does not work yet, and why
-PENDING = {
-    "lora_model": ("merge", "LoRA experts (model+lora) are the families branch's work"),
-    "tokenizer_union": ("reload", "tokenizer_source: union needs vocabulary alignment"),
-    "tokenizer_union_linear": ("reload", "tokenizer_source: union needs vocabulary alignment"),
-    "chat_template_chatml": ("reload", "the exported tokenizer does not apply chat_template yet"),
-    "chat_template_jinja": ("reload", "the exported tokenizer does not apply chat_template yet"),
-    "chat_template_auto": ("reload", "the exported tokenizer does not apply chat_template yet"),
-}
-STAGES = ("import", "merge", "reload")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+
+
+def _lora_adapter(model_dir: Path, out: Path) -> None:
+    """A real PEFT LoRA adapter (random, non-zero B) on the attention projections of ``model_dir``."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(model, cfg).save_pretrained(out)
 REPORT: dict[str, str] = {}
 
 
@@ -46,6 +48,12 @@ def hub(tmp_path_factory) -> dict[str, str]:
     names = {"org/Base": str(base), "org/Lora-A": str(root / "Lora-A")}
     for k, n in enumerate("ABC"):
         names[f"org/Model-{n}"] = str(make_model(root / f"Model-{n}", 40 + k, layers=4, perturb_from=base))
+    _lora_adapter(root / "Model-A", root / "Lora-A")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(root / "Model-A")
+    tok.chat_template = CHATML
+    tok.save_pretrained(root / "Model-A")
     return names
 
 
@@ -90,10 +98,6 @@ def test_wild_config_imports_merges_and_reloads(config, hub, tmp_path):
     path = os.environ.get("EVOMERGE_WILD_REPORT")
     if path:
         Path(path).write_text(json.dumps(REPORT, indent=1, sort_keys=True))
-    if config.stem in PENDING:
-        stops_at, why = PENDING[config.stem]
-        assert STAGES.index(reached) + 1 >= STAGES.index(stops_at), (reached, why)
-        return
     assert reached == "reload"
 
 
