@@ -181,7 +181,7 @@ CONFIG_ERRORS = [
     ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\nexecutor: {type: local, workers: 2}\n",
      "exactly one in-process worker"),
     ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\nexecutor: {type: slurm}\n",
-     "executor.type: unknown executor 'slurm'; choose one of local, ray"),
+     "executor.type: Input should be 'local' or 'ray'"),
     ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\nbudgett: 1\n", "budgett: unknown key"),
     ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\nvalidation: {when: sometimes}\n",
      "validation.when"),
@@ -366,8 +366,8 @@ def test_interrupted_hybrid_resumes_in_stage_two_like_an_uninterrupted_run(tiny_
 
 
 def test_split_names_have_one_home():
-    """``evaluation.objective.SPLITS`` is the home of the role names; the config's default role and
-    the workers' names follow it (an objective's split may also name any split of its task)."""
+    """``evaluation.objective.SPLITS`` is the home of the split roles; the config's default and the
+    workers' names follow it (an objective may also name any split of its task)."""
     from evomerge.config import ObjectiveConfig
     from evomerge.evaluation.objective import SPLITS
     from evomerge.executors import worker
