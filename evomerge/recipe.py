@@ -251,12 +251,23 @@ def load_yaml(path: str | Path) -> Any:
     if not p.is_file():
         raise ConfigError(f"{p}: file not found")
     try:
-        return yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{p}: line {line}, byte {e.start}: not a YAML text file (invalid UTF-8 "
+                          f"{raw[e.start:e.start + 1]!r}); pass the YAML file, not a binary") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{p}:{loc}: malformed YAML: {problem}") from None
+        if mark is None and isinstance(e, yaml.reader.ReaderError):  # a control character
+            loc = f" position {e.position}"
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}:{loc}: malformed YAML: {' '.join(str(problem).split())}; fix the file") from None
 
 
 def format_validation_error(e: ValidationError) -> str:

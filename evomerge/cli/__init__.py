@@ -12,6 +12,7 @@ import sys
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from evomerge.errors import EvomergeError
 
@@ -40,8 +41,27 @@ def _load_commands() -> None:
         importlib.import_module(f"evomerge.cli.{mod}")
 
 
+def _click_classes(name: str) -> tuple[type, ...]:
+    """``name`` from click and from the click that typer bundles (``typer._click``), whichever exist:
+    typer ≥ 0.20 raises its own copy's exceptions, which plain ``click``'s classes never catch."""
+    mods = [click.exceptions]
+    try:
+        from typer._click import exceptions as bundled  # typer's vendored click
+
+        mods.append(bundled)
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        pass
+    extra = {"Exit": [typer.Exit], "Abort": [typer.Abort]}.get(name, [])
+    return tuple(dict.fromkeys([*(getattr(m, name) for m in mods if hasattr(m, name)), *extra]))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI and turn user errors into one clear line and exit code 2."""
+    """Entry point: run the CLI and turn user errors into one clear line and exit code 2.
+
+    Usage errors (a missing option, a bad flag value) print click's usual usage message and exit
+    with click's code 2. All user text is escaped before it reaches rich, so a path such as
+    ``[/x]`` is printed, not parsed as markup.
+    """
     _load_commands()
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -50,14 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     except EvomergeError as e:
         if _state["debug"] or "--debug" in args:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(' '.join(str(e).split()))}", highlight=False,
+                          soft_wrap=True)
         return e.exit_code
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
+    except _click_classes("Exit") as e:
+        return getattr(e, "exit_code", 0)
+    except _click_classes("Abort"):
         err_console.print("aborted")
         return 130
-    except click.ClickException as e:
+    except _click_classes("ClickException") as e:
+        if _state["debug"] or "--debug" in args:
+            raise
         e.show()
         return e.exit_code
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from evomerge.cli import app, console
 from evomerge.errors import ModelError
@@ -62,7 +63,7 @@ def eval_command(
     evaluator = Evaluator(objectives, tokenizer, evals_dir=evals_dir, batch_size=batch_size, engine=engine)
     result = evaluator.evaluate(model)
 
-    table = Table(title=f"{model_dir}", title_justify="left")
+    table = Table(title=Text(str(model_dir)), title_justify="left")
     for col, kw in (("task", {}), ("split", {}), ("metric", {}), ("value", {"justify": "right"}),
                     ("docs", {"justify": "right"})):
         table.add_column(col, **kw)
@@ -70,7 +71,7 @@ def eval_command(
         score = result.scores[o.key]
         for name, value in score.metrics.items():
             chosen = name == score.metric
-            table.add_row(o.task, o.split, name + (" *" if chosen else ""), f"{value:.4f}",
+            table.add_row(Text(o.task), Text(o.split), Text(name + (" *" if chosen else "")), f"{value:.4f}",
                           str(len(score.doc_ids)), style="bold" if chosen else None)
     console.print(table)
     s = result.seconds

@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from evomerge.cli import app, console
@@ -50,7 +51,7 @@ def map_command(
 
     run = run_map(None if resume else config, out_dir, kind=kind, prefer=_parse_prefer(prefer), verify=verify,
                   on_progress=progress, resume=resume)
-    console.print(f"MAP ({run.kind}) finished in [bold]{out_dir}[/]: {run.evaluations} evaluations")
+    console.print(f"MAP ({run.kind}) finished in [bold]{escape(str(out_dir))}[/]: {run.evaluations} evaluations")
     _print_summary(run.summary, out_dir)
 
 

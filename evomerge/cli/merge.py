@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evomerge.cli import app, console
@@ -41,4 +42,4 @@ def merge(
         task = bar.add_task("merge", total=None)
         export_model(r, out, sources, shard_bytes=parse_size(shard_size), overwrite=force,
                      progress=lambda done, total: bar.update(task, completed=done, total=total))
-    console.print(f"[green]wrote[/] {out}  ({r.merge_method}, recipe {r.hash()})")
+    console.print(f"[green]wrote[/] {escape(str(out))}  ({r.merge_method}, recipe {r.hash()})", highlight=False)

@@ -226,8 +226,8 @@ def runs_list(root: Path = typer.Argument(Path("runs"), help="Directory holding 
         budget = (cfg.get("budget") or {}).get("evaluations")
         n = f"{m.get('evaluations', 0)}" + (f"/{budget}" if budget else "")
         name = str(d.relative_to(root)) if d != root and d.is_relative_to(root) else str(d)
-        table.add_row(Text(name), m.get("status", "?"), (cfg.get("space") or {}).get("type", "?"),
-                      (cfg.get("optimizer") or {}).get("name", "?"), n, _num(m.get("best_fitness")),
+        table.add_row(Text(name), Text(str(m.get("status", "?"))), Text(str((cfg.get("space") or {}).get("type", "?"))),
+                      Text(str((cfg.get("optimizer") or {}).get("name", "?"))), n, _num(m.get("best_fitness")),
                       _dur(m.get("elapsed")))
     console.print(table)
 
@@ -255,18 +255,18 @@ def runs_show(
                  ("evaluations", f"{len(trials)} stored ({len(failed)} failed)"), ("elapsed", _dur(m.get("elapsed"))),
                  ("best fitness", _num(m.get("best_fitness")))):
         facts.add_row(k, Text(str(v)))
-    console.print(Panel(facts, title=str(run_dir), title_align="left"))
+    console.print(Panel(facts, title=Text(str(run_dir)), title_align="left"))
     ok = sorted((t for t in trials if t.ok), key=lambda t: (-t.fitness, t.seq))[:top]
     table = Table(title=f"top {len(ok)} trials", title_justify="left")
     for col in ("trial", "seq", "stage", "fitness", "validation", "worker", "merge s", "eval s"):
         table.add_column(col, justify="right")
     for t in ok:
         val = ", ".join(f"{v:.4f}" for k, v in (t.validation or {}).items() if k != "error") or "—"
-        table.add_row(str(t.id), str(t.seq), str(t.stage), _num(t.fitness), val, t.worker or "—",
+        table.add_row(str(t.id), str(t.seq), str(t.stage), _num(t.fitness), val, Text(t.worker or "—"),
                       _num(t.seconds.get("merge_s"), ".2f"), _num(t.seconds.get("eval_s"), ".2f"))
     console.print(table)
     if refs:
-        console.print("parents: " + " · ".join(f"{n} {_num(t.fitness)}" for n, t in refs.items()), highlight=False)
+        console.print(Text("parents: " + " · ".join(f"{n} {_num(t.fitness)}" for n, t in refs.items())))
     for t in failed[:5]:
         console.print(Text(f"failed trial {t.id} (seq {t.seq}): {t.error}", style="red"))
     if best is not None:
