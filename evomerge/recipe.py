@@ -40,7 +40,7 @@ Scalar = Union[float, int, bool, str]
 class GroupValues(BaseModel):
     """One value per layer group. ``layers`` has one entry per block, or is a gradient."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     embed: float
     layers: list[float] = Field(min_length=1)
     head: float
@@ -49,7 +49,7 @@ class GroupValues(BaseModel):
 class FilteredValue(BaseModel):
     """A value that applies to tensors whose name contains ``filter`` (mergekit's shape)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     filter: str | None = None
     value: Union[Scalar, list[float], GroupValues]
 
@@ -57,13 +57,35 @@ class FilteredValue(BaseModel):
 ParamValue = Union[Scalar, list[float], GroupValues, list[FilteredValue]]
 
 
+def _finite_parameters(params: Any) -> Any:
+    """Refuse NaN / ±inf anywhere in a parameters mapping: they would merge into NaN weights."""
+    def walk(v: Any, where: str) -> None:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{where} = {v}: parameter values must be finite numbers")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, f"{where}.{k}")
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                walk(x, f"{where}[{i}]")
+    if isinstance(params, dict):
+        for name, value in params.items():
+            walk(value, str(name))
+    return params
+
+
 class InputModel(BaseModel):
     """An expert (or any input model) and its per-model parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str
     name: str | None = None  # alias used by layer flows; default: the directory's name
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        return _finite_parameters(v)
 
     @property
     def alias(self) -> str:
@@ -73,7 +95,7 @@ class InputModel(BaseModel):
 class LayerSlot(BaseModel):
     """One block of a layer flow: block ``layer`` of ``model``, its input scaled by ``scale``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str
     layer: int = Field(ge=0)
     scale: float = 1.0
@@ -95,7 +117,7 @@ class LayerFlow(BaseModel):
     :mod:`evomerge.merge.layer_flow`), so the exported model is a plain ``transformers`` model.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     embed_from: str | None = None  # default: "merge" when the recipe merges, else the base
     slots: list[LayerSlot] = Field(min_length=1)
 
@@ -103,7 +125,7 @@ class LayerFlow(BaseModel):
 class Recipe(BaseModel):
     """A complete merge: inputs, operator, parameters, optional layer flow."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     version: int = RECIPE_VERSION
     merge_method: str
     base_model: str | None = None
@@ -113,6 +135,11 @@ class Recipe(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     tokenizer_source: str | None = None  # "base" (default) or a model alias / path
     seed: int = 0  # mixed with the recipe hash to seed random operators (DARE, DELLA)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        return _finite_parameters(v)
 
     @field_validator("version")
     @classmethod

@@ -6,7 +6,9 @@ print one line and exit with code 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import importlib
+import sqlite3
 import sys
 
 import click
@@ -55,6 +57,17 @@ def _click_classes(name: str) -> tuple[type, ...]:
     return tuple(dict.fromkeys([*(getattr(m, name) for m in mods if hasattr(m, name)), *extra]))
 
 
+def _environment_error(e: BaseException) -> EvomergeError | None:
+    """A full disk, a read-only file system, a denied permission, ... as one line; None for a bug."""
+    from evomerge.outputs import _ADVICE, os_error, sqlite_error
+
+    if isinstance(e, sqlite3.Error):
+        return sqlite_error(e)
+    if isinstance(e, OSError) and e.errno in _ADVICE and e.errno != errno.ENOENT:
+        return os_error(e, e.filename or "a file", "write" if e.errno in (errno.ENOSPC, errno.EROFS) else "access")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn user errors into one clear line and exit code 2.
 
@@ -73,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] {escape(' '.join(str(e).split()))}", highlight=False,
                           soft_wrap=True)
         return e.exit_code
+    except (OSError, sqlite3.Error) as e:  # the environment refused a write (disk full, read-only, ...)
+        mapped = _environment_error(e)
+        if mapped is None or _state["debug"] or "--debug" in args:
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(str(mapped))}", highlight=False, soft_wrap=True)
+        return mapped.exit_code
     except _click_classes("Exit") as e:
         return getattr(e, "exit_code", 0)
     except _click_classes("Abort"):

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from evomerge.cli import app, console
 from evomerge.errors import ConfigError
+from evomerge.outputs import check_run_dir
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
 
@@ -85,7 +86,7 @@ def demo(
     info = build_demo_zoo(cfg.models.zoo)
     how = "reused from the cache" if info.cached else f"built in {info.seconds:.0f} s"
     console.print(f"    {how}: base + {', '.join(info.experts)} at {escape(str(info.root))}", highlight=False)
-    run_dir = run_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = check_run_dir(run_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}")
     console.print(f"[bold]2/3[/] search: {cfg.optimizer.name} over the {cfg.space.type} space, "
                   f"{cfg.budget.evaluations or '∞'} evaluations, objective "
                   f"{escape(', '.join(o.key for o in cfg.objectives))} → {escape(str(run_dir))}", highlight=False)

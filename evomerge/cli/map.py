@@ -12,6 +12,7 @@ from rich.table import Table
 
 from evomerge.cli import app, console
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.outputs import check_run_dir
 
 
 def _parse_prefer(text: str | None) -> list[float] | None:
@@ -39,7 +40,7 @@ def map_command(
         raise ConfigError(f"--kind: choose one of {', '.join(KINDS)}, got {kind!r}")
     if not resume and not config.is_file():
         raise ConfigError(f"{config}: no such config file")
-    out_dir = run_dir or Path("runs") / f"{config.stem}-map"
+    out_dir = check_run_dir(run_dir or Path("runs") / f"{config.stem}-map")
     last = {"n": -1}
 
     def progress(p) -> None:

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from evomerge.cli import app, console
+from evomerge.outputs import check_run_dir
 
 
 def recipe_yaml(recipe_json: str) -> str:
@@ -175,7 +176,7 @@ def search(
     if evaluations is not None:
         cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"evaluations": evaluations})})
     name = cfg.name or config.stem
-    run_dir = run_dir or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = check_run_dir(run_dir or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}")
     summary = run_with_display(f"evomerge search · {name}", quiet, lambda cb: run_search(
         cfg, run_dir, on_progress=cb, executor_overrides=_executor_overrides(ray_address, workers) or None))
     print_summary(summary)

@@ -20,6 +20,8 @@ from evomerge.io import atomic_directory
 from evomerge.merge import layer_flow as lf
 from evomerge.merge.materialize import OutputTensor, Sources, merged_tensors, validate
 from evomerge.recipe import MERGED, Recipe
+from evomerge.markdown import md_code, md_fence
+from evomerge.safety import contained
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -75,14 +77,17 @@ def _write_tensor(f: BinaryIO, t: torch.Tensor, dtype: torch.dtype, size: int, n
 def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = None, *,
                  shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
                  progress: Progress | None = None, card_extra: str = "",
-                 extra_files: dict[str, str] | None = None) -> Path:
+                 extra_files: dict[str, str] | None = None,
+                 protect: list[tuple[str, Path | str]] | None = None) -> Path:
     """Merge ``recipe`` and write it to ``out_dir`` as a Hugging Face model directory.
 
     ``extra_files`` (file name → text) are written into the directory before it appears, so
-    they are part of the same atomic result.
+    they are part of the same atomic result. ``out_dir`` may not equal, contain or lie inside
+    an input model directory or any ``protect`` path (``(what, path)``), even with ``overwrite``.
     """
     sources = sources or Sources.from_recipe(recipe)
     layout = validate(recipe, sources)  # every error surfaces before anything is written
+    copies = _files_to_copy(recipe, sources)
     entries = [(o.name, _shape(sources, o), _out_dtype(recipe, sources, o)) for o in layout]
 
     shards: list[list[int]] = [[]]
@@ -98,7 +103,8 @@ def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = 
     names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    inputs = [("input model", d.path) for d in dict.fromkeys(sources.dirs.values())]
+    with atomic_directory(out_dir, overwrite=overwrite, protect=[*inputs, *(protect or [])]) as tmp:
         stream = merged_tensors(recipe, sources, layout)
         done, weight_map, total = 0, {}, 0
         for fname, idx in zip(names, shards):
@@ -119,7 +125,8 @@ def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = 
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         _write_config(recipe, sources, tmp)
-        _copy_tokenizer(recipe, sources, tmp)
+        for src in copies:
+            shutil.copyfile(src, tmp / src.name)  # contents only: modes follow the umask
         (tmp / "evomerge_recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "README.md").write_text(model_card(recipe, card_extra))
         for fname, text in (extra_files or {}).items():
@@ -134,12 +141,11 @@ def _write_config(recipe: Recipe, sources: Sources, out: Path) -> None:
         if "torch_dtype" in cfg:  # older transformers' name for it
             cfg["torch_dtype"] = recipe.dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    gen = sources.reference.path / "generation_config.json"
-    if gen.is_file():
-        shutil.copy2(gen, out / gen.name)
 
 
-def _copy_tokenizer(recipe: Recipe, sources: Sources, out: Path) -> None:
+def _files_to_copy(recipe: Recipe, sources: Sources) -> list[Path]:
+    """The generation config and tokenizer files copied verbatim into the output, each checked
+    to stay inside its model directory (a symlink to a file elsewhere is refused, not copied)."""
     src = recipe.tokenizer_source or "base"
     if src in sources.dirs:
         folder = sources.dirs[src].path
@@ -147,9 +153,9 @@ def _copy_tokenizer(recipe: Recipe, sources: Sources, out: Path) -> None:
         folder = sources.reference.path
     else:
         folder = Path(src)
-    for fname in TOKENIZER_FILES:
-        if (folder / fname).is_file():
-            shutil.copy2(folder / fname, out / fname)
+    wanted = [(sources.reference.path, "generation_config.json", "generation config"),
+              *((folder, f, "tokenizer file") for f in TOKENIZER_FILES)]
+    return [contained(d, f, what) for d, f, what in wanted if (d / f).is_file() or (d / f).is_symlink()]
 
 
 def model_card(recipe: Recipe, extra: str = "") -> str:
@@ -165,12 +171,12 @@ def model_card(recipe: Recipe, extra: str = "") -> str:
         f"`{recipe.merge_method}` merge method"
         + (f" and a layer flow of {len(recipe.layer_flow.slots)} blocks" if recipe.layer_flow else "") + ".",
         "", "## Parents", "",
-        *(f"- `{p}`" + (" (base)" if p == recipe.base_model else "") for p in dict.fromkeys(parents)),
+        *(f"- {md_code(p)}" + (" (base)" if p == recipe.base_model else "") for p in dict.fromkeys(parents)),
     ]
     if recipe.layer_flow is not None:
         lines += ["", "Layer-flow input scales are folded into each block's output projections, so this "
                   "is a standard checkpoint; the exact scales are in the recipe below."]
     if extra:
         lines += ["", extra.strip()]
-    lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    lines += ["", "## Recipe", "", *md_fence(recipe.to_yaml(), "yaml"), ""]
     return "\n".join(lines)
