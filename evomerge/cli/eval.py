@@ -18,6 +18,7 @@ def load_model_dir(path: Path, device: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.models import ModelDir
+    from evomerge.safety import check_loading_info
 
     ModelDir(path)  # clear errors for a missing directory, no config, or pickled weights only
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -26,11 +27,13 @@ def load_model_dir(path: Path, device: str | None = None):
     except Exception as e:  # noqa: BLE001  (transformers raises many types for a bad tokenizer)
         raise ModelError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=False, use_safetensors=True, local_files_only=True, dtype=torch.float32,
+            output_loading_info=True,
         )
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
+        raise ModelError(f"{path}: cannot load the model ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    check_loading_info(path, info)
     return model.to(dev).eval(), tokenizer
 
 

@@ -26,6 +26,7 @@ from evomerge.merge import layer_flow as lf
 from evomerge.merge.operators import Operator, get_operator
 from evomerge.models import ModelDir, check_compatible
 from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
+from evomerge.safety import check_loading_info
 
 
 # ---------------------------------------------------------------------- sources
@@ -233,8 +234,9 @@ def build_model(sources: Sources, device: str | torch.device | None = None,
     device = torch.device(device) if device is not None else sources.device
     ref = sources.reference
     config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(ref.path, config=config, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code)
+    model, info = AutoModelForCausalLM.from_pretrained(ref.path, config=config, dtype=dtype,
+                                                       trust_remote_code=trust_remote_code, output_loading_info=True)
+    check_loading_info(ref.path, info)
     return model.to(device).eval()
 
 
