@@ -518,3 +518,73 @@ def test_model_card_escapes_user_text(tmp_path, tiny_models):
     assert parents[0] == f"- ``{evil}``"
     fences = [line for line in card.splitlines() if line.startswith("```")]
     assert len(fences) == 2 and fences[0] == "```yaml"
+
+
+# ---------------------------------------------------------------------- Ray: addresses and the private cluster
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1", "auto", "10.255.255.1:6379", "no-port"])
+def test_unreachable_ray_address_is_one_line_fast(address, capsys, tmp_path, tiny_models, monkeypatch):
+    import time
+
+    import ray._private.services as services
+
+    import evomerge.executors.ray_exec as rx
+
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])  # no cluster on this machine
+    monkeypatch.setattr(services.find_gcs_addresses, "cache_clear", lambda: None, raising=False)
+    monkeypatch.setattr(rx, "PROBE_TIMEOUT_S", 2.0)
+    args = _space_config(tmp_path, tiny_models, "ps")
+    t0 = time.monotonic()
+    code, _, err = run_cli(capsys, *args, "--ray-address", address)
+    assert time.monotonic() - t0 < 60
+    assert_one_line(code, err, "Ray address", "ray start --head")
+
+
+def test_ray_address_from_environment_is_probed(monkeypatch):
+    from evomerge.errors import ConfigError
+    from evomerge.executors.ray_exec import RayExecutor
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    ex = RayExecutor(None, 1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"'127\.0\.0\.1:1': cannot connect"):
+        ex._init_ray()
+
+
+def test_private_ray_cluster_listens_on_loopback_only():
+    """Start the private cluster the Ray executor uses and list every listening socket of its
+    processes: all on 127.0.0.1 (or its IPv4-mapped / IPv6 loopback form)."""
+    import ipaddress
+
+    import psutil
+    import ray
+
+    from evomerge.executors.ray_exec import RayExecutor
+
+    if ray.is_initialized():
+        pytest.skip("a Ray cluster is already attached to this process")
+    ex = RayExecutor(None, 1)  # type: ignore[arg-type]
+    ex.address = None
+    ex._init_ray()
+    try:
+        temp = ex._own_temp
+        assert temp is not None and stat.S_IMODE(os.stat(temp).st_mode) == 0o700
+        me = psutil.Process()
+        procs = {me.pid: me, **{p.pid: p for p in me.children(recursive=True)}}
+        for p in psutil.process_iter(["cmdline"]):
+            if temp in " ".join(p.info["cmdline"] or []):
+                procs[p.pid] = p
+        listening = []
+        for p in procs.values():
+            try:
+                listening += [(p.name(), c.laddr.ip) for c in p.net_connections(kind="inet")
+                              if c.status == psutil.CONN_LISTEN]
+            except psutil.Error:
+                continue
+        assert len(listening) >= 3, listening  # gcs, raylet, agents
+        for name, ip in listening:
+            addr = ipaddress.ip_address(ip)
+            addr = getattr(addr, "ipv4_mapped", None) or addr
+            assert addr.is_loopback, (name, ip)
+    finally:
+        ex.close()
+    assert not os.path.exists(temp)
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") is None
