@@ -25,5 +25,6 @@ def md_fence(text: str, lang: str = "") -> list[str]:
 
 
 def md_cell(text: object) -> str:
-    """User text for a markdown table cell or prose: one line, markdown and HTML escaped."""
-    return re.sub(r"([\\`*_{}\[\]()<>#+!|~])", r"\\\1", " ".join(str(text).splitlines()))
+    """User text for a markdown table cell or prose: one line; emphasis, code, links, HTML and
+    cell separators escaped."""
+    return re.sub(r"([\\`*_\[\]<>|])", r"\\\1", " ".join(str(text).splitlines()))
