@@ -111,11 +111,12 @@ def check_output_dir(out: Path | str, *, overwrite: bool = False,
     return out
 
 
-def check_run_dir(run_dir: Path | str) -> Path:
-    """Raise one line unless ``run_dir`` can hold a run (a directory, new or existing)."""
+def check_run_dir(run_dir: Path | str, option: str = "--run-dir") -> Path:
+    """Raise one line unless ``run_dir`` can hold files written into it (a directory, new or
+    existing, possibly a link to one): a run directory, ``--png-dir``."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise EvomergeError(f"{run_dir}: --run-dir exists and is a file, not a directory; choose another path")
+        raise EvomergeError(f"{run_dir}: {option} exists and is a file, not a directory; choose another path")
     _check_parent(run_dir)
     return run_dir
 

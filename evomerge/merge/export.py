@@ -17,10 +17,10 @@ import torch
 
 from evomerge import __version__
 from evomerge.io import atomic_directory
+from evomerge.markdown import md_code, md_fence
 from evomerge.merge import layer_flow as lf
 from evomerge.merge.materialize import OutputTensor, Sources, merged_tensors, validate
 from evomerge.recipe import MERGED, Recipe
-from evomerge.markdown import md_code, md_fence
 from evomerge.safety import contained
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

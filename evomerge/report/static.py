@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.io import atomic_file
-from evomerge.outputs import check_output_dir
+from evomerge.outputs import check_run_dir
 from evomerge.report.analysis import objective_matrix, pareto_trials, progress_series, staircase
 from evomerge.report.data import ReportData
 from evomerge.report.figures import PALETTE, PARENT_COLOR, PARETO_COLOR, PREDICTED_COLOR
@@ -145,7 +145,7 @@ PNGS = {"pareto.png": pareto_png, "progress.png": progress_png}
 
 def write_pngs(data: ReportData, out_dir: str | Path) -> list[Path]:
     """Write every static plot that has something to show into ``out_dir``; returns the paths."""
-    out_dir = check_output_dir(out_dir, overwrite=True)
+    out_dir = check_run_dir(out_dir, "--png-dir")
     written = []
     for name, draw in PNGS.items():
         with atomic_file(out_dir / name) as tmp:
