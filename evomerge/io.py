@@ -1,4 +1,6 @@
-"""Atomic file and directory writes: a reader never sees a half-written result.
+"""Reading and writing user files: YAML read into one clear error line, pydantic validation
+reported as one line, and atomic file and directory writes (a reader never sees a
+half-written result).
 
 Outputs are checked up front and failed writes become one line (:mod:`evomerge.outputs`); a
 failed write removes its temporary file or directory, so no partial output is ever left.
@@ -11,9 +13,13 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from evomerge.outputs import check_output_dir, check_output_file, os_error, public_mode
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from evomerge.errors import ConfigError
+from evomerge.outputs import check_output_dir, check_output_file, os_error, public_mode, publish_modes
 
 
 @contextmanager
@@ -63,7 +69,7 @@ def atomic_directory(final: Path, overwrite: bool = False,
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         yield tmp
-        os.chmod(tmp, public_mode("dir"))
+        publish_modes(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -74,3 +80,49 @@ def atomic_directory(final: Path, overwrite: bool = False,
             where = e.filename if e.filename and tmp is not None and str(tmp) not in str(e.filename) else final
             raise os_error(e, where, "write" if where == final else "access") from None
         raise
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a user's YAML file; a missing, unreadable, binary or malformed file is one line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: file not found")
+    try:
+        raw = p.read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{p}: line {line}, byte {e.start}: not a YAML text file (invalid UTF-8 "
+                          f"{raw[e.start:e.start + 1]!r}); pass the YAML file, not a binary") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if mark is None and isinstance(e, yaml.reader.ReaderError):  # a control character
+            loc = f" position {e.position}"
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}:{loc}: malformed YAML: {' '.join(str(problem).split())}; fix the file") from None
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """The first pydantic error as one line: ``field.path: message``, in a user's words."""
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    msg = (err["msg"].removeprefix("Value error, ")
+           .replace("Field required", "required key is missing")
+           .replace("Extra inputs are not permitted", "unknown key (check the spelling)"))
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{loc}: {msg}{more}"
+
+
+def parse_model(cls: type[BaseModel], data: Any, where: str):
+    """Validate ``data`` as ``cls`` (a recipe, a search config, ...) or raise one clear line."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {format_validation_error(e)}") from None

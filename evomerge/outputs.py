@@ -12,8 +12,9 @@ which call into this module:
   permission denied, ...) to one :class:`~evomerge.errors.EvomergeError` line naming the path
   and what to do. The atomic writers have already removed their temporary files by then, so a
   failed write leaves nothing behind.
-* :func:`public_mode`: outputs follow the umask like any other tool (``mkstemp``/``mkdtemp``
-  create 0600/0700, and that mode would otherwise survive the atomic rename).
+* :func:`public_mode` / :func:`publish_modes`: outputs follow the umask like any other tool
+  (``mkstemp``/``mkdtemp`` and some third-party writers create 0600/0700, and that mode would
+  otherwise survive the atomic rename).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import stat
 from pathlib import Path
 from typing import Iterable
 
@@ -65,6 +67,19 @@ def public_mode(kind: str) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return (0o777 if kind == "dir" else 0o666) & ~umask
+
+
+def publish_modes(root: Path) -> None:
+    """Give every directory and regular file under ``root`` (itself included) the umask's mode
+    before it appears as an output: ``mkdtemp`` creates 0700 and third-party writers may create
+    0600 files (safetensors' ``save_file`` does). Symbolic links are neither followed nor changed."""
+    fmode, dmode = public_mode("file"), public_mode("dir")
+    for d, _, files in os.walk(root):  # never descends into a linked directory
+        os.chmod(d, dmode)
+        for f in files:
+            p = os.path.join(d, f)
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                os.chmod(p, fmode)
 
 
 def _overlap(out: Path, other: Path) -> str | None:

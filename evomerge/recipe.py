@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.io import atomic_write_text, load_yaml, parse_model
 
 RECIPE_VERSION = 1
 MERGED = "merge"  # layer-flow source name for the recipe's own parameter-space merge
@@ -133,7 +134,10 @@ class Recipe(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     layer_flow: LayerFlow | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    tokenizer_source: str | None = None  # "base" (default) or a model alias / path
+    # "base", "union", or a model alias / path: the merged vocabulary (evomerge.merge.vocab);
+    # unset: the base's tokenizer files, no re-indexing
+    tokenizer_source: str | None = None
+    chat_template: str | None = None  # "auto", a built-in name, a model alias or a Jinja template
     seed: int = 0  # mixed with the recipe hash to seed random operators (DARE, DELLA)
 
     @field_validator("parameters", mode="before")
@@ -211,8 +215,6 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
-        from evomerge.io import atomic_write_text
-
         atomic_write_text(Path(path), self.to_yaml())
 
     @classmethod
@@ -270,49 +272,3 @@ def resolve(value: ParamValue | None, site: TensorSite) -> Any:
                 return resolve(cond.value, site)
         return None
     raise ConfigError(f"unexpected parameter value {value!r}")
-
-
-# ---------------------------------------------------------------------- YAML helpers
-def load_yaml(path: str | Path) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: file not found")
-    try:
-        raw = p.read_bytes()
-        text = raw.decode("utf-8")
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"{p}: line {line}, byte {e.start}: not a YAML text file (invalid UTF-8 "
-                          f"{raw[e.start:e.start + 1]!r}); pass the YAML file, not a binary") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        if mark is None and isinstance(e, yaml.reader.ReaderError):  # a control character
-            loc = f" position {e.position}"
-        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{p}:{loc}: malformed YAML: {' '.join(str(problem).split())}; fix the file") from None
-
-
-def format_validation_error(e: ValidationError) -> str:
-    """The first pydantic error as one line: ``field.path: message``, in a user's words."""
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-    msg = (err["msg"].removeprefix("Value error, ")
-           .replace("Field required", "required key is missing")
-           .replace("Extra inputs are not permitted", "unknown key (check the spelling)"))
-    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    return f"{loc}: {msg}{more}"
-
-
-def parse_model(cls: type[BaseModel], data: Any, where: str):
-    """Validate ``data`` as ``cls`` (a recipe, a search config, ...) or raise one clear line."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {format_validation_error(e)}") from None

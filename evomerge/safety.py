@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Iterable
 
 from evomerge.errors import ModelError
 
@@ -136,6 +137,14 @@ def contained(model_dir: Path, relative: str | Path, what: str) -> Path:
         raise ModelError(f"{model_dir}: {what} {str(relative)!r} leads outside the model directory "
                          f"(to {target}); refusing to read it. Copy the file into the directory instead")
     return p
+
+
+def contained_files(model_dir: Path, names: Iterable[str], what: str) -> list[Path]:
+    """The files ``names`` that ``model_dir`` has, each :func:`contained` in it (a symbolic link
+    is listed even when dangling, so that it is checked rather than silently skipped)."""
+    model_dir = Path(model_dir)
+    return [contained(model_dir, f, what) for f in names
+            if (model_dir / f).is_file() or (model_dir / f).is_symlink()]
 
 
 def check_weight_dtypes(path: Path, dtypes: dict[str, str]) -> None:

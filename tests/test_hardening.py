@@ -172,7 +172,7 @@ def test_binary_task_file_is_one_line(capsys, tmp_path, tiny_models):
     evals = tmp_path / "evals"
     evals.mkdir()
     (evals / "broken.yaml").write_bytes(b"task: broken\n" + GARBAGE)
-    code, _, err = run_cli(capsys, "eval", tiny_models["base"], "-o", "broken", "--evals-dir", evals,
+    code, _, err = run_cli(capsys, "eval", tiny_models["base"], "-t", "broken", "--evals-dir", evals,
                            "--device", "cpu")
     assert_one_line(code, err, "broken")
 
@@ -368,7 +368,8 @@ def test_index_leaving_the_model_directory_is_refused(target, capsys, tmp_path, 
 def test_config_of_another_architecture_is_refused(tmp_path, tiny_models):
     """A Qwen2 config over Llama tensors: every q_proj.bias would stay random."""
     from evomerge.errors import ModelError
-    from evomerge.merge.materialize import Sources, build_model
+    from evomerge.merge.materialize import build_model
+    from evomerge.merge.sources import Sources
     from evomerge.models import ModelDir
 
     d = Path(shutil.copytree(tiny_models["base"], tmp_path / "m"))
@@ -381,7 +382,7 @@ def test_eval_of_mismatched_config_is_one_line(capsys, tmp_path, tiny_models):
     d = Path(shutil.copytree(tiny_models["qwen"], tmp_path / "m"))
     cfg = json.loads((tiny_models["base"] / "config.json").read_text())
     (d / "config.json").write_text(json.dumps(cfg))  # llama config over qwen2 tensors (extra biases)
-    code, _, err = run_cli(capsys, "eval", d, "-o", "zoo_add", "--device", "cpu", "--limit", "1")
+    code, _, err = run_cli(capsys, "eval", d, "-t", "zoo_add", "--device", "cpu", "--limit", "1")
     assert_one_line(code, err, str(d), "bias", "do not belong together")
 
 
@@ -391,7 +392,7 @@ def test_int8_eval_is_refused(capsys, tmp_path, models):
     sd = load_file(str(_st(models)))
     sd = {k: (v * 100).round().to(torch.int8) for k, v in sd.items()}
     save_file(sd, str(_st(models)), metadata={"format": "pt"})
-    code, _, err = run_cli(capsys, "eval", models["e0"], "-o", "zoo_add", "--device", "cpu", "--limit", "1")
+    code, _, err = run_cli(capsys, "eval", models["e0"], "-t", "zoo_add", "--device", "cpu", "--limit", "1")
     assert_one_line(code, err, str(models["e0"]), "i8", "dequantize")
 
 
@@ -409,11 +410,13 @@ def test_runs_show_escapes_user_text(name, capsys, tmp_path):
 
     run = tmp_path / name
     with RunStore(run, create=True) as s:
-        s.set_meta(status="[/broken]", config={"optimizer": {"name": "[/opt]"}, "space": {"type": "[i]"}})
+        s.set_meta(status="[/broken]", space="[i]")
     code, out, err = run_cli(capsys, "runs", "show", run)
     assert code == 0, err
     assert str(run).replace("\n", "") in out.replace("\n", "") or name in out
-    assert "[/broken]" in out
+    assert "[/broken]" in out and "[i]" in out
+    with RunStore(run) as s:  # `runs list` reads names from the stored config as they are
+        s.set_meta(config={"optimizer": {"name": "[/opt]"}, "space": {"type": "[i]"}})
     code, out, err = run_cli(capsys, "runs", "list", run.parent)
     assert code == 0, err
     assert "[/broken]" in out and "[/opt]" in out
@@ -532,11 +535,16 @@ def test_unreachable_ray_address_is_one_line_fast(address, capsys, tmp_path, tin
     monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])  # no cluster on this machine
     monkeypatch.setattr(services.find_gcs_addresses, "cache_clear", lambda: None, raising=False)
     monkeypatch.setattr(rx, "PROBE_TIMEOUT_S", 2.0)
+    from evomerge.store import RunStore
+
     args = _space_config(tmp_path, tiny_models, "ps")
     t0 = time.monotonic()
     code, _, err = run_cli(capsys, *args, "--ray-address", address)
     assert time.monotonic() - t0 < 60
-    assert_one_line(code, err, "Ray address", "ray start --head")
+    line = assert_one_line(code, err, "Ray address", "ray start --head")
+    with RunStore(tmp_path / "run") as s:  # the run is marked failed, not left "running"
+        assert s.meta("status") == "failed" and s.count() == 0
+        assert s.meta("stopped") == "the executor did not start: " + line.removeprefix("error: ")
 
 
 def test_ray_address_from_environment_is_probed(monkeypatch):

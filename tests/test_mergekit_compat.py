@@ -7,12 +7,15 @@ import json
 import pytest
 import yaml
 
+from evomerge.architecture import TensorRoles
 from evomerge.cli import main as cli_main
 from evomerge.errors import ConfigError
-from evomerge.merge.operators import get_operator
-from evomerge.mergekit_compat import dump_mergekit, recipe_from_mergekit, recipe_to_mergekit
+from evomerge.merge.methods import get_operator
+from evomerge.merge.mergekit import dump_mergekit, recipe_from_mergekit, recipe_to_mergekit
 from evomerge.models import ModelDir
 from evomerge.recipe import FilteredValue, GroupValues, Recipe, resolve
+
+LLAMA = TensorRoles.for_model_type("llama")
 
 
 def fake_model(path, layers=2):
@@ -24,12 +27,10 @@ def fake_model(path, layers=2):
 
 def effective(recipe: Recipe, names: list[str], num_blocks: int) -> dict:
     """Every parameter value the engine would use, per (model, parameter, tensor)."""
-    from evomerge.models import tensor_site
-
     op = get_operator(recipe.merge_method)
     out = {}
     for name in names:
-        site = tensor_site(name, num_blocks)
+        site = LLAMA.site(name, num_blocks)
         for k, m in enumerate(recipe.models):
             for p, d in op.model_params.items():
                 v = resolve(m.parameters.get(p), site)
@@ -77,9 +78,7 @@ def test_gradients_keep_mergekit_values_outside_the_blocks():
 
 
 def _site(name, blocks=4):
-    from evomerge.models import tensor_site
-
-    return tensor_site(name, blocks)
+    return LLAMA.site(name, blocks)
 
 
 def test_linear_takes_the_base_as_an_input_like_mergekit():

@@ -24,8 +24,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evomerge.merge.materialize import Sources, merged_tensors
-from evomerge.mergekit_compat import recipe_from_mergekit
+from evomerge.merge.materialize import merged_tensors
+from evomerge.merge.sources import Sources
+from evomerge.merge.mergekit import recipe_from_mergekit
 
 VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/tmp/mergekit-venv"))
 MERGEKIT_YAML = VENV / "bin" / "mergekit-yaml"
@@ -161,3 +162,49 @@ def test_matches_mergekit(case, mergekit_outputs):
     path = os.environ.get("EVOMERGE_EQUIV_REPORT")
     if path:
         Path(path).write_text(json.dumps(REPORT, indent=1))
+
+
+# ---------------------------------------------------------------------- vocabularies (tokenizer_source)
+@pytest.mark.parametrize("source", ["base", "union", "E1"])
+def test_tokenizer_source_matches_mergekit(source, tmp_path):
+    """Models with different tokenizers (tests/test_vocab.py): mergekit and evomerge give every
+    token the same merged embedding and head row, and the same output vocabulary. Rows are
+    compared by token, not id: the order in which a union appends new tokens is not specified
+    (mergekit's follows the tokenizers' hash-map order)."""
+    from transformers import AutoTokenizer
+
+    from evomerge.recipe import Recipe
+    from test_vocab import build_vocab_models
+
+    paths = build_vocab_models(tmp_path / "models")
+    cfg = {"merge_method": "task_arithmetic", "base_model": paths["base"], "dtype": "float32",
+           "tokenizer_source": paths["e1"] if source == "E1" else source,
+           "models": [{"model": paths["e0"], "parameters": {"weight": 0.7}},
+                      {"model": paths["e1"], "parameters": {"weight": 0.3}}]}
+    (tmp_path / "cfg.yml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "jobs.json").write_text(json.dumps([[str(tmp_path / "cfg.yml"), str(tmp_path / "mk")]]))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([str(VENV / "bin" / "python"), str(tmp_path / "driver.py"), str(tmp_path / "jobs.json")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = load_file(str(tmp_path / "mk" / "model.safetensors"))
+    their_vocab = AutoTokenizer.from_pretrained(tmp_path / "mk").get_vocab()
+
+    recipe = Recipe(merge_method="task_arithmetic", base_model=paths["base"],
+                    tokenizer_source="e1" if source == "E1" else source,
+                    models=[{"model": paths["e0"], "parameters": {"weight": 0.7}},
+                            {"model": paths["e1"], "parameters": {"weight": 0.3}}])
+    sources = Sources.from_recipe(recipe)
+    ours = dict(merged_tensors(recipe, sources))
+    from evomerge.merge.vocab import vocabulary_of
+
+    our_vocab = vocabulary_of(sources).tokenizer.get_vocab()
+    assert set(our_vocab) == set(their_vocab) and set(ours) == set(theirs)
+    for name, t in ours.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            for tok, i in our_vocab.items():
+                diff = float((t[i] - theirs[name][their_vocab[tok]]).abs().max())
+                assert diff <= ATOL, f"{source}: {name} row of {tok!r} differs by {diff:.3g}"
+        else:
+            assert float((t - theirs[name]).abs().max()) <= ATOL, name

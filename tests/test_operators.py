@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.operators import OPERATORS, get_operator, kth_largest, sparsify_
+from evomerge.merge.methods import OPERATORS, get_operator
+from evomerge.merge.methods.sparsify import kth_largest, sparsify_
 
 torch.set_num_threads(1)
 
@@ -367,7 +368,8 @@ def test_ranges_and_choices():
 
 
 def test_engine_reports_out_of_range_parameter(tiny_models):
-    from evomerge.merge.materialize import Sources, merged_tensors
+    from evomerge.merge.materialize import merged_tensors
+    from evomerge.merge.sources import Sources
     from evomerge.recipe import Recipe
 
     m = tiny_models

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evomerge.cli import app, console
+from evomerge.cli.progress import StageProgress
 from evomerge.errors import ConfigError
 
 
@@ -32,14 +32,12 @@ def merge(
 ) -> None:
     """Merge the models of RECIPE and write the result as a Hugging Face model directory."""
     from evomerge.merge.export import export_model
-    from evomerge.merge.materialize import Sources
+    from evomerge.merge.sources import Sources
     from evomerge.recipe import Recipe
 
     r = Recipe.load(recipe)
     sources = Sources.from_recipe(r, allow_pickle=allow_pickle)
-    with Progress(TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("merge", total=None)
+    with StageProgress("tensors") as progress:
         export_model(r, out, sources, shard_bytes=parse_size(shard_size), overwrite=force,
-                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+                     progress=lambda done, total: progress("merge", done, total))
     console.print(f"[green]wrote[/] {escape(str(out))}  ({r.merge_method}, recipe {r.hash()})", highlight=False)

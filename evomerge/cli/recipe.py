@@ -32,7 +32,7 @@ def import_mergekit(
                                   help="Join relative model paths that exist under this directory."),
 ) -> None:
     """Translate a mergekit config into an evomerge recipe."""
-    from evomerge.mergekit_compat import load_mergekit
+    from evomerge.merge.mergekit import load_mergekit
 
     recipe = load_mergekit(config, base_dir=base_dir)
     _emit(recipe.to_yaml(), out, f"{recipe.merge_method}, recipe {recipe.hash()}")
@@ -44,7 +44,7 @@ def export_mergekit(
     out: Path = typer.Option(None, "--out", "-o", help="mergekit config to write (default: stdout)."),
 ) -> None:
     """Translate an evomerge recipe into a mergekit config (for `mergekit-yaml`)."""
-    from evomerge.mergekit_compat import dump_mergekit, recipe_to_mergekit
+    from evomerge.merge.mergekit import dump_mergekit, recipe_to_mergekit
     from evomerge.recipe import Recipe
 
     r = Recipe.load(recipe)

@@ -20,6 +20,8 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 
+# = evaluation.objective.SPLITS[:2], the names' home (a test checks); importing the evaluation
+# package here would load lm-eval into every process that only talks to workers
 SEARCH, VALIDATION = "search", "validation"
 
 
@@ -59,7 +61,8 @@ class WorkerSpec:
     models: dict[str, str]  # alias ("base", experts) -> directory
     objectives: list[dict[str, Any]]  # search objectives (ObjectiveConfig dumps)
     validation: list[dict[str, Any]] = field(default_factory=list)
-    evals_dir: str | None = None
+    evals_dir: str | list[str] | None = None
+    builtin_tasks: bool = False
     batch_size: int = 16
     dtype: str = "float32"
     device: str = "auto"
@@ -115,15 +118,16 @@ class ModelWorker:
         from transformers import AutoTokenizer
 
         from evomerge.evaluation import Evaluator, Objective
-        from evomerge.merge.materialize import Sources, build_model
-        from evomerge.models import ModelDir
+        from evomerge.merge.materialize import build_model
+        from evomerge.merge.sources import Sources
+        from evomerge.merge.lora import open_model
 
         t0 = time.perf_counter()
         self.name = name
         transformers.utils.logging.disable_progress_bar()
         torch.set_num_threads(max(1, int(spec.threads)))
         self.device = resolve_device(spec.device)
-        dirs = {alias: ModelDir(path) for alias, path in spec.models.items()}
+        dirs = {alias: open_model(path) for alias, path in spec.models.items()}
         lazy = Sources(dirs)
         lazy.check(same_depth=len({d.num_blocks for d in dirs.values()}) == 1)
         self.sources = lazy.resident(self.device)
@@ -135,6 +139,7 @@ class ModelWorker:
             if objs:
                 self.evaluators[split] = Evaluator(
                     [Objective(**o) for o in objs], self.tokenizer, evals_dir=spec.evals_dir,
+                    builtin_tasks=spec.builtin_tasks,
                     batch_size=spec.batch_size, device=self.device,
                 )
         self.startup_s = time.perf_counter() - t0

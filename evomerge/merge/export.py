@@ -19,16 +19,16 @@ from evomerge import __version__
 from evomerge.io import atomic_directory
 from evomerge.markdown import md_code, md_fence
 from evomerge.merge import layer_flow as lf
-from evomerge.merge.materialize import OutputTensor, Sources, merged_tensors, validate
+from evomerge.merge.materialize import merged_tensors, validate
+from evomerge.merge.sources import OutputTensor, Sources
+from evomerge.merge.vocab import TOKENIZER_FILES, vocabulary_of, write_tokenizer
 from evomerge.recipe import MERGED, Recipe
-from evomerge.safety import contained
+from evomerge.safety import contained_files
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
              torch.uint8: "U8", torch.bool: "BOOL"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "vocab.txt", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 Progress = Callable[[int, int], None]  # (tensors done, tensors total)
@@ -87,7 +87,9 @@ def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = 
     """
     sources = sources or Sources.from_recipe(recipe)
     layout = validate(recipe, sources)  # every error surfaces before anything is written
-    copies = _files_to_copy(recipe, sources)
+    tokenizer_folder = _tokenizer_folder(recipe, sources)
+    generation = contained_files(sources.reference.path, ["generation_config.json"], "generation config")
+    tokenizer = contained_files(tokenizer_folder, TOKENIZER_FILES, "tokenizer file")
     entries = [(o.name, _shape(sources, o), _out_dtype(recipe, sources, o)) for o in layout]
 
     shards: list[list[int]] = [[]]
@@ -103,7 +105,9 @@ def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = 
     names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
     out_dir = Path(out_dir)
-    inputs = [("input model", d.path) for d in dict.fromkeys(sources.dirs.values())]
+    inputs = [("input model", p) for d in dict.fromkeys(sources.dirs.values())
+              for p in (d.path, getattr(d, "adapter_path", None)) if p is not None]  # a LoRA adapter too
+    inputs.append(("tokenizer source", tokenizer_folder))
     with atomic_directory(out_dir, overwrite=overwrite, protect=[*inputs, *(protect or [])]) as tmp:
         stream = merged_tensors(recipe, sources, layout)
         done, weight_map, total = 0, {}, 0
@@ -125,8 +129,9 @@ def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = 
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         _write_config(recipe, sources, tmp)
-        for src in copies:
-            shutil.copyfile(src, tmp / src.name)  # contents only: modes follow the umask
+        copy_files(generation, tmp)
+        if not write_tokenizer(recipe, sources, tokenizer_folder, tmp):  # a re-indexed vocabulary or a chat template
+            copy_files(tokenizer, tmp)
         (tmp / "evomerge_recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "README.md").write_text(model_card(recipe, card_extra))
         for fname, text in (extra_files or {}).items():
@@ -136,6 +141,9 @@ def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = 
 
 def _write_config(recipe: Recipe, sources: Sources, out: Path) -> None:
     cfg = lf.output_config(recipe, sources)
+    vocab = vocabulary_of(sources)
+    if vocab is not None:
+        cfg["vocab_size"] = vocab.size
     if recipe.dtype is not None:
         cfg["dtype"] = recipe.dtype
         if "torch_dtype" in cfg:  # older transformers' name for it
@@ -143,19 +151,21 @@ def _write_config(recipe: Recipe, sources: Sources, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def _files_to_copy(recipe: Recipe, sources: Sources) -> list[Path]:
-    """The generation config and tokenizer files copied verbatim into the output, each checked
-    to stay inside its model directory (a symlink to a file elsewhere is refused, not copied)."""
+def _tokenizer_folder(recipe: Recipe, sources: Sources) -> Path:
+    """Where the output's tokenizer comes from (``tokenizer_source``; the reference model by default)."""
     src = recipe.tokenizer_source or "base"
     if src in sources.dirs:
-        folder = sources.dirs[src].path
-    elif src == "base":
-        folder = sources.reference.path
-    else:
-        folder = Path(src)
-    wanted = [(sources.reference.path, "generation_config.json", "generation config"),
-              *((folder, f, "tokenizer file") for f in TOKENIZER_FILES)]
-    return [contained(d, f, what) for d, f, what in wanted if (d / f).is_file() or (d / f).is_symlink()]
+        return sources.dirs[src].path
+    if src in ("base", "union"):
+        return sources.reference.path
+    return Path(src)
+
+
+def copy_files(files: list[Path], out: Path) -> None:
+    """Copy checked input files (:func:`~evomerge.safety.contained_files`) into output directory
+    ``out``: contents only, so their modes follow the umask like every other output file."""
+    for src in files:
+        shutil.copyfile(src, out / src.name)
 
 
 def model_card(recipe: Recipe, extra: str = "") -> str:

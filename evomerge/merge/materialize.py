@@ -7,8 +7,8 @@ materialising a merge consume it:
   worker does this thousands of times: no disk, no re-instantiation, no second copy of the model);
 * :func:`evomerge.merge.export.export_model` streams the tensors into a Hugging Face directory.
 
-Inputs come from :class:`Sources`: memory-mapped safetensors (export) or tensors resident on a
-worker's device (search).
+Inputs come from :class:`~evomerge.merge.sources.Sources`: memory-mapped safetensors (export) or
+tensors resident on a worker's device (search).
 """
 
 from __future__ import annotations
@@ -16,80 +16,20 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
+from evomerge.architecture import ParameterMap
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge import layer_flow as lf
-from evomerge.merge.operators import Operator, get_operator
-from evomerge.models import ModelDir, check_compatible
+from evomerge.merge.methods import Operator, get_operator
+from evomerge.merge.sources import OutputTensor, Sources
+from evomerge.merge.vocab import vocabulary_of
 from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
 from evomerge.safety import check_loading_info
-
-
-# ---------------------------------------------------------------------- sources
-class Sources:
-    """A recipe's input models by alias (``base`` and each model's alias).
-
-    Lazily read from disk by default; :meth:`resident` preloads every tensor onto a device so
-    that a worker merges from memory.
-    """
-
-    def __init__(self, dirs: dict[str, ModelDir], device: str | torch.device = "cpu",
-                 tensors: dict[str, dict[str, torch.Tensor]] | None = None):
-        if not dirs:
-            raise ConfigError("a recipe needs at least one input model")
-        self.dirs = dirs
-        self.device = torch.device(device)
-        self._tensors = tensors
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe, allow_pickle: bool = False) -> "Sources":
-        by_path: dict[str, ModelDir] = {}
-        dirs = {}
-        for alias, path in recipe.model_paths().items():
-            if path not in by_path:
-                by_path[path] = ModelDir(path, allow_pickle=allow_pickle)
-            dirs[alias] = by_path[path]
-        src = cls(dirs)
-        src.check(same_depth=recipe.layer_flow is None or recipe.merge_method != "passthrough")
-        return src
-
-    def check(self, same_depth: bool = True) -> None:
-        ref, *others = list(dict.fromkeys(self.dirs.values()))
-        check_compatible(ref, others, same_depth=same_depth)
-
-    @property
-    def reference(self) -> ModelDir:
-        """The model whose layout the output follows: the base, else the first input."""
-        return self.dirs.get("base") or next(iter(self.dirs.values()))
-
-    def resident(self, device: str | torch.device) -> "Sources":
-        """Every tensor of every input, loaded once onto ``device`` (shared between aliases)."""
-        loaded: dict[int, dict[str, torch.Tensor]] = {}
-        tensors = {}
-        for alias, d in self.dirs.items():
-            if id(d) not in loaded:
-                loaded[id(d)] = {n: _finite(d.get(n, device), d, n) for n in d.tensor_names}
-            tensors[alias] = loaded[id(d)]
-        return Sources(self.dirs, device, tensors)
-
-    def get(self, alias: str, name: str) -> torch.Tensor:
-        if self._tensors is not None:
-            try:
-                return self._tensors[alias][name]
-            except KeyError:
-                raise ModelError(f"{self.dirs[alias].path}: no tensor named {name}") from None
-        d = self.dirs[alias]
-        return _finite(d.get(name, self.device), d, name)
-
-
-def _finite(t: torch.Tensor, d: ModelDir, name: str) -> torch.Tensor:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ModelError(f"{d.path}: tensor {name} contains NaN or Inf values")
-    return t
 
 
 # ---------------------------------------------------------------------- parameter resolution
@@ -161,16 +101,6 @@ def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site:
 
 
 # ---------------------------------------------------------------------- the merge as a stream
-@dataclass(frozen=True)
-class OutputTensor:
-    """One tensor of the merged model and where it comes from."""
-
-    name: str  # in the merged model
-    source: str  # alias, or "merge" for the recipe's parameter-space merge
-    source_name: str  # in the source model
-    scale: float = 1.0  # folded layer-flow scale (output projections only)
-
-
 def output_layout(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
     """The merged model's tensors in file order: embeddings, blocks, head."""
     ref = sources.reference
@@ -237,6 +167,9 @@ def build_model(sources: Sources, device: str | torch.device | None = None,
     model, info = AutoModelForCausalLM.from_pretrained(ref.path, config=config, dtype=dtype,
                                                        trust_remote_code=trust_remote_code, output_loading_info=True)
     check_loading_info(ref.path, info)
+    vocab = vocabulary_of(sources)
+    if vocab is not None:  # the merge re-indexes the vocabulary (tokenizer_source)
+        model.resize_token_embeddings(vocab.size, mean_resizing=False)
     return model.to(device).eval()
 
 
@@ -244,24 +177,55 @@ def apply_in_place(model: torch.nn.Module, recipe: Recipe, sources: Sources) -> 
     """Overwrite ``model``'s parameters with the merge, tensor by tensor. Returns timings.
 
     Layer-flow recipes resize the model's block list first (spare blocks are kept for reuse).
+    Merged tensors carry checkpoint names; :class:`~evomerge.architecture.ParameterMap` (built from
+    ``transformers``' own loading rules) says which parameter each one is. A tensor that
+    ``transformers`` fuses with others (a MoE layer's per-expert weights → one 3-D parameter) is
+    held until its group is complete, then fused by ``transformers``' converter and copied in:
+    the extra memory is one fused parameter, never a model.
     """
     t0 = time.perf_counter()
     layout = validate(recipe, sources)
     n_blocks = lf.output_num_blocks(recipe, sources)
     lf.resize_blocks(model, n_blocks, lf.layer_types_for(recipe, sources, n_blocks))
     params = dict(model.named_parameters(remove_duplicate=False))
-    buffers = dict(model.named_buffers())
+    known = {**dict(model.named_buffers()), **params}
+    pmap = _parameter_map(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
+    where = {o.name: pmap.target(o.name, known) for o in layout}
+    group_size: dict[str, int] = {}
+    for param, pattern in where.values():
+        if pattern is not None:
+            group_size[param] = group_size.get(param, 0) + 1
+    pending: dict[str, list[tuple[str, str, torch.Tensor]]] = {}
     with torch.no_grad():
-        targets = {n: p.data for n, p in params.items()}
+        # merged straight into the parameter where the checkpoint tensor is the whole parameter
+        targets = {n: params[p].data for n, (p, pat) in where.items() if pat is None and p in params}
         for name, tensor in merged_tensors(recipe, sources, layout, targets):
-            target = params.get(name)
-            if target is None:
-                target = buffers.get(name)
-            if target is None:
-                if tied and "lm_head" in name:
+            param, pattern = where[name]
+            if pattern is not None:
+                parts = pending.setdefault(param, [])
+                parts.append((name, pattern, tensor))
+                if len(parts) < group_size[param]:
                     continue
-                raise ModelError(f"the resident model has no parameter {name}")
+                tensor = pmap.assemble(param, pending.pop(param))
+            target = known.get(param)
+            if target is None:
+                if tied and sources.reference.roles.role(name).kind == "head":
+                    continue
+                raise ModelError(f"the resident model has no parameter {param} (checkpoint tensor {name})")
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ModelError(f"{param}: the merge gives shape {list(tensor.shape)}, the resident model "
+                                 f"has {list(target.shape)}")
             if tensor is not targets.get(name):
                 target.copy_(tensor)
     return {"merge_s": time.perf_counter() - t0}
+
+
+_PARAMETER_MAPS: "weakref.WeakKeyDictionary[torch.nn.Module, ParameterMap]" = weakref.WeakKeyDictionary()
+
+
+def _parameter_map(model: torch.nn.Module) -> ParameterMap:
+    pmap = _PARAMETER_MAPS.get(model)
+    if pmap is None:
+        pmap = _PARAMETER_MAPS[model] = ParameterMap.for_model(model)
+    return pmap

@@ -1,12 +1,18 @@
 """Parameter-space (PS) search: operator parameters per expert and per layer group.
 
-After Akiba et al. 2024 (ALGORITHMS.md §2): one merge operator (TIES with DARE by default), and
+After Akiba et al. 2024 (docs/ALGORITHMS.md §2): one merge operator (TIES with DARE by default), and
 for every expert ``k``, every searched parameter ``p`` (weight, density) and every *group* of
 tensors one gene. Groups come from the granularity:
 
 * ``global`` — one value for the whole model (a scalar in the recipe);
 * ``block`` — the embeddings, each run of ``block_size`` consecutive blocks, the head;
 * ``layer`` — the embeddings, every block, the head (``block`` with ``block_size: 1``).
+
+``embed_head: blocks`` drops the embedding and head genes: the embeddings take the first block
+group's values and the head (with the final norm) the last group's. That is mergekit-evolve's
+genome (``layer_granularity``: mergekit attributes the tensors before the first layer to the
+first slice and those after the last layer to the last slice), so a search here can be compared
+gene for gene with one run there. The default, ``own``, gives them genes of their own.
 
 With ``filters`` (e.g. ``[self_attn, mlp]``) each filter gets its own block genes and the other
 tensors (norms, embeddings, head) a "rest" set, written as mergekit-style ``{filter, value}``
@@ -21,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evomerge.errors import ConfigError
-from evomerge.merge.operators import get_operator
+from evomerge.merge.methods import get_operator
 from evomerge.recipe import FilteredValue, GroupValues, InputModel, Recipe, TensorSite, resolve
 from evomerge.spaces.base import ModelPool, Space, SpaceConfig, register_space
 
@@ -50,6 +56,7 @@ class PSConfig(SpaceConfig):
     options: dict[str, Any] = Field(default_factory=dict)
     granularity: Literal["global", "block", "layer"] = "layer"
     block_size: int = Field(default=4, ge=1)
+    embed_head: Literal["own", "blocks"] = "own"  # blocks: mergekit-evolve's genome (no genes of their own)
     filters: list[str] = Field(default_factory=list)
     experts: list[str] | None = None
 
@@ -87,12 +94,13 @@ class Group:
         return {"embed": [embed], "head": [head], "blocks": blocks, "all": [embed, *blocks, head]}[self.kind]
 
 
-def make_groups(granularity: str, block_size: int, num_blocks: int) -> list[Group]:
+def make_groups(granularity: str, block_size: int, num_blocks: int, embed_head: str = "own") -> list[Group]:
+    """The gene groups; with ``embed_head="blocks"`` no embed/head groups (they follow the end blocks)."""
     if granularity == "global":
         return [Group("all")]
     k = 1 if granularity == "layer" else block_size
-    return [Group("embed"), *(Group("blocks", lo, min(lo + k, num_blocks)) for lo in range(0, num_blocks, k)),
-            Group("head")]
+    blocks = [Group("blocks", lo, min(lo + k, num_blocks)) for lo in range(0, num_blocks, k)]
+    return blocks if embed_head == "blocks" else [Group("embed"), *blocks, Group("head")]
 
 
 @register_space("ps", PSConfig)
@@ -122,7 +130,10 @@ class PSSpace(Space):
         for f in config.filters:
             if f in f"model.layers.0.{self.REST_SUFFIX}":
                 raise ConfigError(f"space.filters: {f!r} would match every block tensor; use a narrower filter")
-        self.groups = make_groups(config.granularity, config.block_size, self.num_blocks)
+        if config.embed_head == "blocks" and config.granularity == "global":
+            raise ConfigError("space.embed_head: blocks ties the embeddings and head to the end blocks; "
+                              "use it with granularity block or layer")
+        self.groups = make_groups(config.granularity, config.block_size, self.num_blocks, config.embed_head)
         self.filters: list[str | None] = [*config.filters, REST] if config.filters else [REST]
 
         lower, upper, x0, names, self._index = [], [], [], [], {}
@@ -252,6 +263,7 @@ class PSSpace(Space):
     def describe(self) -> str:
         c = self.config
         gran = c.granularity if c.granularity != "block" else f"blocks of {c.block_size}"
+        gran += ", embed/head follow the end blocks" if c.embed_head == "blocks" else ""
         filt = f", filters {c.filters}" if c.filters else ""
         return (f"ps space: {self.operator.name}, {list(self.params)} × {len(self.experts)} experts × "
                 f"{len(self.groups)} groups ({gran}{filt}) = {self.dim} genes")

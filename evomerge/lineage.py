@@ -1,24 +1,21 @@
-"""M2N2 on weights: a "model archive" search (the paper's setting) inside ``evomerge search``.
+"""Lineage of model-archive members (M2N2 on weights): identity, weights, ancestry, export.
 
-Selected by ``space: model_archive`` with ``optimizer: m2n2`` (docs/search.md). Members of the
-archive are whole models. The initial members are the parents (see
-:mod:`evomerge.spaces.model_archive`); a child is :func:`split_slerp_parts` over two members'
-float tensors in the reference model's tensor order (one ω over the whole vector, the split over
-the total element count, ratio ``w``), plus optional N(0, σ²) mutation drawn from a CPU
-generator seeded per child (device-independent noise).
+What report, export and the CLI need about the children of a ``space: model_archive`` search
+(the search kind itself is :mod:`evomerge.search.archive`). A child is
+:func:`~evomerge.optimizers.m2n2.split_slerp_parts` over two members' float tensors in the
+reference model's tensor order (one ω over the whole vector, the split over the total element
+count, ratio ``w``), plus optional N(0, σ²) mutation drawn from a CPU generator seeded per child
+(device-independent noise).
 
 A child has no merge recipe. Its identity is its :class:`Lineage` — the parents' hashes, split,
 w, σ and seed — stored as the trial's ``recipe`` (canonical JSON) and hashed like a recipe, so
 everything the loop guarantees (commit before tell, one evaluation per candidate, deterministic
-resume) holds unchanged. The trial's ``info`` adds the parents' trial ids.
+resume) holds unchanged.
 
 Weights: a child is a pure function of its parents' weights, so every trial can be recomputed
 from the lineage of stored members down to the parents (:class:`ArchiveWeights`). Files are the
-fast path: the worker writes each child it computes to ``RUN_DIR/archive/<hash>.safetensors``
-(atomic rename) before evaluating it, and after each checkpoint the loop deletes the files no
-longer needed (not a member, not a pending candidate, not a pending candidate's parent). After a
-kill -9 the members' files are there; anything missing is recomputed, bit for bit on the same
-device and thread count.
+fast path: ``RUN_DIR/archive/<hash>.safetensors`` (atomic rename); anything missing is
+recomputed, bit for bit on the same device and thread count.
 """
 
 from __future__ import annotations
@@ -26,25 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
-from evomerge.errors import ConfigError, EvomergeError
-from evomerge.executors.worker import ModelWorker
-from evomerge.optimizers.base import Ask
-from evomerge.optimizers.m2n2 import M2N2, draw_crossover, select_parents, split_slerp_parts
-from evomerge.search import Search, resolve_models, stored_models, worker_spec
+from evomerge.errors import EvomergeError
+from evomerge.optimizers.m2n2 import split_slerp_parts
 
 ARCHIVE_DIR = "archive"
 LINEAGE_KEY = "model_archive"
-M2N2_OPTIONS = ("archive_size", "alpha", "attraction", "splitpoint", "mutation")
 
 
 # ---------------------------------------------------------------------- lineage
@@ -239,156 +228,6 @@ def load_into(model, names: list[str], tensors: list) -> None:
             target.copy_(t)
 
 
-# ---------------------------------------------------------------------- worker
-class ArchiveWorker(ModelWorker):
-    """:class:`~evomerge.executors.worker.ModelWorker` that also materialises lineages.
-
-    ``spec.options``: ``run_dir``, ``sources`` (initial member hash → alias), ``cache``.
-    """
-
-    def __init__(self, spec, name):
-        super().__init__(spec, name)
-        o = spec.options
-        self.names = float_names(self.sources.reference)
-        self._store = None
-        self.archive = ArchiveWeights(o["run_dir"], self.names, o["sources"], self.sources.get,
-                                      self._lineage_of, self.device, o.get("cache") or 8)
-
-    def _lineage_of(self, h: str) -> Lineage | None:
-        from evomerge.store import RunStore
-
-        if self._store is None:
-            self._store = RunStore(self.archive.dir.parent)
-        return store_lineage(self._store)(h)
-
-    def materialize(self, task) -> float:
-        lin = parse_lineage(task.recipe_json)
-        if lin is None:
-            return super().materialize(task)
-        t0 = time.perf_counter()
-        tensors = self.archive.get(lin.hash(), lineage=lin, save=True)
-        load_into(self.model, self.names, tensors)
-        return time.perf_counter() - t0
-
-
-# ---------------------------------------------------------------------- optimizer
-class ArchiveM2N2(M2N2):
-    """M2N2's selection and steady-state replacement, with children drawn as lineages.
-
-    The genome of a child is (parent_a id, parent_b id, split, w, mutation seed); the search
-    loop turns it into a :class:`Lineage` over the members' hashes. Initial members come first.
-    """
-
-    def __init__(self, sources: int, elements: int, seed: int, *, archive_size: int = 20, alpha: float = 1.0,
-                 attraction: bool = True, splitpoint: bool = True, mutation: float = 0.0):
-        init = [[-(k + 1), -(k + 1), 0, 0, 0] for k in range(sources)]
-        inf = np.full(5, np.inf)
-        super().__init__(-inf, inf, seed, archive_size=archive_size, alpha=alpha, attraction=attraction,
-                         splitpoint=splitpoint, mutation=mutation, init=init, init_size=sources)
-        if int(elements) < 1:
-            raise ConfigError("model_archive: the reference model has no floating-point tensors to cross")
-        self.elements = int(elements)
-
-    def _breed(self) -> Ask:
-        p1, p2 = select_parents(self.score_matrix(), self.alpha, self._rng, self.use_attraction)
-        split, w = draw_crossover(self._rng, self.elements, self.splitpoint)
-        seed = int(self._rng.integers(0, 2 ** 52)) if self.mutation > 0 else 0
-        a, b = self._ids[p1], self._ids[p2]
-        return self._new_ask(np.array([a, b, split, w, seed], dtype=np.float64), source="child",
-                             parents=(a, b), split=split, w=w, mutation=self.mutation, mutation_seed=seed)
-
-
-def archive_optimizer(cfg, sources: int, elements: int, seed: int) -> ArchiveM2N2:
-    unknown = sorted(set(cfg.optimizer.options) - set(M2N2_OPTIONS))
-    if unknown:
-        raise ConfigError(f"optimizer.options: {', '.join(unknown)} not used by a model_archive search; "
-                          f"valid: {', '.join(M2N2_OPTIONS)}")
-    return ArchiveM2N2(sources, elements, seed, **cfg.optimizer.options)
-
-
-# ---------------------------------------------------------------------- the search
-class ArchiveSearch(Search):
-    """:class:`~evomerge.search.Search` with children as weight lineages (see module docstring)."""
-
-    def __init__(self, cfg, store, *, executor=None, on_progress=None, pool=None):
-        from evomerge.executors import make_executor
-        from evomerge.models import ModelDir
-        from evomerge.spaces import make_space
-
-        pool = pool or stored_models(store) or resolve_models(cfg)
-        space = make_space(cfg.space, pool)
-        self.source_hashes = {space.recipes[a].hash(): a for a in space.members}
-        ref = ModelDir(pool.base if pool.base is not None else pool.experts[0].model)
-        self.elements = sum(int(np.prod(ref.shape(n))) for n in float_names(ref))
-        self.archive_size = int(cfg.optimizer.options.get("archive_size", 20))
-        spec = worker_spec(cfg, pool)
-        spec.factory = "evomerge.archive:ArchiveWorker"
-        spec.options = {"run_dir": str(Path(store.run_dir).resolve()), "sources": self.source_hashes,
-                        "cache": space.config.cache or self.archive_size + 2}
-        own = executor is None
-        if executor is not None and getattr(executor.spec, "factory", None) != spec.factory:
-            raise ConfigError("model_archive: a caller's executor must run evomerge.archive:ArchiveWorker "
-                              "(build it from evomerge.archive's worker spec) or pass none")
-        super().__init__(cfg, store, executor=executor or make_executor(cfg.executor, spec),
-                         on_progress=on_progress, pool=pool)
-        self._own_executor = own
-        self.files = ArchiveWeights(store.run_dir, [], self.source_hashes, None, store_lineage(store))
-        store.set_meta(archive={"sources": self.source_hashes, "elements": self.elements,
-                                "members": list(space.members)})
-
-    def _check_optimizer(self) -> None:
-        archive_optimizer(self.cfg, len(self.space.members), self.elements, self.cfg.seed)
-
-    def _new_optimizer(self, stage: int, fixed: np.ndarray):
-        return archive_optimizer(self.cfg, len(self.space.members), self.elements, self.cfg.seed + stage)
-
-    def _fresh_state(self) -> dict:
-        return {**super()._fresh_state(), "members": {}, "child_parents": {}, "events": []}
-
-    def _recipe_for(self, a, genome: np.ndarray):
-        if a.info.get("source") != "child":
-            return self.space.to_recipe(genome)
-        members, known = self.state["members"], self.state["child_parents"]
-        # a re-issued ask (after resume) keeps the parents it had, even if they left the archive since
-        parents = tuple(known.get(a.id) or (members[i] for i in a.info["parents"]))
-        known[a.id] = parents
-        lin = Lineage(parents=parents, split=int(a.info["split"]), w=float(a.info["w"]),
-                      mutation=float(a.info.get("mutation", 0.0)), seed=int(a.info.get("mutation_seed", 0)))
-        a.info["parent_hashes"] = list(parents)
-        a.info["parent_trials"] = [getattr(self.store.get(h), "id", None) for h in parents]
-        return lin
-
-    def _tell(self, p) -> None:
-        super()._tell(p)
-        self.state["child_parents"].pop(p.ask.id, None)
-        ev, members = self.opt.last_event, self.state["members"]
-        if ev.get("id") != p.ask.id:
-            return
-        if ev.get("action") in ("added", "replaced"):
-            if ev["action"] == "replaced":
-                members.pop(ev["dropped"], None)
-            members[p.ask.id] = p.hash
-        self.state["events"].append({"seq": p.seq, "hash": p.hash, "action": ev.get("action"),
-                                     "dropped_ask": ev.get("dropped")})
-
-    def _checkpoint(self) -> None:
-        super()._checkpoint()  # durable first: only then may files of the old state go
-        members = [{"ask": i, "hash": h, "trial": getattr(self.store.get(h), "id", None)}
-                   for i, h in sorted(self.state["members"].items())]
-        self.store.set_meta(archive_members=members, archive_events=self.state["events"])
-        keep = set(self.state["members"].values())
-        for p in self.pending.values():
-            keep.add(p.hash)
-            lin = parse_lineage(p.recipe_json)
-            if lin is not None:
-                keep.update(lin.parents)
-        self.files.collect(keep)
-
-    def archive_members(self) -> dict[int, str]:
-        """Current members: ask id → hash (a parent's recipe hash for an initial member)."""
-        return dict(self.state["members"])
-
-
 # ---------------------------------------------------------------------- export
 def ancestry(store, h: str, sources: dict[str, str]) -> list[dict]:
     """Every lineage step from ``h`` down to the initial members, children before parents."""
@@ -414,13 +253,19 @@ def ancestry(store, h: str, sources: dict[str, str]) -> list[dict]:
 def export_member(run_dir: str | Path, h: str, out: str | Path, *, card_extra: str = "",
                   overwrite: bool = False) -> Path:
     """Write archive member / child ``h`` of a run as a Hugging Face directory (float32 weights,
-    the reference model's config and tokenizer, the lineage as ``evomerge_lineage.yaml`` and a card)."""
+    the reference model's config and tokenizer, the lineage as ``evomerge_lineage.yaml`` and a card).
+
+    ``out`` may not equal, contain or lie inside the run directory or a parent model; the copied
+    tokenizer and generation-config files must stay inside the reference model's directory."""
     import yaml
     from safetensors.torch import save_file
 
     from evomerge.io import atomic_directory
-    from evomerge.merge.export import TOKENIZER_FILES
+    from evomerge.merge.export import copy_files
+    from evomerge.merge.vocab import TOKENIZER_FILES
     from evomerge.models import ModelDir
+    from evomerge.outputs import check_output_dir
+    from evomerge.safety import contained_files
     from evomerge.store import RunStore
 
     run_dir = Path(run_dir)
@@ -441,23 +286,24 @@ def export_member(run_dir: str | Path, h: str, out: str | Path, *, card_extra: s
                                 "they were during the search")
         dirs = {a: ModelDir(p) for a, p in paths.items()}
         ref = dirs.get("base") or dirs[next(iter(paths))]
+        protect = [("run directory", run_dir), *(("input model", d.path) for d in dict.fromkeys(dirs.values()))]
+        check_output_dir(Path(out), overwrite=overwrite, protect=protect)  # before the weights are rebuilt
+        copies = contained_files(ref.path, (*TOKENIZER_FILES, "generation_config.json"), "tokenizer or generation file")
         names = float_names(ref)
         weights = ArchiveWeights(run_dir, names, sources, lambda a, n: dirs[a].get(n), store_lineage(store), "cpu")
         tensors = weights.get(h)
         steps = ancestry(store, h, sources)
     out = Path(out)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp:
         state = {n: t.detach().contiguous().cpu() for n, t in zip(names, tensors)}
         state.update({n: ref.get(n).contiguous() for n in ref.tensor_names if n not in state})
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg = json.loads((ref.path / "config.json").read_text())
+        cfg = dict(ref.config)  # read and checked by ModelDir; only top-level keys change
         for key in ("torch_dtype", "dtype"):
             if key in cfg or key == "torch_dtype":
                 cfg[key] = "float32"
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        for fname in (*TOKENIZER_FILES, "generation_config.json"):
-            if (ref.path / fname).is_file():
-                shutil.copy2(ref.path / fname, tmp / fname)
+        copy_files(copies, tmp)
         (tmp / "evomerge_lineage.yaml").write_text(yaml.safe_dump({"member": h, "models": paths, "steps": steps},
                                                                  sort_keys=False))
         (tmp / "README.md").write_text(member_card(h, steps, paths, run_dir, card_extra))
@@ -465,11 +311,13 @@ def export_member(run_dir: str | Path, h: str, out: str | Path, *, card_extra: s
 
 
 def member_card(h: str, steps: list[dict], paths: dict[str, str], run_dir: Path, extra: str = "") -> str:
+    from evomerge.markdown import md_cell, md_code, md_fence
+
     rows = ["| member | trial | made from | split | w | mutation σ (seed) |", "|---|---|---|---|---|---|"]
     for s in steps:
         if "model" in s:
             rows.append(f"| `{s['hash']}` | {s['trial'] if s['trial'] is not None else '—'} | parent model "
-                        f"`{s['model']}` | — | — | — |")
+                        f"{md_cell(s['model'])} | — | — | — |")
         else:
             rows.append(f"| `{s['hash']}` | {s['trial']} | `{s['parents'][0]}` × `{s['parents'][1]}` | {s['split']} "
                         f"| {s['w']:.6g} | {s['mutation']:g} ({s['seed']}) |")
@@ -477,11 +325,11 @@ def member_card(h: str, steps: list[dict], paths: dict[str, str], run_dir: Path,
              "# Model-archive member (M2N2 on weights)", "",
              f"Evolved with evomerge's model-archive search: weights crossed directly by split-point SLERP "
              f"(one angle over the whole parameter vector), no merge recipe. Member `{h}`.", "",
-             "## Parents", "", *(f"- `{a}`: `{p}`" for a, p in paths.items()), "",
+             "## Parents", "", *(f"- {md_code(a)}: {md_code(p)}" for a, p in paths.items()), "",
              "## Lineage", "", "Child = SLERP(a, b) with t = w before the split (flattened tensor order) and "
              "1 − w after it, plus N(0, σ²) noise from a CPU generator with the given seed.", "", *rows]
     if extra:
         lines += ["", extra.strip()]
-    lines += ["", "## Reproduce", "", "```bash", f"evomerge export {run_dir} --trial N -o OUT   # recomputes "
-              "the weights from this lineage (or reads the archive file)", "```", ""]
+    lines += ["", "## Reproduce", "", *md_fence(f"evomerge export {run_dir} --trial N -o OUT   # recomputes "
+                                                "the weights from this lineage (or reads the archive file)", "bash"), ""]
     return "\n".join(lines)

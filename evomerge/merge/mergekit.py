@@ -35,9 +35,11 @@ from typing import Any
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.merge.operators import OPERATORS, Operator, get_operator
+from evomerge.io import load_yaml
+from evomerge.merge.methods import OPERATORS, Operator, get_operator
+from evomerge.models import ModelDir
 from evomerge.recipe import (MERGED, FilteredValue, GroupValues, InputModel, LayerFlow, LayerSlot,
-                             Recipe, TensorSite, interpolate, load_yaml, resolve)
+                             Recipe, TensorSite, interpolate, resolve)
 
 # Where mergekit 0.1.5 evaluates gradients outside the blocks (MergePlanner.plan_module uses a
 # ConfigReader with t=0 for both pre- and post-weights).
@@ -468,20 +470,18 @@ def dump_mergekit(config: dict) -> str:
 class _Exporter:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self._names: list[str] | None = None
+        self._ref: ModelDir | None = None
 
-    def names(self, why: str) -> list[str]:
-        """Tensor names of the recipe's reference model (needed to write exact filters)."""
-        if self._names is None:
-            from evomerge.models import ModelDir
-
+    def reference(self, why: str) -> ModelDir:
+        """The recipe's reference model (its tensor names are needed to write exact filters)."""
+        if self._ref is None:
             ref = self.recipe.base_model or self.recipe.models[0].model
             try:
-                self._names = ModelDir(ref).tensor_names
+                self._ref = ModelDir(ref)
             except Exception as e:
                 raise ConfigError(f"{why}: mergekit needs per-tensor filters for this value, and the tensor "
                                   f"names of {ref} could not be read ({e})") from None
-        return self._names
+        return self._ref
 
     def value(self, v: Any, key: str) -> Any:
         if isinstance(v, (bool, int, float, str)):
@@ -514,18 +514,17 @@ class _Exporter:
         if (interpolate(v.layers, MERGEKIT_T_EMBED) == v.embed
                 and interpolate(v.layers, MERGEKIT_T_HEAD) == v.head):
             return [_filtered(flt, layers)]
-        from evomerge.models import block_index, tensor_site
-
-        names = self.names(key)
+        ref = self.reference(key)
+        names, roles = ref.tensor_names, ref.roles
         entries = []
         for n in names:
-            if block_index(n) is not None or (flt not in (None, "*") and flt not in n):
+            if roles.block_index(n) is not None or (flt not in (None, "*") and flt not in n):
                 continue
             clash = [m for m in names if n in m and m != n]
             if clash:
                 raise ConfigError(f"{key}: tensor name {n} is part of {clash[0]}, so no mergekit filter "
                                   "selects it alone")
-            is_embed = tensor_site(n, 2).group == "embed"
+            is_embed = roles.group_of(n) == "embed"
             value = v.embed if is_embed else v.head
             if interpolate(v.layers, MERGEKIT_T_EMBED if is_embed else MERGEKIT_T_HEAD) != value:
                 entries.append({"filter": n, "value": value})
