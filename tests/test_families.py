@@ -149,9 +149,9 @@ def test_a_search_whose_every_evaluation_fails_exits_2_with_the_reason(tmp_path,
            "objectives": [{"task": f"python:{__name__}:always_fails"}],
            "budget": {"evaluations": 2}, "executor": "local", "seed": 0}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["search", str(tmp_path / "cfg.yaml"), "-o", str(tmp_path / "run"), "-q"]) == 2
+    assert main(["search", str(tmp_path / "cfg.yaml"), "-r", str(tmp_path / "run"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "all 2 evaluations failed (2 with:" in err and "this objective always fails" in err
     cfg["objectives"] = [{"task": f"python:{__name__}:fixed_sequence_logprob"}]
     (tmp_path / "ok.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["search", str(tmp_path / "ok.yaml"), "-o", str(tmp_path / "ok"), "-q"]) == 0
+    assert main(["search", str(tmp_path / "ok.yaml"), "-r", str(tmp_path / "ok"), "-q"]) == 0
