@@ -84,6 +84,15 @@ def atomic_directory(final: Path, overwrite: bool = False,
 
 def load_yaml(path: str | Path) -> Any:
     """Parse a user's YAML file; a missing, unreadable, binary or malformed file is one line."""
+    return _load(path, yaml.safe_load)
+
+
+def load_yaml_documents(path: str | Path) -> list[Any]:
+    """Every non-empty document of a (multi-document) YAML file."""
+    return [d for d in _load(path, lambda text: list(yaml.safe_load_all(text))) if d is not None]
+
+
+def _load(path: str | Path, parse) -> Any:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: file not found")
@@ -97,7 +106,7 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{p}: line {line}, byte {e.start}: not a YAML text file (invalid UTF-8 "
                           f"{raw[e.start:e.start + 1]!r}); pass the YAML file, not a binary") from None
     try:
-        return yaml.safe_load(text)
+        return parse(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

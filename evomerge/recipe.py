@@ -94,12 +94,26 @@ class InputModel(BaseModel):
 
 
 class LayerSlot(BaseModel):
-    """One block of a layer flow: block ``layer`` of ``model``, its input scaled by ``scale``."""
+    """One block of a layer flow: block ``layer`` of ``model``, its input scaled by ``scale``.
+
+    ``tensor_scale`` multiplies the block's weights themselves (mergekit's passthrough ``scale``,
+    e.g. 0 on ``o_proj``/``down_proj`` to make a repeated block an identity): a number, or a list
+    of ``{filter, value}`` matched against the source tensor names (no match: 1). Unset (``None``)
+    means 1, and 1 is stored as unset, so recipes without it keep their hash.
+    """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str
     layer: int = Field(ge=0)
     scale: float = 1.0
+    tensor_scale: Union[float, list["FilteredValue"], None] = None
+
+    @field_validator("tensor_scale")
+    @classmethod
+    def _numbers(cls, v):
+        if isinstance(v, list) and any(isinstance(c.value, (bool, str, list, GroupValues)) for c in v):
+            raise ValueError("tensor_scale filter values must be numbers")
+        return None if v == 1.0 or v == [] else v
 
     @field_validator("scale")
     @classmethod
@@ -120,6 +134,7 @@ class LayerFlow(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     embed_from: str | None = None  # default: "merge" when the recipe merges, else the base
+    head_from: str | None = None  # final norm and lm_head; default: embed_from
     slots: list[LayerSlot] = Field(min_length=1)
 
 
@@ -167,10 +182,10 @@ class Recipe(BaseModel):
                     raise ValueError(
                         f"layer_flow.slots[{i}].model {slot.model!r} is not one of {sorted(known)}"
                     )
-            if self.layer_flow.embed_from is not None and self.layer_flow.embed_from not in known:
-                raise ValueError(
-                    f"layer_flow.embed_from {self.layer_flow.embed_from!r} is not one of {sorted(known)}"
-                )
+            for key in ("embed_from", "head_from"):
+                value = getattr(self.layer_flow, key)
+                if value is not None and value not in known:
+                    raise ValueError(f"layer_flow.{key} {value!r} is not one of {sorted(known)}")
         return self
 
     # ------------------------------------------------------------------ names and sources

@@ -91,7 +91,10 @@ def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site:
     params = [{p: _value(recipe, k, p, d, site, op) for p, d in op.model_params.items()}
               for k in range(len(recipe.models))]
     options = {p: _value(recipe, None, p, d, site, op) for p, d in op.global_params.items()}
-    base = sources.get("base", name).float() if op.needs_base else None
+    if op.wants_site:
+        options["site"] = site
+    use_base = op.needs_base or (op.optional_base and recipe.base_model is not None)
+    base = sources.get("base", name).float() if use_base else None
     tensors = [sources.get(m.alias, name).float() for m in recipe.models]
     gen = None
     if op.random:
@@ -105,7 +108,9 @@ def output_layout(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
     """The merged model's tensors in file order: embeddings, blocks, head."""
     ref = sources.reference
     if recipe.layer_flow is None:
-        src = MERGED if recipe.merge_method != "passthrough" else _first_alias(recipe)
+        copy = recipe.merge_method == "passthrough" and not recipe.parameters and not any(
+            m.parameters for m in recipe.models)  # a passthrough with a `scale` runs the operator
+        src = _first_alias(recipe) if copy else MERGED
         return [OutputTensor(n, src, n) for n in ref.tensor_names]
     return lf.layout(recipe, sources)
 

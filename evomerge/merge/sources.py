@@ -88,4 +88,4 @@ class OutputTensor:
     name: str  # in the merged model
     source: str  # alias, or "merge" for the recipe's parameter-space merge
     source_name: str  # in the source model
-    scale: float = 1.0  # folded layer-flow scale (output projections only)
+    scale: float = 1.0  # folded layer-flow scale (output projections) times the slot's tensor_scale

@@ -311,8 +311,8 @@ def _plugin_names() -> list[str]:
 def optimizer_class(name: str) -> type[Optimizer]:
     """The class behind ``name`` (``family[:variant]``): built-in, or from a plugin's entry point.
 
-    The built-ins are registered: importing this module runs ``evomerge/optimizers/__init__.py``
-    first, which imports every built-in optimizer module."""
+    The built-ins are registered: importing this module ran its package's ``__init__``, which
+    imports them."""
     family = str(name).partition(":")[0]
     cls = OPTIMIZERS.get(family) or _load_plugin(family)
     if cls is None:
