@@ -54,7 +54,7 @@ def write_st(path: Path, header: dict, data: bytes, length: int | None = None) -
 
 
 def recipe_file(tmp: Path, base: Path, experts: list[Path], **params) -> Path:
-    r = {"merge_method": "linear", "base_model": str(base),
+    r = {"version": 1, "merge_method": "linear", "base_model": str(base),
          "models": [{"model": str(e), "parameters": {"weight": params.get("weight", 0.5)}} for e in experts]}
     p = tmp / "recipe.yaml"
     p.write_text(yaml.safe_dump(r))
@@ -349,7 +349,7 @@ def test_other_integer_weights_are_refused(dtype, capsys, tmp_path, models):
                                     "[{filter: mlp, value: .nan}]"])
 def test_non_finite_parameters_are_refused(weight, capsys, tmp_path, tiny_models):
     rec = tmp_path / "r.yaml"
-    rec.write_text(f"merge_method: linear\nmodels:\n- model: {tiny_models['e0']}\n  parameters:\n"
+    rec.write_text(f"version: 1\nmerge_method: linear\nmodels:\n- model: {tiny_models['e0']}\n  parameters:\n"
                    f"    weight: {weight}\n- model: {tiny_models['e1']}\n")
     code, _, err = run_cli(capsys, "merge", rec, "--out", tmp_path / "out")
     assert_one_line(code, err, str(rec), "weight", "finite")
