@@ -86,7 +86,7 @@ def test_each_short_flag_has_one_meaning_everywhere():
     assert {k: sorted(v) for k, v in meaning.items()} == {
         "-o": ["out"], "-r": ["run_dir"], "-t": ["task"], "-q": ["quiet"], "-p": ["preset"], "-k": ["kind"]}
     assert where["-o"] == {"merge", "export", "report", "recipe import-mergekit", "recipe export-mergekit",
-                           "zoo build", "zoo evals"}
+                           "recipe add-fisher", "recipe add-scores", "zoo build", "zoo evals"}
     assert where["-r"] == {"search", "demo", "map"}
     assert where["-t"] == {"eval"}
 
@@ -98,7 +98,7 @@ def test_boolean_options_are_plain_flags():
         assert p.is_flag and not p.secondary_opts and p.default is False, (path, p.name)
     res = runner.invoke(app, ["merge", "--help"], env={"COLUMNS": "200"})
     line = next(ln for ln in res.stdout.splitlines() if "--force" in ln)
-    assert "<bool>" not in res.stdout and "Replace a non-empty output directory." in line
+    assert "<bool>" not in res.stdout and "Replace a non-empty output directory" in line
     res = runner.invoke(app, ["merge", "r.yaml", "-o", "out", "--force", "true"])
     assert res.exit_code == 2 and "unexpected extra argument" in res.stderr.lower()
 

@@ -29,6 +29,7 @@ from evomerge.merge.methods import Operator, get_operator
 from evomerge.merge.sources import OutputTensor, Sources
 from evomerge.merge.vocab import vocabulary_of
 from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
+from evomerge.safety import check_loading_info
 
 
 # ---------------------------------------------------------------------- parameter resolution
@@ -168,8 +169,9 @@ def build_model(sources: Sources, device: str | torch.device | None = None,
     device = torch.device(device) if device is not None else sources.device
     ref = sources.reference
     config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(ref.path, config=config, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code)
+    model, info = AutoModelForCausalLM.from_pretrained(ref.path, config=config, dtype=dtype,
+                                                       trust_remote_code=trust_remote_code, output_loading_info=True)
+    check_loading_info(ref.path, info)
     vocab = vocabulary_of(sources)
     if vocab is not None:  # the merge re-indexes the vocabulary (tokenizer_source)
         model.resize_token_embeddings(vocab.size, mean_resizing=False)
