@@ -65,7 +65,12 @@ def _generalized_task_arithmetic(base, tensors, params, options, generator, out=
         for t, w, p in zip(tensors, weights, params):
             if w != 0:
                 win = window(t, base, sparsify, p) if sparsify else Window(everything=True)
-                live.append((t, w, partial(_trim_chunk, w=win, scale=trim_scale(t, base, win, p, options))))
+                density = float(p.get("density", 1.0))
+                if options.get("rescale") and options.get("rescale_mode", "l1") == "inverse_p" and 0 < density < 1:
+                    cut = partial(_trim_chunk, w=win, divisor=density)  # ÷ p, as DARE's inverse_p
+                else:
+                    cut = partial(_trim_chunk, w=win, scale=trim_scale(t, base, win, p, options))
+                live.append((t, w, cut))
     # One chunked pass over everything: τ, trimming, election and mixing stay in cache.
     target = res if res.is_contiguous() else torch.empty_like(res)
     flat_b, flat_r = base.reshape(-1), target.view(-1)
@@ -83,10 +88,13 @@ def _generalized_task_arithmetic(base, tensors, params, options, generator, out=
     return res if target is res else res.copy_(target)
 
 
-def _trim_chunk(d: torch.Tensor, offset: int, *, w: Window, scale: float) -> torch.Tensor:
+def _trim_chunk(d: torch.Tensor, offset: int, *, w: Window, scale: float = 1.0,
+                divisor: float = 1.0) -> torch.Tensor:
     trim(d, w, scratch("gta.trim", d), offset=offset)
     if scale != 1.0:
         d.mul_(scale)
+    if divisor != 1.0:
+        d.div_(divisor)
     return d
 
 

@@ -23,6 +23,7 @@ index (lower index = lower rank); the cached and the pass paths give bit-identic
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -326,6 +327,7 @@ def trim(d: torch.Tensor, w: Window, tmp: torch.Tensor, offset: int = 0) -> None
                 flat[cut:].sub_(t[cut:n])
 
 
+@functools.lru_cache(maxsize=1 << 12)
 def _just_below(x: float) -> float:
     """The largest float32 below ``x`` (so that |d| > it ⇔ |d| ≥ x for float32 d)."""
     return float(torch.nextafter(torch.tensor(x, dtype=torch.float32), torch.tensor(-math.inf)))
@@ -422,15 +424,15 @@ def draw(t: torch.Tensor, base: torch.Tensor | None, method: str, p: dict[str, A
         u = scratch("draw.u", flat_t[i:i + step])
         u.uniform_(generator=generator)
         if ranks is None:
-            torch.lt(u, density, out=mask[i:i + step])
+            u.lt_(density)
         else:
-            probs = _della_probs(ranks[i:i + step], density, eps, cols, scratch("draw.p", u))
-            torch.lt(u, probs, out=mask[i:i + step])
+            u.lt_(_della_probs(ranks[i:i + step], density, eps, cols, scratch("draw.p", u)))
+        mask[i:i + step].copy_(u)  # float 0/1 → bool: ~4x faster than comparing into bool
     drop = dict(mask=mask, density=density, epsilon=eps, cols=cols)
     if rescale and mode == "l1":
         d = _values(flat_t, flat_b, False, out=scratch("draw.d", flat_t))
         before = float(torch.linalg.vector_norm(d, 1))
-        after = float(torch.linalg.vector_norm(d.mul_(mask), 1))
+        after = float(torch.linalg.vector_norm(d.mul_(mask.view(torch.uint8)), 1))
         if before >= 1e-7 and after >= 1e-7:
             drop["factor"] = before / after
     elif rescale:  # inverse_p: divide by the keep probability
@@ -446,7 +448,7 @@ def apply_drop(d: torch.Tensor, drop: Drop, offset: int = 0) -> torch.Tensor:
     if drop.mask is None:
         return d
     end = offset + d.numel()
-    d.mul_(drop.mask[offset:end])
+    d.mul_(drop.mask[offset:end].view(torch.uint8))  # d·1 or d·0, as a float mask would; ~4x faster than bool
     if drop.factor != 1.0:
         d.mul_(drop.factor)
     if drop.divisor != 1.0:
