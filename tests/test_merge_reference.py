@@ -223,3 +223,16 @@ def test_order_statistic_reports_ties():
     a = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 0.0])
     assert sp.order_statistic(a, 3) == (2.0, 2, 3)
     assert sp._order_key(a, 4) == (2.0, 2, 3, 3)  # the 2nd tie in index order sits at position 3
+
+
+def test_upcast_copies_find_the_order_cached_for_their_source():
+    sp.release_order_cache()
+    base16, (t16, *_) = (x.to(torch.bfloat16) if isinstance(x, torch.Tensor) else [y.to(torch.bfloat16) for y in x]
+                         for x in experts((200, 300), "normal"))
+    want = sp.window(t16.float(), base16.float(), "magnitude", {"density": 0.3})
+    for call in range(3):
+        t, b = t16.float(), base16.float()  # fresh copies every call, as merge_tensor makes them
+        with sp.converted_from([(t, t16), (b, base16)]):
+            assert sp.window(t, b, "magnitude", {"density": 0.3}) == want
+        assert sp.order_cache_bytes() == (4 * t.numel() if call >= 1 else 0)
+    sp.release_order_cache()

@@ -12,7 +12,8 @@ Performance (searches merge thousands of times):
   32768). The cache is keyed by tensor identity (weak references, in-place changes detected by
   the version counter), bounded by ``EVOMERGE_ORDER_CACHE_MB`` (default 2048; 0 turns it off;
   tensors beyond the bound use the pass path) and freed by :func:`release_order_cache`. Tensors
-  seen once (an export reads each tensor once) never pay for a sort.
+  seen once (an export reads each tensor once) never pay for a sort. Float32 copies made per call
+  from resident low-precision tensors are keyed by their source (:func:`converted_from`).
 * **Pass path.** Without a cached order, :func:`_order_key` finds an exact order statistic with a
   strided sample, one chunked counting pass and ``kthvalue`` on the few candidates.
 * Temporaries live in per-thread scratch buffers (:mod:`evomerge.merge.methods.scratch`).
@@ -23,6 +24,8 @@ index (lower index = lower rank); the cached and the pass paths give bit-identic
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -61,6 +64,8 @@ class _OrderCache:
         memory bound; None when not (yet) cached."""
         if b is None or t.requires_grad or b.requires_grad:
             return None
+        origin = _ORIGIN.get()
+        t, b = origin.get(id(t), t), origin.get(id(b), b)
         key, stamp = (kind, id(t), id(b)), (t._version, b._version)
 
         def same(e) -> bool:
@@ -108,6 +113,20 @@ def _nbytes(data: torch.Tensor) -> int:
 
 
 _CACHE = _OrderCache()
+_ORIGIN: contextvars.ContextVar[dict[int, torch.Tensor]] = contextvars.ContextVar("order_origin", default={})
+
+
+@contextlib.contextmanager
+def converted_from(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Within this block the order cache treats each ``converted`` tensor as its ``source`` (for
+    ``(converted, source)`` pairs): an upcast copy made per call (``bf16.float()``) then finds
+    the order cached for the resident tensor it was made from. The copies must hold exactly the
+    sources' values."""
+    token = _ORIGIN.set({**_ORIGIN.get(), **{id(c): s for c, s in pairs if c is not s}})
+    try:
+        yield
+    finally:
+        _ORIGIN.reset(token)
 
 
 def release_order_cache() -> None:
