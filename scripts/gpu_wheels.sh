@@ -29,6 +29,7 @@ PKGS=(
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 mkdir -p "$DEST"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 for spec in "${PKGS[@]}"; do
   name="${spec%%==*}"
   if ls "$DEST" | grep -qi "^$(echo "$name" | tr - _)-${spec##*==}[-.]"; then continue; fi
@@ -43,3 +44,15 @@ echo "$(ls "$DEST" | wc -l) wheels, ${total} MiB in $DEST"
 if [ "$total" -gt "$LIMIT_MB" ]; then
   echo "too big for the device carry ($total MiB > $LIMIT_MB MiB)" >&2; exit 1
 fi
+
+# The demo zoo (17 MiB), prebuilt here, for the search stage (the GPU machine cannot download the
+# smollm2 base, and building the demo zoo takes too long there): copied into .gpu_zoo/.
+ZOO_SRC="$("$PY" -c 'from evomerge.zoo.build import default_cache_root; print(default_cache_root())' 2>/dev/null || true)"
+demo=$(ls -d "$ZOO_SRC"/demo-llama-* 2>/dev/null | head -1 || true)
+if [ -n "$demo" ] && [ -f "$demo/zoo.json" ]; then
+  mkdir -p .gpu_zoo && rm -rf ".gpu_zoo/$(basename "$demo")" && cp -r "$demo" .gpu_zoo/
+  echo "demo zoo: $(du -sm .gpu_zoo | cut -f1) MiB in .gpu_zoo ($(basename "$demo"))"
+else
+  echo "no built demo zoo under ${ZOO_SRC:-the cache} (evomerge zoo build demo); gpu_check.sh will build the tiny zoo there"
+fi
+echo "total to carry: $(du -scm "$DEST" .gpu_zoo 2>/dev/null | tail -1 | cut -f1) MiB (+ the working tree)"

@@ -10,15 +10,18 @@ For each operator, in its own subprocess (so that memory high-water marks don't 
   copy of the same number of bytes measured in the same subprocess (``of copy``);
 * working memory = the RSS high-water mark (CPU; CUDA: the allocator's peak) minus the resident
   inputs and output, as a multiple of one tensor (``peak/T``, including the order cache and
-  the scratch buffers), the order cache alone (``cache/T``, kept between candidates) and the
-  difference (``work/T``: what a merge needs on top of the cache it keeps).
+  the scratch buffers and the transient of building the cache), and the order cache alone
+  (``cache/T``, kept between candidates); operators with a cache run a second time with it off
+  (``EVOMERGE_ORDER_CACHE_MB=0``): the pass path's time and peak, as an export sees them.
 
     python scripts/bench/merge_throughput.py [--rows 65536 --cols 640] [--threads 2] [--device cpu]
     python scripts/bench/merge_throughput.py --model      # also: in-place merges of a 110M Llama + export
+    python scripts/bench/merge_throughput.py --model-only --device cuda --dtype bfloat16
 
-``--model`` builds (once, cached) a ~110M-parameter Llama-shaped base and 3 experts and times
-in-place TIES / DARE-TIES / task arithmetic merges into a resident model, the streaming export,
-and mergekit-yaml when a mergekit venv exists (``scripts/mergekit_venv.sh``).
+``--model`` builds (once, cached, in ``--dtype``) a ~110M-parameter Llama-shaped base and 3
+experts and times in-place merges into a resident model on ``--device`` (inputs resident there
+too), against a copy of the same bytes; on CPU also the streaming export and mergekit-yaml when a
+mergekit venv exists (``scripts/mergekit_venv.sh``).
 """
 
 from __future__ import annotations
@@ -112,27 +115,40 @@ def operator_table(args) -> list[dict]:
     print(f"device {args.device}, {args.threads} threads, tensor {args.rows}x{args.cols} float32 "
           f"({args.rows * args.cols * 4 / 2**20:.0f} MiB), up to {args.experts} experts; one subprocess per operator")
     print(f"{'operator':17} {'k':>2} {'first s':>8} {'steady s':>9} {'GB/s':>7} {'copy GB/s':>9} {'of copy':>8} "
-          f"{'peak/T':>7} {'cache/T':>8} {'work/T':>7}")
+          f"{'peak/T':>7} {'cache/T':>8}")
     for name in names:
-        cmd = [sys.executable, __file__, "--worker", name, "--rows", str(args.rows), "--cols", str(args.cols),
-               "--experts", str(args.experts), "--reps", str(args.reps), "--device", args.device,
-               "--threads", str(args.threads)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if p.returncode != 0:
-            print(f"{name:17} failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+        r = _run_worker(args, name, cache=True)
+        if r is None:
             continue
-        r = json.loads(p.stdout.strip().splitlines()[-1])
+        if r["cache_per_tensor"] > 0:  # the pass path alone: what an export (each tensor once) needs
+            nc = _run_worker(args, name, cache=False)
+            r["nocache_steady_s"] = nc["steady_s"] if nc else None
+            r["nocache_peak_per_tensor"] = nc["peak_per_tensor"] if nc else None
         rows.append(r)
-        print(f"{name:17} {r['experts']:2d} {r['first_s']:8.3f} {r['steady_s']:9.3f} {r['gbps']:7.2f} "
-              f"{r['copy_gbps']:9.2f} {r['of_copy']:8.1%} {r['peak_per_tensor']:7.2f} {r['cache_per_tensor']:8.2f} "
-              f"{r['peak_per_tensor'] - r['cache_per_tensor']:7.2f}",
-              flush=True)
+        line = (f"{name:17} {r['experts']:2d} {r['first_s']:8.3f} {r['steady_s']:9.3f} {r['gbps']:7.2f} "
+                f"{r['copy_gbps']:9.2f} {r['of_copy']:8.1%} {r['peak_per_tensor']:7.2f} {r['cache_per_tensor']:8.2f}")
+        if r.get("nocache_peak_per_tensor") is not None:
+            line += (f"   without cache: {r['nocache_steady_s']:.3f} s, peak/T {r['nocache_peak_per_tensor']:.2f}")
+        print(line, flush=True)
     return rows
 
 
+def _run_worker(args, name: str, cache: bool) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", name, "--rows", str(args.rows), "--cols", str(args.cols),
+           "--experts", str(args.experts), "--reps", str(args.reps), "--device", args.device,
+           "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
+    if not cache:
+        env["EVOMERGE_ORDER_CACHE_MB"] = "0"
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        print(f"{name:17} failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+        return None
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 # ---------------------------------------------------------------------- whole-model merges (--model)
-def build_models(root: Path, hidden: int, layers: int, vocab: int) -> dict[str, Path]:
+def build_models(root: Path, hidden: int, layers: int, vocab: int, dtype: torch.dtype) -> dict[str, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     paths = {k: root / k for k in ("base", "e0", "e1", "e2")}
@@ -142,12 +158,12 @@ def build_models(root: Path, hidden: int, layers: int, vocab: int) -> dict[str, 
                       num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
                       tie_word_embeddings=False)
     torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg)
+    base = LlamaForCausalLM(cfg).to(dtype)
     base.save_pretrained(paths["base"])
     sd = base.state_dict()
     for k in range(3):
         g = torch.Generator().manual_seed(k + 1)
-        expert = {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in sd.items()}
+        expert = {n: (t.float() + 0.01 * torch.randn(t.shape, generator=g)).to(dtype) for n, t in sd.items()}
         base.load_state_dict(expert)
         base.save_pretrained(paths[f"e{k}"])
     return paths
@@ -167,21 +183,26 @@ def model_benchmark(args) -> None:
                               for k, (w, d) in enumerate(PARAMS[:3])],
                       parameters={"normalize": True})
 
-    paths = build_models(cache_root() / "bench-merge" / "h768-l12-v16000", 768, 12, 16000)
-    src = Sources.from_recipe(recipe_for("ties")).resident("cpu")
-    model = build_model(src)
+    dtype = getattr(torch, args.dtype)
+    paths = build_models(cache_root() / "bench-merge" / f"h768-l12-v16000-{args.dtype}", 768, 12, 16000, dtype)
+    src = Sources.from_recipe(recipe_for("ties")).resident(args.device)
+    model = build_model(src, device=args.device, dtype=dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    moved = (1 + 3 + 1) * 4 * n_params
-    bw = copy_bandwidth(moved, "cpu")
-    print(f"\nmodel: {n_params / 1e6:.1f}M parameters, one merge moves {moved / 1e9:.2f} GB; "
-          f"copy bandwidth {bw / 1e9:.2f} GB/s")
+    elem = torch.empty((), dtype=dtype).element_size()
+    moved = (1 + 3 + 1) * elem * n_params  # read base + 3 experts, write the model (all in --dtype)
+    bw = copy_bandwidth(moved, args.device)
+    print(f"\nmodel: {n_params / 1e6:.1f}M parameters in {args.dtype} on {args.device}, one merge moves "
+          f"{moved / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.2f} GB/s")
     times = {}
     for method in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della"):
         r = recipe_for(method)
         apply_in_place(model, r, src)
         apply_in_place(model, r, src)  # builds the order caches
-        times[method] = min(_timed(lambda: apply_in_place(model, r, src), "cpu") for _ in range(args.reps))
-        print(f"in-place {method:16s} {times[method]:6.2f} s  {moved / times[method] / bw:6.1%} of copy bandwidth")
+        times[method] = min(_timed(lambda: apply_in_place(model, r, src), args.device) for _ in range(args.reps))
+        print(f"in-place {method:16s} {times[method]:6.3f} s  {moved / times[method] / bw:6.1%} of copy bandwidth",
+              flush=True)
+    if args.device != "cpu":
+        return
     r = recipe_for("ties")
     with tempfile.TemporaryDirectory() as tmp:
         t_export = _timed(lambda: export_model(r, Path(tmp) / "out"), "cpu")
@@ -213,6 +234,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated operator names (default: all but passthrough)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--model", action="store_true", help="also time whole-model merges (110M Llama)")
+    ap.add_argument("--model-only", action="store_true", help="only the whole-model merges")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="whole-model merges: the models' dtype (inputs and the resident model)")
     ap.add_argument("--mergekit-venv", type=Path,
                     default=Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/tmp/mergekit-venv")))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -221,10 +245,11 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.rows, args.cols, args.experts, args.reps, args.device)))
         return
-    rows = operator_table(args)
-    if args.json:
-        args.json.write_text(json.dumps({"device": args.device, "threads": args.threads, "rows": rows}, indent=1))
-    if args.model:
+    if not args.model_only:
+        rows = operator_table(args)
+        if args.json:
+            args.json.write_text(json.dumps({"device": args.device, "threads": args.threads, "rows": rows}, indent=1))
+    if args.model or args.model_only:
         model_benchmark(args)
 
 
