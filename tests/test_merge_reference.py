@@ -236,3 +236,12 @@ def test_upcast_copies_find_the_order_cached_for_their_source():
             assert sp.window(t, b, "magnitude", {"density": 0.3}) == want
         assert sp.order_cache_bytes() == (4 * t.numel() if call >= 1 else 0)
     sp.release_order_cache()
+
+
+@pytest.mark.parametrize("kind", ["normal", "quantised", "sparse", "zeros"])
+def test_bucketed_order_build_equals_a_stable_sort(kind):
+    base, (t, *_) = experts((600, 700), "normal" if kind == "zeros" else kind)
+    if kind == "zeros":
+        t = base.clone()
+    want = torch.sort((t - base).reshape(-1).abs(), stable=True).indices
+    assert torch.equal(sp._build_order(t, base, torch.int32).long(), want)

@@ -6,8 +6,8 @@ Performance (searches merge thousands of times):
 
 * **Order cache.** A search worker merges the *same* resident experts for every candidate, so the
   order of |τ_k| = |θ_k − θ0| never changes. The second time a (θ_k, θ0) tensor pair is seen, its
-  stable ascending order of |τ| is cached (an int32 permutation, 4 bytes per entry; built by one
-  stable sort, ~3x the tensor transiently) and every later magnitude cut is a lookup: no pass over
+  stable ascending order of |τ| is cached (an int32 permutation, 4 bytes per entry; built bucket by
+  bucket with ~0.4x the tensor transiently, see :func:`_build_order`) and every later magnitude cut is a lookup: no pass over
   memory. DELLA caches its per-row magnitude ranks the same way (int16 when rows are shorter than
   32768). The cache is keyed by tensor identity (weak references, in-place changes detected by
   the version counter), bounded by ``EVOMERGE_ORDER_CACHE_MB`` (default 2048; 0 turns it off;
@@ -144,14 +144,68 @@ def _stable_order(t: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     n = t.numel()
     idx_dtype = torch.int32 if n < 2**31 else torch.int64
 
-    def build() -> torch.Tensor:
-        x = torch.sub(t.reshape(-1), b.reshape(-1)).abs_()
-        idx = torch.empty(n, dtype=torch.int64, device=t.device)
-        torch.sort(x, stable=True, out=(x, idx))  # values overwrite x: 3x the tensor at the peak
-        del x
-        return idx.to(idx_dtype)
+    return _CACHE.get("order", t, b, n * torch.empty((), dtype=idx_dtype).element_size(),
+                      lambda: _build_order(t, b, idx_dtype))
 
-    return _CACHE.get("order", t, b, n * torch.empty((), dtype=idx_dtype).element_size(), build)
+
+_BUCKETS = 16
+
+
+def _build_order(t: torch.Tensor, b: torch.Tensor, idx_dtype: torch.dtype) -> torch.Tensor:
+    """The stable ascending order of |t − b| (= ``torch.sort(..., stable=True).indices``) with
+    ~0.4x the tensor of transient memory instead of a whole sort's ~4x.
+
+    Magnitude buckets between quantiles of a strided sample are gathered one chunked pass each
+    (positions ascending) and sorted on their own; a magnitude that holds a large share of the
+    entries (e.g. the zeros of an expert that left most of a tensor untouched) is its own bucket,
+    whose order is just its positions.
+    """
+    ft, fb = t.reshape(-1), b.reshape(-1)
+    n = ft.numel()
+    if n <= _SMALL:
+        return torch.sort(torch.sub(ft, fb).abs_(), stable=True).indices.to(idx_dtype)
+    step = max(1, n // _SAMPLE)
+    ss = torch.sort(torch.sub(ft[::step], fb[::step]).abs_()).values
+    m = ss.numel()
+    cuts = torch.unique(ss[(torch.arange(1, _BUCKETS) * m) // _BUCKETS]).tolist()
+    segments, prev = [], -math.inf
+    for c in cuts:
+        if int((ss == c).sum()) * _BUCKETS * 4 >= m:  # heavy value: its own bucket
+            segments += [(prev, c, "open"), (c, c, "point")]
+        else:
+            segments.append((prev, c, "closed"))
+        prev = c
+    segments.append((prev, math.inf, "open"))
+    perm = torch.empty(n, dtype=idx_dtype, device=t.device)
+    chunk = _CHUNK if t.device.type == "cpu" else 1 << 24
+    x = scratch("order.abs", ft[:chunk])
+    mask, upper = scratch("order.mask", ft[:chunk], torch.bool), scratch("order.upper", ft[:chunk], torch.bool)
+    write = 0
+    for lo, hi, kind in segments:
+        vals, pos = [], []
+        for i in range(0, n, chunk):
+            xc = _values(ft[i:i + chunk], fb[i:i + chunk], True, out=x[: min(chunk, n - i)])
+            mc, uc = mask[: xc.numel()], upper[: xc.numel()]
+            if kind == "point":
+                torch.eq(xc, hi, out=mc)
+            else:
+                torch.gt(xc, lo, out=mc)
+                mc.logical_and_(torch.lt(xc, hi, out=uc) if kind == "open" else torch.le(xc, hi, out=uc))
+            idx = torch.nonzero(mc).squeeze(1)
+            if kind == "point":
+                perm[write:write + idx.numel()] = idx + i
+                write += idx.numel()
+            elif idx.numel():
+                vals.append(xc[idx])
+                pos.append(idx + i)
+        if vals:
+            p = torch.cat(pos)
+            order = torch.sort(torch.cat(vals), stable=True).indices
+            perm[write:write + p.numel()] = p[order]
+            write += p.numel()
+    if write != n:  # cannot happen for finite inputs; never return a wrong order
+        return torch.sort(torch.sub(ft, fb).abs_(), stable=True).indices.to(idx_dtype)
+    return perm
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
