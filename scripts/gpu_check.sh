@@ -56,19 +56,21 @@ import lm_eval, cmaes  # noqa: F401  (fail here, not in the middle of the search
 PYEOF
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   DEVICE=cuda ROWS="${ROWS:-262144}" EVALS="${EVALS:-60}" LIMIT="${LIMIT:-100}" THREADS=4 GPU_FLAG=--gpu
+  OPS="${OPS:-}" MODEL=(--hidden 768 --layers 12 --vocab 16000)
   nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader 2>/dev/null || true
 else
   DEVICE=cpu ROWS="${ROWS:-4096}" EVALS="${EVALS:-6}" LIMIT="${LIMIT:-20}" THREADS=1 GPU_FLAG=
-  echo "dry run on CPU: small sizes"
+  OPS="${OPS:-task_arithmetic,ties,dare_ties}" MODEL=(--hidden 256 --layers 2 --vocab 4000)
+  echo "dry run on CPU: small sizes, operators ${OPS}, a 2-layer model"
 fi
 
 stage "1. operators: bandwidth vs a device copy, working memory ($DEVICE, ${ROWS}x640 float32)"
 timeout 200 "$PY" scripts/bench/merge_throughput.py --device "$DEVICE" --rows "$ROWS" --cols 640 --reps 3 \
-  --threads "$THREADS" --json "$OUT_DIR/gpu_check_operators.json" || echo "stage 1 failed or timed out (rc $?)"
+  --threads "$THREADS" --only "$OPS" --json "$OUT_DIR/gpu_check_operators.json" || echo "stage 1 failed or timed out (rc $?)"
 
 stage "2. in-place merges of a 110M Llama in bf16 ($DEVICE)"
 timeout 150 "$PY" scripts/bench/merge_throughput.py --model-only --device "$DEVICE" --dtype bfloat16 --reps 3 \
-  --threads "$THREADS" || echo "stage 2 failed or timed out (rc $?)"
+  --threads "$THREADS" "${MODEL[@]}" || echo "stage 2 failed or timed out (rc $?)"
 
 stage "3. search: candidates/min (in-process executor, $DEVICE, bf16)"
 PRESET=tiny

@@ -18,8 +18,9 @@ For each operator, in its own subprocess (so that memory high-water marks don't 
     python scripts/bench/merge_throughput.py --model      # also: in-place merges of a 110M Llama + export
     python scripts/bench/merge_throughput.py --model-only --device cuda --dtype bfloat16
 
-``--model`` builds (once, cached, in ``--dtype``) a ~110M-parameter Llama-shaped base and 3
-experts and times in-place merges into a resident model on ``--device`` (inputs resident there
+``--model`` builds (once, cached, in ``--dtype``) a Llama-shaped base and 3 experts (by default
+~110M parameters: ``--hidden 768 --layers 12 --vocab 16000``) and times
+in-place merges into a resident model on ``--device`` (inputs resident there
 too), against a copy of the same bytes; on CPU also the streaming export and mergekit-yaml when a
 mergekit venv exists (``scripts/mergekit_venv.sh``).
 """
@@ -184,7 +185,8 @@ def model_benchmark(args) -> None:
                       parameters={"normalize": True})
 
     dtype = getattr(torch, args.dtype)
-    paths = build_models(cache_root() / "bench-merge" / f"h768-l12-v16000-{args.dtype}", 768, 12, 16000, dtype)
+    shape = f"h{args.hidden}-l{args.layers}-v{args.vocab}"
+    paths = build_models(cache_root() / "bench-merge" / f"{shape}-{args.dtype}", args.hidden, args.layers, args.vocab, dtype)
     src = Sources.from_recipe(recipe_for("ties")).resident(args.device)
     model = build_model(src, device=args.device, dtype=dtype)
     n_params = sum(p.numel() for p in model.parameters())
@@ -235,6 +237,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--model", action="store_true", help="also time whole-model merges (110M Llama)")
     ap.add_argument("--model-only", action="store_true", help="only the whole-model merges")
+    ap.add_argument("--hidden", type=int, default=768, help="whole-model merges: hidden size (768: 110M)")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=16000)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="whole-model merges: the models' dtype (inputs and the resident model)")
     ap.add_argument("--mergekit-venv", type=Path,
