@@ -26,6 +26,7 @@ from evomerge.architecture import ParameterMap
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge import layer_flow as lf
 from evomerge.merge.methods import Operator, get_operator
+from evomerge.merge.methods.sparsify import converted_from
 from evomerge.merge.sources import OutputTensor, Sources
 from evomerge.merge.vocab import vocabulary_of
 from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
@@ -94,13 +95,15 @@ def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site:
     if op.wants_site:
         options["site"] = site
     use_base = op.needs_base or (op.optional_base and recipe.base_model is not None)
-    base = sources.get("base", name).float() if use_base else None
-    tensors = [sources.get(m.alias, name).float() for m in recipe.models]
+    raw = ([sources.get("base", name)] if use_base else []) + [sources.get(m.alias, name) for m in recipe.models]
+    floats = [t.float() for t in raw]
+    base, tensors = (floats[0], floats[1:]) if use_base else (None, floats)
     gen = None
     if op.random:
         gen = torch.Generator(device=tensors[0].device)
         gen.manual_seed(_seed(plan.seed_key, recipe.seed, name))
-    return op.fn(base, tensors, params, options, gen, out=out)
+    with converted_from(list(zip(floats, raw))):  # cached orders follow the resident tensors
+        return op.fn(base, tensors, params, options, gen, out=out)
 
 
 # ---------------------------------------------------------------------- the merge as a stream
