@@ -271,6 +271,31 @@ def test_resume_refuses_an_unreadable_stored_space_without_touching_the_status(f
     assert meta_snapshot(finished_run) == before and before["status"] == "finished"
 
 
+def test_a_run_without_a_fingerprint_still_refuses_a_space_with_other_genes(finished_run, capsys):
+    with RunStore(finished_run) as s:
+        s.db.execute("DELETE FROM meta WHERE key='fingerprint'")  # an evomerge before fingerprints
+        cfg = s.meta("config")
+        s.set_meta(config={**cfg, "models": {**cfg["models"], "experts": cfg["models"]["experts"][:2]}})
+    before = meta_snapshot(finished_run)
+    assert_refused(*cli(capsys, "resume", finished_run, "-q")[::2], "its space has 2 genes",
+                   "checkpoints have 3")
+    assert meta_snapshot(finished_run) == before
+
+
+def test_map_stopped_by_a_signal_says_how_to_resume(tiny_models, tmp_path, capsys, monkeypatch):
+    from evomerge.search import map as map_module
+    from evomerge.search.signals import Interrupted
+
+    def stopped(*a, **k):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(map_module, "run_map", stopped)
+    cfg = write(tmp_path / "c.yaml", {"models": {"experts": ["a"]}})
+    rc, out, err = cli(capsys, "map", cfg, "-r", tmp_path / "run")
+    assert rc == 128 + signal.SIGTERM and "Traceback" not in err
+    assert "interrupted" in out and f"evomerge map --resume --run-dir {tmp_path / 'run'}" in out
+
+
 def test_resume_of_a_run_without_a_fingerprint_still_works(finished_run, capsys):
     with RunStore(finished_run) as s:
         s.db.execute("DELETE FROM meta WHERE key='fingerprint'")  # an evomerge before fingerprints

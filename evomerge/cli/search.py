@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -113,22 +114,30 @@ class LiveView:
         return Panel(grid, title=self.title, border_style="cyan")
 
 
+@contextmanager
+def resumable_interrupt(how: str = "evomerge resume RUN_DIR"):
+    """Ctrl-C, SIGTERM or SIGHUP (:mod:`evomerge.search.signals`) during a run: one line saying
+    how to go on, exit code 128 + the signal number."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        console.print(f"[yellow]interrupted[/]; every finished evaluation is stored — continue with "
+                      f"[bold]{escape(how)}[/]")
+        raise typer.Exit(128 + getattr(e, "signum", 2)) from None
+
+
 def run_with_display(title: str, quiet: bool, fn):
     """Call ``fn(on_progress)`` with a live view; Ctrl-C leaves a resumable run."""
     from rich.live import Live
 
     view = LiveView(title, plain=not console.is_terminal)
-    try:
+    with resumable_interrupt():
         if quiet:
             return fn(None)
         if view.plain:
             return fn(view.update)
         with Live(view, console=console, refresh_per_second=4, transient=False):
             return fn(view.update)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (evomerge.search.signals)
-        console.print("[yellow]interrupted[/]; every finished evaluation is stored — continue with "
-                      "[bold]evomerge resume RUN_DIR[/]")
-        raise typer.Exit(128 + getattr(e, "signum", 2))
 
 
 def print_summary(summary, table=None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from evomerge.config import SearchConfig
+from evomerge.errors import ConfigError
 from evomerge.executors import Executor
 from evomerge.search.kinds import search_class
 from evomerge.search.loop import Progress, SearchSummary
@@ -91,6 +92,11 @@ def _open_for_resume(run_dir: Path, budget: dict | None, executor_overrides: dic
         if updates:
             cfg = SearchConfig.from_dict({**cfg.to_dict(), **updates}, where="resume options")
         pf = preflight(cfg, pool=stored_models(store))
+        genes = store.meta("genes")  # what the checkpoints were written for (runs without a fingerprint too)
+        if genes is not None and list(genes) != list(pf.space.names):
+            raise ConfigError(f"{where}: its space has {pf.space.dim} genes ({', '.join(pf.space.names[:3])}, ...) but the "
+                              f"run's checkpoints have {len(genes)} ({', '.join(genes[:3])}, ...); undo the edit, "
+                              "or start a new run in another --run-dir")
         if updates:
             store.set_meta(config=cfg.to_dict())
         return store, lock, cfg, pf.pool

@@ -155,14 +155,16 @@ def preflight(cfg: SearchConfig, *, pool: ModelPool | None = None) -> Preflight:
 
 # ---------------------------------------------------------------------------------- fingerprint
 #: the config sections that decide what a trial's score means (or which trials a run asks);
-#: a resumed run must keep them: the budget, executor and search options may change on resume
-FINGERPRINT_SECTIONS = ("models", "space", "objectives", "validation", "evaluation", "optimizer", "seed")
+#: a resumed run must keep them: the budget, the executor's resources and the search options may
+#: change on resume. ``worker``: a custom worker (``executor.worker``) and its options score.
+FINGERPRINT_SECTIONS = ("models", "space", "objectives", "validation", "evaluation", "optimizer", "seed", "worker")
 
 
 def fingerprint(cfg: SearchConfig) -> dict[str, str]:
     """Section → sha256 of its canonical JSON (stored as ``meta.fingerprint`` at creation)."""
     d = cfg.to_dict()
-    return {k: hashlib.sha256(json.dumps(d.get(k), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    d["worker"] = {"factory": cfg.executor.worker, "options": d["executor"]["worker_options"]}
+    return {k: hashlib.sha256(json.dumps(d[k], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
             for k in FINGERPRINT_SECTIONS}
 
 
