@@ -18,9 +18,10 @@ Roles are read from **checkpoint names** — the names ``save_pretrained`` write
 evomerge reads and writes. ``transformers`` 5 names some parameters differently in memory
 (GPT-NeoX's ``embed_out`` is the parameter ``lm_head``; Mixtral's and Qwen3-MoE's per-expert
 ``experts.E.w2`` / ``experts.E.down_proj`` tensors are fused parameters ``mlp.experts.down_proj``).
-A family's :attr:`Family.head` lists both of GPT-NeoX's head names; the full checkpoint ↔
-parameter mapping for fused experts belongs on :class:`Family` too (next to its patterns) when
-in-place merging needs it.
+A family's :attr:`Family.head` lists both of GPT-NeoX's head names. The checkpoint → parameter
+mapping itself is not a table here: :class:`ParameterMap` asks ``transformers`` for the very
+conversion rules ``from_pretrained`` applies (``conversion_mapping`` / ``WeightConverter``), so a
+future rename or fusion in ``transformers`` is followed without a change here.
 
 Groups follow mergekit's reading: embeddings (token and position embeddings, and norms applied to
 them) form ``embed``; each block ``layers.N``; the final norm and the LM head form ``head``.
@@ -251,3 +252,99 @@ class TensorRoles:
         models of different depth compare equal."""
         return self.with_block_index(name, 0) if self.block_index(name) is not None else name
 
+
+
+class ParameterMap:
+    """Checkpoint names → the parameters of an instantiated model, by ``transformers``' own rules.
+
+    ``transformers`` 5 loads a checkpoint through a list of weight transforms (renamings such as
+    GPT-NeoX's ``embed_out`` → ``lm_head``; converters such as Mixtral's per-expert ``w1``/``w3``
+    → one fused ``experts.gate_up_proj``). This map uses the transforms ``from_pretrained``
+    attached to the model (``model._weight_conversions``), else the ones
+    ``get_model_conversion_mapping`` gives for it, and the same ``rename_source_key`` and
+    ``WeightConverter.convert`` the loader runs — so an in-place write lands exactly where
+    ``from_pretrained`` would have put the same checkpoint.
+
+    :meth:`target` says where a checkpoint tensor goes: ``(parameter, None)`` for a plain or
+    renamed tensor, ``(parameter, pattern)`` when a converter fuses it with others;
+    :meth:`assemble` builds a fused parameter from all of its checkpoint tensors.
+    """
+
+    def __init__(self, transforms: list, model: Any = None):
+        self.model = model
+        self._renamings: list = []
+        self._converters: list = []
+        if transforms:
+            from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+            self._renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+            self._converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self._by_pattern = {p: c for c in self._converters for p in c.source_patterns}
+        self._prefix = (getattr(model, "base_model_prefix", None) or None) if model is not None else None
+        self._cache: dict[str, tuple[str, str | None]] = {}
+
+    @classmethod
+    def for_model(cls, model: Any) -> "ParameterMap":
+        """The transforms ``from_pretrained`` used for ``model`` (else the registered ones)."""
+        transforms = getattr(model, "_weight_conversions", None)
+        if transforms is None:
+            try:
+                from transformers.conversion_mapping import get_model_conversion_mapping
+            except ImportError:  # transformers 4 loads checkpoints by their own names
+                return cls([], model)
+            transforms = get_model_conversion_mapping(model)
+        return cls(transforms, model)
+
+    @classmethod
+    def for_config(cls, config: dict) -> "ParameterMap":
+        """Without a model: the transforms registered for the config's architecture class, else
+        its ``model_type`` (enough for names; :meth:`assemble` needs :meth:`for_model`)."""
+        try:
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        except ImportError:  # transformers 4
+            return cls([])
+        archs = config.get("architectures") or []
+        transforms = (get_checkpoint_conversion_mapping(archs[0]) if archs else None) \
+            or get_checkpoint_conversion_mapping(config.get("model_type")) or []
+        return cls(transforms)
+
+    def target(self, name: str, known: dict[str, Any] | None = None) -> tuple[str, str | None]:
+        """``(parameter name, converter pattern or None)`` for checkpoint tensor ``name``;
+        ``known`` maps the model's parameter (and buffer) names to tensors (``None``: no model)."""
+        hit = self._cache.get(name)
+        if hit is not None and (known is None or hit[0] in known):
+            return hit
+        if not self._renamings and not self._converters:
+            return name, None
+        from transformers.core_model_loading import rename_source_key
+
+        renamed, pattern = rename_source_key(name, self._renamings, self._converters, self._prefix, known)
+        if known is not None and renamed not in known and name in known:  # the loader's fallback
+            renamed, pattern = name, None
+        self._cache[name] = (renamed, pattern)
+        return renamed, pattern
+
+    def checkpoint_names(self, tensor_names: Iterable[str]) -> dict[str, str]:
+        """Parameter name → checkpoint name for the tensors among ``tensor_names`` that are whole
+        parameters (renamed or not; tensors ``transformers`` fuses are left out)."""
+        out: dict[str, str] = {}
+        for n in tensor_names:
+            param, pattern = self.target(n)
+            if pattern is None:
+                out.setdefault(param, n)
+        return out
+
+    def assemble(self, param: str, parts: list[tuple[str, str, Any]]) -> Any:
+        """The fused parameter ``param`` from ``(checkpoint name, pattern, tensor)`` triples."""
+        from copy import deepcopy
+
+        from transformers.core_model_loading import dot_natural_key
+
+        converter = deepcopy(self._by_pattern[parts[0][1]])
+        for name, pattern, tensor in sorted(parts, key=lambda p: dot_natural_key(p[0])):
+            converter.add_tensor(param, name, pattern, tensor)
+        out = converter.convert(param, model=self.model, config=self.model.config)
+        if param not in out:
+            raise ModelError(f"transformers' converter for {param} produced {sorted(out)} instead")
+        value = out[param]
+        return value[0] if isinstance(value, list) else value

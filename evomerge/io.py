@@ -53,11 +53,20 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def load_yaml(path: str | Path) -> Any:
+    return _load(path, yaml.safe_load)
+
+
+def load_yaml_documents(path: str | Path) -> list[Any]:
+    """Every non-empty document of a (multi-document) YAML file."""
+    return [d for d in _load(path, lambda text: list(yaml.safe_load_all(text))) if d is not None]
+
+
+def _load(path: str | Path, parse) -> Any:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: file not found")
     try:
-        return yaml.safe_load(p.read_text())
+        return parse(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -72,12 +72,26 @@ class InputModel(BaseModel):
 
 
 class LayerSlot(BaseModel):
-    """One block of a layer flow: block ``layer`` of ``model``, its input scaled by ``scale``."""
+    """One block of a layer flow: block ``layer`` of ``model``, its input scaled by ``scale``.
+
+    ``tensor_scale`` multiplies the block's weights themselves (mergekit's passthrough ``scale``,
+    e.g. 0 on ``o_proj``/``down_proj`` to make a repeated block an identity): a number, or a list
+    of ``{filter, value}`` matched against the source tensor names (no match: 1). Unset (``None``)
+    means 1, and 1 is stored as unset, so recipes without it keep their hash.
+    """
 
     model_config = ConfigDict(extra="forbid")
     model: str
     layer: int = Field(ge=0)
     scale: float = 1.0
+    tensor_scale: Union[float, list["FilteredValue"], None] = None
+
+    @field_validator("tensor_scale")
+    @classmethod
+    def _numbers(cls, v):
+        if isinstance(v, list) and any(isinstance(c.value, (bool, str, list, GroupValues)) for c in v):
+            raise ValueError("tensor_scale filter values must be numbers")
+        return None if v == 1.0 or v == [] else v
 
     @field_validator("scale")
     @classmethod
@@ -98,6 +112,7 @@ class LayerFlow(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     embed_from: str | None = None  # default: "merge" when the recipe merges, else the base
+    head_from: str | None = None  # final norm and lm_head; default: embed_from
     slots: list[LayerSlot] = Field(min_length=1)
 
 
@@ -112,7 +127,10 @@ class Recipe(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     layer_flow: LayerFlow | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    tokenizer_source: str | None = None  # "base" (default) or a model alias / path
+    # "base", "union", or a model alias / path: the merged vocabulary (evomerge.merge.vocab);
+    # unset: the base's tokenizer files, no re-indexing
+    tokenizer_source: str | None = None
+    chat_template: str | None = None  # "auto", a built-in name, a model alias or a Jinja template
     seed: int = 0  # mixed with the recipe hash to seed random operators (DARE, DELLA)
 
     @field_validator("version")
@@ -137,10 +155,10 @@ class Recipe(BaseModel):
                     raise ValueError(
                         f"layer_flow.slots[{i}].model {slot.model!r} is not one of {sorted(known)}"
                     )
-            if self.layer_flow.embed_from is not None and self.layer_flow.embed_from not in known:
-                raise ValueError(
-                    f"layer_flow.embed_from {self.layer_flow.embed_from!r} is not one of {sorted(known)}"
-                )
+            for key in ("embed_from", "head_from"):
+                value = getattr(self.layer_flow, key)
+                if value is not None and value not in known:
+                    raise ValueError(f"layer_flow.{key} {value!r} is not one of {sorted(known)}")
         return self
 
     # ------------------------------------------------------------------ names and sources

@@ -304,3 +304,33 @@ def test_recipes_merge_with_the_engine_and_parents_are_exact(tiny_models):
             with torch.no_grad():
                 out = model(torch.tensor([[1, 2, 3]])).logits
             assert torch.isfinite(out).all()
+
+
+def test_ps_searches_global_operator_parameters():
+    # LiNeS: alpha and beta are operator-wide, so they get one shared gene per group
+    s = make_space({"type": "ps", "operator": "lines", "granularity": "global",
+                    "parameters": {"weight": None, "alpha": None, "beta": {"bounds": [0, 1], "init": 0.25}}},
+                   pool(k=2))
+    assert s.names == ["weight[e0].all", "weight[e1].all", "alpha.all", "beta.all"]
+    np.testing.assert_array_equal(s.upper, [2, 2, 2, 1])
+    r = s.to_recipe([0.5, 1.5, 0.3, 0.7])
+    assert r.parameters == {"alpha": 0.3, "beta": 0.7}
+    assert [m.parameters for m in r.models] == [{"weight": 0.5}, {"weight": 1.5}]
+    assert_round_trips(s)
+    # required global parameters are searched by default (slerp's t, per layer group here)
+    t = make_space({"type": "ps", "operator": "slerp", "granularity": "layer", "experts": ["e0"]}, pool(k=2, blocks=2))
+    assert t.names == ["t.embed", "t.layers.0", "t.layers.1", "t.head"]
+    assert t.to_recipe([0.1, 0.2, 0.3, 0.4]).parameters["t"] == GroupValues(embed=0.1, layers=[0.2, 0.3], head=0.4)
+    assert_round_trips(t)
+    # sce has only a global parameter
+    sce = make_space({"type": "ps", "operator": "sce", "granularity": "global", "parameters": {"select_topk": None}},
+                     pool(k=2))
+    assert sce.names == ["select_topk.all"] and sce.to_recipe([0.4]).parameters == {"select_topk": 0.4}
+    for cfg, msg in [
+        ({"operator": "lines", "parameters": {"head_scale": None}}, "not a parameter of 'lines' that can be searched"),
+        ({"operator": "slerp", "experts": ["e0"], "options": {"t": 0.5}, "parameters": {"t": None}},
+         "also listed under `fixed` or `options`"),
+        ({"operator": "lines", "parameters": {"weight": None}}, r"needs \['alpha', 'beta'\]"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            make_space({"type": "ps", **cfg}, pool(k=2))

@@ -157,6 +157,23 @@ def print_summary(summary, table=None) -> None:
                   f"[bold]evomerge export {escape(str(summary.run_dir))} --best -o MODEL_DIR[/]", highlight=False)
 
 
+def fail_if_nothing_succeeded(summary) -> None:
+    """A search in which every evaluation failed is an error (exit 2), with the commonest reason:
+    no result is not a result, and scripts must see it."""
+    if summary.best is not None or summary.evaluations == 0 or summary.failures < summary.evaluations:
+        return
+    from collections import Counter
+
+    from evomerge.errors import EvomergeError
+    from evomerge.store import RunStore
+
+    with RunStore(summary.run_dir) as store:
+        errors = Counter(t.error or "no reason recorded" for t in store.trials(status="failed"))
+    reason, n = errors.most_common(1)[0] if errors else ("no reason recorded", summary.failures)
+    raise EvomergeError(f"all {summary.evaluations} evaluations failed ({n} with: {reason}); "
+                        f"run directory: {summary.run_dir}")
+
+
 def metrics_table(summary) -> Table:
     """Best vs parents; one column per objective in config order (search, then validation), each
     under its full name (headers fold, never truncate, so two similar names stay apart)."""
@@ -240,6 +257,7 @@ def search(
     summary = run_with_display(f"evomerge search · {name}", quiet, lambda cb: run_search(
         cfg, run_dir, on_progress=cb, executor_overrides=overrides or None))
     print_summary(summary)
+    fail_if_nothing_succeeded(summary)
 
 
 @app.command()
@@ -271,6 +289,7 @@ def resume(
         None, run_dir, resume=True, on_progress=cb, budget=budget or None,
         executor_overrides=_executor_overrides(ray_address, workers) or None, allow_pickle=allow_pickle))
     print_summary(summary)
+    fail_if_nothing_succeeded(summary)
 
 
 def run_rows(root: Path) -> list[dict]:

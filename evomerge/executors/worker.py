@@ -145,14 +145,14 @@ class ModelWorker:
         from evomerge.evaluation import Evaluator, Objective
         from evomerge.merge.materialize import build_model
         from evomerge.merge.sources import Sources
-        from evomerge.models import ModelDir
+        from evomerge.merge.lora import open_model
 
         t0 = time.perf_counter()
         self.name = name
         transformers.utils.logging.disable_progress_bar()
         torch.set_num_threads(max(1, int(spec.threads)))
         self.device = resolve_device(spec.device)
-        dirs = {alias: ModelDir(path) for alias, path in spec.models.items()}
+        dirs = {alias: open_model(path) for alias, path in spec.models.items()}
         lazy = Sources(dirs)
         lazy.check(same_depth=len({d.num_blocks for d in dirs.values()}) == 1)
         self.sources = lazy.resident(self.device)

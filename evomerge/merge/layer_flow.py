@@ -35,6 +35,13 @@ def embed_source(recipe: Recipe) -> str:
     return "base" if recipe.base_model is not None else recipe.models[0].alias
 
 
+def head_source(recipe: Recipe) -> str:
+    flow = recipe.layer_flow
+    if flow is not None and flow.head_from is not None:
+        return flow.head_from
+    return embed_source(recipe)
+
+
 def _dir_for(sources: Sources, alias: str) -> ModelDir:
     return sources.reference if alias == MERGED else sources.dirs[alias]
 
@@ -71,12 +78,12 @@ def layout(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
             f"layer_flow scales need a pre-norm architecture ({', '.join(foldable)}); "
             f"{ref.model_type} is not known to be one — use scale 1.0 everywhere"
         )
-    head_src = embed_source(recipe)
-    outside, _ = _blocks(_dir_for(sources, head_src))
+    embed_src, head_src = embed_source(recipe), head_source(recipe)
+    outside, _ = _blocks(_dir_for(sources, embed_src))
     out: list[OutputTensor] = []
     embed = [n for n in outside if ref.roles.group_of(n) == "embed"]
-    head = [n for n in outside if n not in embed]
-    out += [OutputTensor(n, head_src, n) for n in embed]
+    head = [n for n in _blocks(_dir_for(sources, head_src))[0] if ref.roles.group_of(n) != "embed"]
+    out += [OutputTensor(n, embed_src, n) for n in embed]
     cumulative = 1.0
     for j, slot in enumerate(flow.slots):
         d = _dir_for(sources, slot.model)
@@ -89,9 +96,22 @@ def layout(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
         cumulative *= slot.scale
         for n in blocks[slot.layer]:
             fold = 1.0 / cumulative if d.roles.is_output_projection(n) else 1.0
+            fold *= slot_tensor_scale(slot.tensor_scale, n)
             out.append(OutputTensor(d.roles.with_block_index(n, j), slot.model, n, fold))
     out += [OutputTensor(n, head_src, n) for n in head]
     return out
+
+
+def slot_tensor_scale(value, name: str) -> float:
+    """A slot's ``tensor_scale`` for source tensor ``name`` (first matching filter; else 1)."""
+    if value is None:
+        return 1.0
+    if isinstance(value, (int, float)):
+        return float(value)
+    for cond in value:
+        if cond.filter in (None, "*") or cond.filter in name:
+            return float(cond.value)
+    return 1.0
 
 
 def layer_types_for(recipe: Recipe, sources: Sources, n_blocks: int) -> list[str] | None:

@@ -16,15 +16,18 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
+from evomerge.architecture import ParameterMap
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge import layer_flow as lf
 from evomerge.merge.methods import Operator, get_operator
 from evomerge.merge.sources import OutputTensor, Sources
+from evomerge.merge.vocab import vocabulary_of
 from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
 
 
@@ -87,7 +90,10 @@ def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site:
     params = [{p: _value(recipe, k, p, d, site, op) for p, d in op.model_params.items()}
               for k in range(len(recipe.models))]
     options = {p: _value(recipe, None, p, d, site, op) for p, d in op.global_params.items()}
-    base = sources.get("base", name).float() if op.needs_base else None
+    if op.wants_site:
+        options["site"] = site
+    use_base = op.needs_base or (op.optional_base and recipe.base_model is not None)
+    base = sources.get("base", name).float() if use_base else None
     tensors = [sources.get(m.alias, name).float() for m in recipe.models]
     gen = None
     if op.random:
@@ -101,7 +107,9 @@ def output_layout(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
     """The merged model's tensors in file order: embeddings, blocks, head."""
     ref = sources.reference
     if recipe.layer_flow is None:
-        src = MERGED if recipe.merge_method != "passthrough" else _first_alias(recipe)
+        copy = recipe.merge_method == "passthrough" and not recipe.parameters and not any(
+            m.parameters for m in recipe.models)  # a passthrough with a `scale` runs the operator
+        src = _first_alias(recipe) if copy else MERGED
         return [OutputTensor(n, src, n) for n in ref.tensor_names]
     return lf.layout(recipe, sources)
 
@@ -162,6 +170,9 @@ def build_model(sources: Sources, device: str | torch.device | None = None,
     config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(ref.path, config=config, dtype=dtype,
                                                  trust_remote_code=trust_remote_code)
+    vocab = vocabulary_of(sources)
+    if vocab is not None:  # the merge re-indexes the vocabulary (tokenizer_source)
+        model.resize_token_embeddings(vocab.size, mean_resizing=False)
     return model.to(device).eval()
 
 
@@ -169,24 +180,55 @@ def apply_in_place(model: torch.nn.Module, recipe: Recipe, sources: Sources) -> 
     """Overwrite ``model``'s parameters with the merge, tensor by tensor. Returns timings.
 
     Layer-flow recipes resize the model's block list first (spare blocks are kept for reuse).
+    Merged tensors carry checkpoint names; :class:`~evomerge.architecture.ParameterMap` (built from
+    ``transformers``' own loading rules) says which parameter each one is. A tensor that
+    ``transformers`` fuses with others (a MoE layer's per-expert weights → one 3-D parameter) is
+    held until its group is complete, then fused by ``transformers``' converter and copied in:
+    the extra memory is one fused parameter, never a model.
     """
     t0 = time.perf_counter()
     layout = validate(recipe, sources)
     n_blocks = lf.output_num_blocks(recipe, sources)
     lf.resize_blocks(model, n_blocks, lf.layer_types_for(recipe, sources, n_blocks))
     params = dict(model.named_parameters(remove_duplicate=False))
-    buffers = dict(model.named_buffers())
+    known = {**dict(model.named_buffers()), **params}
+    pmap = _parameter_map(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
+    where = {o.name: pmap.target(o.name, known) for o in layout}
+    group_size: dict[str, int] = {}
+    for param, pattern in where.values():
+        if pattern is not None:
+            group_size[param] = group_size.get(param, 0) + 1
+    pending: dict[str, list[tuple[str, str, torch.Tensor]]] = {}
     with torch.no_grad():
-        targets = {n: p.data for n, p in params.items()}
+        # merged straight into the parameter where the checkpoint tensor is the whole parameter
+        targets = {n: params[p].data for n, (p, pat) in where.items() if pat is None and p in params}
         for name, tensor in merged_tensors(recipe, sources, layout, targets):
-            target = params.get(name)
-            if target is None:
-                target = buffers.get(name)
+            param, pattern = where[name]
+            if pattern is not None:
+                parts = pending.setdefault(param, [])
+                parts.append((name, pattern, tensor))
+                if len(parts) < group_size[param]:
+                    continue
+                tensor = pmap.assemble(param, pending.pop(param))
+            target = known.get(param)
             if target is None:
                 if tied and sources.reference.roles.role(name).kind == "head":
                     continue
-                raise ModelError(f"the resident model has no parameter {name}")
+                raise ModelError(f"the resident model has no parameter {param} (checkpoint tensor {name})")
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ModelError(f"{param}: the merge gives shape {list(tensor.shape)}, the resident model "
+                                 f"has {list(target.shape)}")
             if tensor is not targets.get(name):
                 target.copy_(tensor)
     return {"merge_s": time.perf_counter() - t0}
+
+
+_PARAMETER_MAPS: "weakref.WeakKeyDictionary[torch.nn.Module, ParameterMap]" = weakref.WeakKeyDictionary()
+
+
+def _parameter_map(model: torch.nn.Module) -> ParameterMap:
+    pmap = _PARAMETER_MAPS.get(model)
+    if pmap is None:
+        pmap = _PARAMETER_MAPS[model] = ParameterMap.for_model(model)
+    return pmap

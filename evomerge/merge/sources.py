@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.merge.lora import open_model
+from evomerge.merge.vocab import align as align_vocabularies
 from evomerge.models import ModelDir, check_compatible
 from evomerge.recipe import Recipe
 
@@ -38,9 +40,9 @@ class Sources:
         dirs = {}
         for alias, path in recipe.model_paths().items():
             if path not in by_path:
-                by_path[path] = ModelDir(path, allow_pickle=allow_pickle)
+                by_path[path] = open_model(path, allow_pickle=allow_pickle)  # dir, adapter, base+adapter
             dirs[alias] = by_path[path]
-        src = cls(dirs)
+        src = cls(align_vocabularies(recipe, dirs))
         src.check(same_depth=recipe.layer_flow is None or recipe.merge_method != "passthrough")
         return src
 
@@ -86,4 +88,4 @@ class OutputTensor:
     name: str  # in the merged model
     source: str  # alias, or "merge" for the recipe's parameter-space merge
     source_name: str  # in the source model
-    scale: float = 1.0  # folded layer-flow scale (output projections only)
+    scale: float = 1.0  # folded layer-flow scale (output projections) times the slot's tensor_scale

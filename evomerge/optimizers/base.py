@@ -309,9 +309,10 @@ def _plugin_names() -> list[str]:
 
 
 def optimizer_class(name: str) -> type[Optimizer]:
-    """The class behind ``name`` (``family[:variant]``): built-in, or from a plugin's entry point."""
-    from evomerge import optimizers as _pkg  # noqa: F401  (registers the built-ins)
+    """The class behind ``name`` (``family[:variant]``): built-in, or from a plugin's entry point.
 
+    The built-ins are registered: importing this module ran its package's ``__init__``, which
+    imports them."""
     family = str(name).partition(":")[0]
     cls = OPTIMIZERS.get(family) or _load_plugin(family)
     if cls is None:

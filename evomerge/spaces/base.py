@@ -59,11 +59,12 @@ class ModelPool:
     @classmethod
     def from_paths(cls, base: str | None, experts: list[InputModel], check: bool = True) -> "ModelPool":
         """Open every model directory (lazily), check they can be merged, count their blocks."""
-        from evomerge.models import ModelDir, check_compatible
+        from evomerge.merge.lora import open_model
+        from evomerge.models import check_compatible
 
-        dirs = {e.alias: ModelDir(e.model) for e in experts}
+        dirs = {e.alias: open_model(e.model) for e in experts}
         if base is not None:
-            dirs = {"base": ModelDir(base), **dirs}
+            dirs = {"base": open_model(base), **dirs}
         if check:  # same architecture and block layout; equal depth is the PS space's requirement
             first, *rest = dirs.values()
             check_compatible(first, rest, same_depth=False)

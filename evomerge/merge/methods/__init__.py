@@ -31,13 +31,18 @@ keep their temporaries in per-thread scratch buffers reused across calls
 
 Families: :mod:`.linear` (``linear``), :mod:`.generalized_task_arithmetic` (``task_arithmetic``,
 ``ties``, ``dare_*``, ``breadcrumbs*``, ``della*``; their trimming and masks live in
-:mod:`.sparsify`), :mod:`.slerp`, :mod:`.model_stock`, :mod:`.passthrough`. Importing this package
+:mod:`.sparsify`), :mod:`.slerp`, :mod:`.spherical` (``nuslerp``, ``multislerp``, ``karcher``),
+:mod:`.model_stock`, :mod:`.passthrough`, :mod:`.sce`, :mod:`.selection` (``nearswap``,
+``arcee_fusion``), and from the papers :mod:`.lines` (LiNeS), :mod:`.pcb`, :mod:`.widen`,
+:mod:`.consensus` (TALL masks / consensus merging) and :mod:`.weighted_average` (``fisher``,
+``metric_weighted``). Importing this package
 registers them all; :mod:`.registry` holds :class:`Operator`, ``OPERATORS``, :func:`get_operator`
 and :func:`register`.
 """
 
-from evomerge.merge.methods import (generalized_task_arithmetic, linear, model_stock,  # noqa: F401
-                                    passthrough, slerp)
+from evomerge.merge.methods import (consensus, generalized_task_arithmetic, lines,  # noqa: F401
+                                    linear, model_stock, passthrough, pcb, sce, selection, slerp,
+                                    spherical, weighted_average, widen)
 from evomerge.merge.methods.registry import OPERATORS, Operator, OperatorFn, get_operator, register
 
 __all__ = ["OPERATORS", "Operator", "OperatorFn", "get_operator", "register"]

@@ -27,6 +27,8 @@ class Operator:
     max_models: int | None = None
     doc: str = ""
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # allowed string values
+    optional_base: bool = False  # gets the base tensor when the recipe has one (else None)
+    wants_site: bool = False  # gets ``options["site"]``: the tensor's TensorSite (name, layer)
 
     def check(self, pname: str, value: Any, where: str | None = None) -> Any:
         """Raise a :class:`ConfigError` naming ``where`` when ``value`` is not allowed."""
@@ -53,7 +55,8 @@ OPERATORS: dict[str, Operator] = {}
 
 
 def register(name: str, *, needs_base: bool, model_params=None, global_params=None, ranges=None,
-             random: bool = False, min_models: int = 1, max_models: int | None = None, choices=None):
+             random: bool = False, min_models: int = 1, max_models: int | None = None, choices=None,
+             optional_base: bool = False, wants_site: bool = False):
     """Decorator: add an operator to the registry under ``name``."""
 
     def deco(fn: OperatorFn) -> OperatorFn:
@@ -61,7 +64,7 @@ def register(name: str, *, needs_base: bool, model_params=None, global_params=No
             name=name, fn=fn, needs_base=needs_base, model_params=dict(model_params or {}),
             global_params=dict(global_params or {}), ranges=dict(ranges or {}), random=random,
             min_models=min_models, max_models=max_models, doc=(fn.__doc__ or "").strip(),
-            choices=dict(choices or {}),
+            choices=dict(choices or {}), optional_base=optional_base, wants_site=wants_site,
         )
         return fn
 
