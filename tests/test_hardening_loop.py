@@ -275,9 +275,9 @@ def test_a_run_without_a_fingerprint_still_refuses_a_space_with_other_genes(fini
     with RunStore(finished_run) as s:
         s.db.execute("DELETE FROM meta WHERE key='fingerprint'")  # an evomerge before fingerprints
         cfg = s.meta("config")
-        s.set_meta(config={**cfg, "models": {**cfg["models"], "experts": cfg["models"]["experts"][:2]}})
+        s.set_meta(config={**cfg, "space": {"type": "ps", "granularity": "global"}})
     before = meta_snapshot(finished_run)
-    assert_refused(*cli(capsys, "resume", finished_run, "-q")[::2], "its space has 2 genes",
+    assert_refused(*cli(capsys, "resume", finished_run, "-q")[::2], "its space has 6 genes",
                    "checkpoints have 3")
     assert meta_snapshot(finished_run) == before
 

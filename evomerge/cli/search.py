@@ -122,7 +122,7 @@ def resumable_interrupt(how: str = "evomerge resume RUN_DIR"):
         yield
     except KeyboardInterrupt as e:
         console.print(f"[yellow]interrupted[/]; every finished evaluation is stored — continue with "
-                      f"[bold]{escape(how)}[/]")
+                      f"[bold]{escape(how)}[/]", soft_wrap=True)
         raise typer.Exit(128 + getattr(e, "signum", 2)) from None
 
 
@@ -296,7 +296,9 @@ def run_rows(root: Path) -> list[dict]:
     """The ``runs list --json`` rows: every run directory under ``root`` (or ``root`` itself)."""
     from evomerge.store import STORE_FILE, RunStore
 
-    dirs = sorted({p.parent for p in root.glob(f"*/{STORE_FILE}")} | ({root} if (root / STORE_FILE).is_file() else set()))
+    # hidden directories are runs being created (evomerge.search.rundir), not runs yet
+    dirs = sorted({p.parent for p in root.glob(f"*/{STORE_FILE}") if not p.parent.name.startswith(".")}
+                  | ({root} if (root / STORE_FILE).is_file() else set()))
     rows = []
     for d in dirs:
         with RunStore(d) as s:

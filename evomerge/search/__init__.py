@@ -12,5 +12,6 @@ from evomerge.search.run import run_search
 
 __all__ = [
     "KINDS", "LoopState", "Preflight", "Progress", "Search", "SearchSummary", "check_optimizer", "check_tasks", "kind_of",
-    "preflight", "register_kind", "register_preflight_check", "resolve_models", "run_search", "search_class", "stage_bounds", "stored_models", "worker_spec",
+    "preflight", "register_kind", "register_preflight_check", "resolve_models", "run_search", "search_class",
+    "stage_bounds", "stored_models", "worker_spec",
 ]
