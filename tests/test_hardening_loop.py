@@ -187,6 +187,9 @@ def test_creation_that_fails_midway_leaves_nothing(tmp_path):
     with pytest.raises(ConfigError, match="exists and is not empty"):
         create_run_dir(tmp_path / "keep", {"status": "new"})
     assert entries(tmp_path / "keep") == ["notes.txt"]
+    with pytest.raises(ConfigError, match="is a file, not a run directory"):
+        create_run_dir(tmp_path / "keep" / "notes.txt", {"status": "new"})
+    assert (tmp_path / "keep" / "notes.txt").read_text() == "mine"
     store, lock = create_run_dir(tmp_path / "x" / "run", {"status": "new"})
     store.close()
     lock.release()
