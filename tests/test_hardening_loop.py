@@ -122,6 +122,10 @@ else:
         {"executor": {"type": "local", "device": f"cuda:{torch.cuda.device_count()}"}}, "CUDA device(s)")
 
 
+PREFLIGHT_CASES["a custom worker that does not import"] = (
+    {"executor": {"type": "local", "worker": "no_such_module:Worker"}}, "executor.worker: cannot import 'no_such_module:Worker'")
+
+
 @pytest.mark.parametrize("case", list(PREFLIGHT_CASES))
 def test_a_failed_config_check_leaves_no_run_directory(case, tmp_path, capsys):
     over, message = PREFLIGHT_CASES[case]

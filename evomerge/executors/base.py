@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 from evomerge.errors import ConfigError
-from evomerge.executors.worker import Outcome, Task, WorkerSpec, check_device
+from evomerge.executors.worker import Outcome, Task, WorkerSpec, check_device, worker_factory
 
 #: executor name (``executor.type`` in a config) -> class; fill with :func:`register_executor`
 EXECUTORS: dict[str, type["Executor"]] = {}
@@ -60,8 +60,11 @@ class Executor(ABC):
     @classmethod
     def check(cls, cfg: Any) -> None:
         """Preflight: raise a one-line error when ``cfg`` cannot run here (missing extras, a device
-        or resources this machine lacks). Default: the workers run here, on ``cfg.device``."""
+        or resources this machine lacks). Default: the workers run here, on ``cfg.device``, and a
+        custom ``cfg.worker`` imports here."""
         check_device(cfg.device)
+        if cfg.worker:
+            worker_factory(cfg.worker)
 
     def __init__(self, spec: WorkerSpec, workers: int):
         self.spec = spec

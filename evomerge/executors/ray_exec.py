@@ -27,7 +27,7 @@ from collections import deque
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.extras import require_extra
 from evomerge.executors.base import Executor, register_executor
-from evomerge.executors.worker import Outcome, Task, WorkerSpec, check_device, make_worker
+from evomerge.executors.worker import Outcome, Task, WorkerSpec, make_worker
 
 STARTUP_TIMEOUT_S = 600.0
 
@@ -101,7 +101,7 @@ class RayExecutor(Executor):
         require_extra("ray", "ray", "the Ray executor")
         if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
             return  # the workers run on the cluster's machines, not necessarily this one
-        check_device(cfg.device)
+        super().check(cfg)
         if cfg.num_gpus > 0:
             import torch
 

@@ -14,7 +14,7 @@ import math
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -109,15 +109,19 @@ def check_device(device: str, where: str = "executor.device") -> None:
         raise ConfigError(f"{where}: {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
 
 
+def worker_factory(factory: str) -> Callable:
+    """The ``module:callable`` of ``executor.worker`` (one line when it cannot be imported)."""
+    mod, _, fn = factory.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"executor.worker: cannot import {factory!r} ({e})") from None
+
+
 def make_worker(spec: WorkerSpec, name: str) -> Worker:
     """Build the worker (custom factory or :class:`ModelWorker`); raises if it cannot start."""
     if spec.factory:
-        mod, _, fn = spec.factory.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"executor.worker: cannot import {spec.factory!r} ({e})") from None
-        return factory(spec, name)
+        return worker_factory(spec.factory)(spec, name)
     return ModelWorker(spec, name)
 
 
