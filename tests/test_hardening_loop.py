@@ -122,6 +122,13 @@ else:
         {"executor": {"type": "local", "device": f"cuda:{torch.cuda.device_count()}"}}, "CUDA device(s)")
 
 
+PREFLIGHT_CASES["model_archive with an option M2N2 does not use"] = (
+    {"space": {"type": "model_archive"}, "optimizer": {"name": "m2n2", "options": {"bogus": 1}}},
+    "not used by a model_archive search")
+PREFLIGHT_CASES["a model directory that does not exist"] = (
+    {"models": {"base": "/nonexistent/base", "experts": ["/nonexistent/expert"]}}, "/nonexistent/")
+PREFLIGHT_CASES["an evals directory that does not exist"] = (
+    {"evaluation": {"evals_dir": "/nonexistent/evals"}}, "/nonexistent/evals")
 PREFLIGHT_CASES["a custom worker that does not import"] = (
     {"executor": {"type": "local", "worker": "no_such_module:Worker"}}, "executor.worker: cannot import 'no_such_module:Worker'")
 
@@ -207,6 +214,12 @@ def test_search_refuses_a_budget_below_one(n, tiny_models, tmp_path, capsys):
     rc, out, err = cli(capsys, "search", cfg, "--evaluations", n, "-r", tmp_path / "run", "-q")
     assert_refused(rc, err, f"--evaluations: must be at least 1, got {n}")
     assert entries(tmp_path) == ["c.yaml"]
+
+
+def test_demo_refuses_a_budget_below_one(tmp_path, capsys):
+    rc, out, err = cli(capsys, "demo", "--zoo", "tiny", "--evaluations", 0, "-r", tmp_path / "run", "-q")
+    assert_refused(rc, err, "--evaluations: must be at least 1, got 0")
+    assert entries(tmp_path) == []
 
 
 def test_a_config_budget_of_zero_is_refused(tiny_models, tmp_path, capsys):
