@@ -72,7 +72,7 @@ def zoo_config(**over) -> dict:
 def meta_snapshot(run_dir: Path) -> dict:
     with RunStore(run_dir) as s:
         m = s.all_meta()
-        return {"config": m["config"], "status": m["status"], "trials": s.count(), "checkpoint": s.last_checkpoint()}
+        return {"config": m.get("config"), "status": m["status"], "trials": s.count(), "checkpoint": s.last_checkpoint()}
 
 
 def subprocess_env() -> dict:
@@ -314,6 +314,23 @@ def test_map_stopped_by_a_signal_says_how_to_resume(tiny_models, tmp_path, capsy
     rc, out, err = cli(capsys, "map", cfg, "-r", tmp_path / "run")
     assert rc == 128 + signal.SIGTERM and "Traceback" not in err
     assert "interrupted" in out and f"evomerge map --resume --run-dir {tmp_path / 'run'}" in out
+
+
+@pytest.mark.parametrize("edit", ["garbage config", "no config", "garbage fingerprint", "lock file is a directory"])
+def test_resume_refuses_a_tampered_run_directory(edit, finished_run, capsys):
+    with RunStore(finished_run) as s:
+        if edit == "garbage config":
+            s.set_meta(config="garbage")
+        elif edit == "no config":
+            s.db.execute("DELETE FROM meta WHERE key='config'")
+        elif edit == "garbage fingerprint":
+            s.set_meta(fingerprint=[1, 2])
+    if edit == "lock file is a directory":
+        (finished_run / "driver.lock").unlink()
+        (finished_run / "driver.lock").mkdir()
+    before = meta_snapshot(finished_run)
+    assert_refused(*cli(capsys, "resume", finished_run, "-q")[::2], str(finished_run))
+    assert meta_snapshot(finished_run) == before
 
 
 def test_resume_of_a_run_without_a_fingerprint_still_works(finished_run, capsys):

@@ -43,7 +43,11 @@ class DriverLock:
         """Lock ``run_dir`` (creating its lock file when an older evomerge wrote the directory) or
         raise :class:`RunBusyError` naming the holder; ``shown`` is the directory named in it."""
         path = Path(run_dir) / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise EvomergeError(f"{shown or run_dir}: cannot open its lock file {LOCK_FILE} ({e.strerror}); "
+                                "a run directory must be writable to drive a run") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -65,6 +69,8 @@ class DriverLock:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return  # written by an evomerge without driver locks, or by nobody
+        except OSError:
+            return  # unreadable: whoever drives it next reports that (acquire)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -170,8 +170,11 @@ def fingerprint(cfg: SearchConfig) -> dict[str, str]:
 
 def check_fingerprint(stored: dict | None, cfg: SearchConfig, where: str) -> None:
     """Refuse a stored config whose scoring sections differ from those the run started with."""
-    if not stored:  # a run directory of an evomerge without fingerprints
+    if stored is None:  # a run directory of an evomerge without fingerprints
         return
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{where}: its stored fingerprint is not readable (the run store was edited); "
+                          "start a new run in another --run-dir")
     now = fingerprint(cfg)
     changed = [k for k in FINGERPRINT_SECTIONS if stored.get(k) != now[k]]
     if changed:
