@@ -333,6 +333,23 @@ def test_resume_refuses_a_tampered_run_directory(edit, finished_run, capsys):
     assert meta_snapshot(finished_run) == before
 
 
+def test_the_fingerprint_ignores_defaults_but_not_the_space_type(tiny_models, tmp_path):
+    from evomerge.search.setup import fingerprint
+
+    base = fake_config(tiny_models, tmp_path)
+    fp = fingerprint(SearchConfig.from_dict(base))
+    explicit = {**base, "evaluation": {"batch_size": 16}, "seed": 3, "objectives": [{"task": "fake", "split": "search"}]}
+    assert fingerprint(SearchConfig.from_dict(explicit)) == fp  # the same values, spelt out
+    assert fingerprint(SearchConfig.from_dict({**base, "budget": {"evaluations": 99}, "executor": {
+        **base["executor"], "max_retries": 5}})) == fp  # what a resume may change
+    other = {**base, "space": {"type": "ps", "granularity": "global"}}
+    dfs = {**base, "space": {"type": "dfs"}}
+    assert len({fp["space"], fingerprint(SearchConfig.from_dict(other))["space"],
+                fingerprint(SearchConfig.from_dict(dfs))["space"]}) == 3
+    changed = fingerprint(SearchConfig.from_dict({**base, "objectives": [{"task": "fake", "weight": 0.5}]}))
+    assert [k for k in fp if fp[k] != changed[k]] == ["objectives"]
+
+
 def test_resume_of_a_run_without_a_fingerprint_still_works(finished_run, capsys):
     with RunStore(finished_run) as s:
         s.db.execute("DELETE FROM meta WHERE key='fingerprint'")  # an evomerge before fingerprints

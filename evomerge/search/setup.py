@@ -161,10 +161,15 @@ FINGERPRINT_SECTIONS = ("models", "space", "objectives", "validation", "evaluati
 
 
 def fingerprint(cfg: SearchConfig) -> dict[str, str]:
-    """Section → sha256 of its canonical JSON (stored as ``meta.fingerprint`` at creation)."""
-    d = cfg.to_dict()
-    d["worker"] = {"factory": cfg.executor.worker, "options": d["executor"]["worker_options"]}
-    return {k: hashlib.sha256(json.dumps(d[k], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """Section → sha256 of its canonical JSON (stored as ``meta.fingerprint`` at creation).
+
+    Values left at their defaults are left out, so a later evomerge that adds an option (with a
+    default) still resumes the runs of an earlier one; the space's type is always in.
+    """
+    d = cfg.model_dump(mode="json", exclude_defaults=True)
+    d["space"] = {"type": getattr(cfg.space, "type", None), **(d.get("space") or {})}
+    d["worker"] = {"factory": cfg.executor.worker, "options": cfg.executor.worker_options}
+    return {k: hashlib.sha256(json.dumps(d.get(k), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
             for k in FINGERPRINT_SECTIONS}
 
 
