@@ -347,12 +347,16 @@ def test_the_fingerprint_ignores_defaults_but_not_the_space_type(tiny_models, tm
     assert len({fp["space"], fingerprint(SearchConfig.from_dict(other))["space"],
                 fingerprint(SearchConfig.from_dict(dfs))["space"]}) == 3
     changed = fingerprint(SearchConfig.from_dict({**base, "objectives": [{"task": "fake", "weight": 0.5}]}))
-    assert [k for k in fp if fp[k] != changed[k]] == ["objectives"]
+    assert [k for k in fp if fp[k] != changed[k]] == ["objectives"] and fp["version"] == 1
 
 
-def test_resume_of_a_run_without_a_fingerprint_still_works(finished_run, capsys):
+@pytest.mark.parametrize("older", ["no fingerprint", "another fingerprint version"])
+def test_resume_of_a_run_without_a_comparable_fingerprint_still_works(older, finished_run, capsys):
     with RunStore(finished_run) as s:
-        s.db.execute("DELETE FROM meta WHERE key='fingerprint'")  # an evomerge before fingerprints
+        if older == "no fingerprint":  # an evomerge before fingerprints
+            s.db.execute("DELETE FROM meta WHERE key='fingerprint'")
+        else:  # hashed another way: not comparable, so not refused
+            s.set_meta(fingerprint={**{k: "0" * 64 for k in s.meta("fingerprint")}, "version": 0})
     rc, out, err = cli(capsys, "resume", finished_run, "--evaluations", 8, "-q")
     assert rc == 0, err
     assert "8 evaluations" in out

@@ -299,7 +299,8 @@ def test_resume_refuses_a_run_that_is_still_running(tiny_models, tmp_path):
 
     run_search(SearchConfig.from_dict(config(tiny_models, tmp_path, budget={"evaluations": 3})), tmp_path / "a")
     hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
-            "os.pwrite(fd, str(os.getpid()).encode(), 0); print('locked', flush=True); time.sleep(60)")
+            "os.ftruncate(fd, 0); os.pwrite(fd, str(os.getpid()).encode(), 0); print('locked', flush=True); "
+            "time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "a" / "driver.lock")], stdout=subprocess.PIPE,
                             text=True)
     try:

@@ -158,6 +158,7 @@ def preflight(cfg: SearchConfig, *, pool: ModelPool | None = None) -> Preflight:
 #: a resumed run must keep them: the budget, the executor's resources and the search options may
 #: change on resume. ``worker``: a custom worker (``executor.worker``) and its options score.
 FINGERPRINT_SECTIONS = ("models", "space", "objectives", "validation", "evaluation", "optimizer", "seed", "worker")
+FINGERPRINT_VERSION = 1  # how the hashes are computed; a fingerprint of another version is not compared
 
 
 def fingerprint(cfg: SearchConfig) -> dict[str, str]:
@@ -169,8 +170,9 @@ def fingerprint(cfg: SearchConfig) -> dict[str, str]:
     d = cfg.model_dump(mode="json", exclude_defaults=True)
     d["space"] = {"type": getattr(cfg.space, "type", None), **(d.get("space") or {})}
     d["worker"] = {"factory": cfg.executor.worker, "options": cfg.executor.worker_options}
-    return {k: hashlib.sha256(json.dumps(d.get(k), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-            for k in FINGERPRINT_SECTIONS}
+    return {"version": FINGERPRINT_VERSION,
+            **{k: hashlib.sha256(json.dumps(d.get(k), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+               for k in FINGERPRINT_SECTIONS}}
 
 
 def check_fingerprint(stored: dict | None, cfg: SearchConfig, where: str) -> None:
@@ -180,6 +182,8 @@ def check_fingerprint(stored: dict | None, cfg: SearchConfig, where: str) -> Non
     if not isinstance(stored, dict):
         raise ConfigError(f"{where}: its stored fingerprint is not readable (the run store was edited); "
                           "start a new run in another --run-dir")
+    if stored.get("version") != FINGERPRINT_VERSION:
+        return  # hashed another way (another evomerge): nothing to compare with
     now = fingerprint(cfg)
     changed = [k for k in FINGERPRINT_SECTIONS if stored.get(k) != now[k]]
     if changed:
