@@ -30,23 +30,37 @@ from evomerge.errors import ConfigError
 from evomerge.io import load_yaml, parse_model
 from evomerge.recipe import InputModel
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d)?\s*$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(min|sec|hr|d|h|m|s)?\s*")
 _UNIT = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
+_ORDER = {1: 0, 60: 1, 3600: 2, 86400: 3}
 
 
 def parse_duration(value: Any) -> float | None:
-    """Seconds from ``90``, ``"90s"``, ``"15m"``, ``"2h"``."""
+    """Seconds from ``90``, ``"90"``, ``"90s"``, ``"15m"``, ``"2h"``, ``"1h30m"``, ``"1d 2h"``.
+
+    Compound durations list their units largest first, each once; a bare number means seconds
+    and may only stand alone. Raises ``ValueError`` (the config turns it into one line naming
+    the key; the command line into one naming the option).
+    """
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
-        m = _DURATION.match(str(value))
-        if not m:
-            raise ValueError(f"{value!r} is not a duration; write e.g. 600, 90s, 15m or 2h")
-        seconds = float(m.group(1)) * _UNIT[m.group(2)]
-    if not seconds > 0:
-        raise ValueError(f"duration must be positive, got {value!r}")
+        text, pos, seconds, units = str(value).strip(), 0, 0.0, []
+        while text and pos < len(text):
+            m = _DURATION_PART.match(text, pos)
+            if not m or m.end() == pos:
+                break
+            units.append(_UNIT[m.group(2)] if m.group(2) else None)
+            seconds += float(m.group(1)) * _UNIT[m.group(2)]
+            pos = m.end()
+        ok = bool(text) and pos == len(text) and (
+            units == [None] or (None not in units and [_ORDER[u] for u in units] == sorted({_ORDER[u] for u in units}, reverse=True)))
+        if not ok:
+            raise ValueError(f"{value!r} is not a duration; write e.g. 600, 90s, 15m, 2h or 1h30m")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"duration must be positive and finite, got {value!r}")
     return seconds
 
 

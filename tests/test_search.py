@@ -291,13 +291,28 @@ def test_real_search_on_the_tiny_zoo_with_ray(tmp_path):
 
 
 def test_resume_refuses_a_run_that_is_still_running(tiny_models, tmp_path):
+    """A live driver holds the run directory's lock: a resume is refused, naming its pid; a status
+    left at "running" by a process that died (kill -9) does not block (the OS dropped its lock)."""
     import socket
+    import subprocess
+    import sys
 
     run_search(SearchConfig.from_dict(config(tiny_models, tmp_path, budget={"evaluations": 3})), tmp_path / "a")
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "os.ftruncate(fd, 0); os.pwrite(fd, str(os.getpid()).encode(), 0); print('locked', flush=True); "
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "a" / "driver.lock")], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(Exception, match=f"another evomerge process \\(pid {proc.pid}\\) is driving this run"):
+            run_search(None, tmp_path / "a", resume=True)
+    finally:
+        proc.kill()
+        proc.wait()
     with RunStore(tmp_path / "a") as s:
-        s.set_meta(status="running", pid=os.getppid(), host=socket.gethostname())  # a live process
-    with pytest.raises(Exception, match="still running here"):
-        run_search(None, tmp_path / "a", resume=True)
+        s.set_meta(status="running", pid=os.getppid(), host=socket.gethostname())  # stale: nobody holds the lock
+    assert run_search(None, tmp_path / "a", resume=True).evaluations == 3
 
 
 def test_unordered_mode_completes_the_budget(tiny_models, tmp_path):

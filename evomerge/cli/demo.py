@@ -61,7 +61,7 @@ def validation_table(summary, cfg) -> Table:
 def demo(
     config: str = typer.Option(DEMO_CONFIG, "--config", help="Search config of the demo (a path or example:NAME)."),
     run_dir: Path = typer.Option(None, "--run-dir", "-r", help="Run directory (default: runs/demo-<time>)."),
-    evaluations: int = typer.Option(None, "--evaluations", min=1, help="Override the demo's evaluation budget."),
+    evaluations: int = typer.Option(None, "--evaluations", help="Override the demo's evaluation budget (at least 1)."),
     zoo: str = typer.Option(None, "--zoo", help="Zoo preset in place of the config's (tiny: a quick try)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display."),
 ) -> None:

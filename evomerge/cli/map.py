@@ -64,8 +64,11 @@ def map_command(
             console.print(f"  [dim]{p.evaluations}/{p.budget or '?'} evaluations, {p.failures} failed, "
                           f"{p.elapsed:.0f}s[/]", highlight=False)
 
-    run = run_map(None if resume else path, out_dir, kind=kind, prefer=_parse_prefer(prefer), verify=verify,
-                  on_progress=progress, resume=resume)
+    from evomerge.cli.search import resumable_interrupt
+
+    with resumable_interrupt(f"evomerge map --resume --run-dir {out_dir} {config}"):
+        run = run_map(None if resume else path, out_dir, kind=kind, prefer=_parse_prefer(prefer), verify=verify,
+                      on_progress=progress, resume=resume)
     console.print(f"MAP ({run.kind}) finished in [bold]{escape(str(out_dir))}[/]: {run.evaluations} evaluations")
     _print_summary(run.summary, out_dir)
 

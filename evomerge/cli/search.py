@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -34,7 +35,6 @@ from rich.text import Text
 
 from evomerge.cli import app, console
 from evomerge.cli.output import emit_json, finite
-from evomerge.extras import require_extra
 from evomerge.outputs import check_run_dir
 from evomerge.paths import resolve_config
 
@@ -115,22 +115,30 @@ class LiveView:
         return Panel(grid, title=self.title, border_style="cyan")
 
 
+@contextmanager
+def resumable_interrupt(how: str = "evomerge resume RUN_DIR"):
+    """Ctrl-C, SIGTERM or SIGHUP (:mod:`evomerge.search.signals`) during a run: one line saying
+    how to go on, exit code 128 + the signal number."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        console.print(f"[yellow]interrupted[/]; every finished evaluation is stored — continue with "
+                      f"[bold]{escape(how)}[/]", soft_wrap=True)
+        raise typer.Exit(128 + getattr(e, "signum", 2)) from None
+
+
 def run_with_display(title: str, quiet: bool, fn):
     """Call ``fn(on_progress)`` with a live view; Ctrl-C leaves a resumable run."""
     from rich.live import Live
 
     view = LiveView(title, plain=not console.is_terminal)
-    try:
+    with resumable_interrupt():
         if quiet:
             return fn(None)
         if view.plain:
             return fn(view.update)
         with Live(view, console=console, refresh_per_second=4, transient=False):
             return fn(view.update)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]; every finished evaluation is stored — continue with "
-                      "[bold]evomerge resume RUN_DIR[/]")
-        raise typer.Exit(130)
 
 
 def print_summary(summary, table=None) -> None:
@@ -192,7 +200,9 @@ def load_search_config(path: Path, *, evaluations: int | None = None, zoo: str |
 
     cfg = SearchConfig.load(path)
     if evaluations is not None:
-        cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"evaluations": evaluations})})
+        cfg = SearchConfig.from_dict({**cfg.to_dict(), "budget": {**cfg.budget.model_dump(),
+                                                                  "evaluations": check_evaluations(evaluations)}},
+                                     where=str(path))
     if zoo is not None:
         if cfg.models.zoo is None:
             raise ConfigError(f"--zoo: {path} names its models directly, not a zoo preset")
@@ -201,6 +211,15 @@ def load_search_config(path: Path, *, evaluations: int | None = None, zoo: str |
         get_preset(zoo)  # one line for an unknown preset
         cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"zoo": zoo})})
     return cfg
+
+
+def check_evaluations(n: int) -> int:
+    """``--evaluations``: a budget of at least one evaluation (0 would mean "do nothing")."""
+    from evomerge.errors import ConfigError
+
+    if n < 1:
+        raise ConfigError(f"--evaluations: must be at least 1, got {n}")
+    return n
 
 
 def _executor_overrides(ray_address: str | None, workers: int | None) -> dict:
@@ -223,7 +242,7 @@ def search(
     ray_address: str = typer.Option(None, "--ray-address", help="Use the Ray executor on this cluster "
                                     "(default: executor.ray_address, else $RAY_ADDRESS)."),
     workers: int = typer.Option(None, "--workers", help="Number of workers (more than 1 means Ray)."),
-    evaluations: int = typer.Option(None, "--evaluations", min=1, help="Override budget.evaluations."),
+    evaluations: int = typer.Option(None, "--evaluations", help="Override budget.evaluations (at least 1)."),
     zoo: str = typer.Option(None, "--zoo", help="Use this zoo preset for a `models: {zoo: ...}` config "
                             "(e.g. tiny for a quick try)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display."),
@@ -234,8 +253,6 @@ def search(
     path = resolve_config(config)
     cfg = load_search_config(path, evaluations=evaluations, zoo=zoo)
     overrides = _executor_overrides(ray_address, workers)
-    if overrides.get("type", cfg.executor.type) == "ray":  # before the run directory exists
-        require_extra("ray", "ray", "the Ray executor")
     name = cfg.name or path.stem
     run_dir = check_run_dir(run_dir or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}")
     summary = run_with_display(f"evomerge search · {name}", quiet, lambda cb: run_search(
@@ -258,13 +275,17 @@ def resume(
 ) -> None:
     """Continue a search from its last checkpoint; stored evaluations are never repeated."""
     from evomerge.config import parse_duration
+    from evomerge.errors import ConfigError
     from evomerge.search import run_search
 
     budget = {}
     if evaluations is not None:
-        budget["evaluations"] = evaluations
+        budget["evaluations"] = check_evaluations(evaluations)
     if wall_time is not None:
-        budget["wall_time"] = parse_duration(wall_time)
+        try:
+            budget["wall_time"] = parse_duration(wall_time)
+        except ValueError as e:
+            raise ConfigError(f"--wall-time: {e}") from None
     summary = run_with_display(f"evomerge resume · {run_dir.name}", quiet, lambda cb: run_search(
         None, run_dir, resume=True, on_progress=cb, budget=budget or None,
         executor_overrides=_executor_overrides(ray_address, workers) or None, allow_pickle=allow_pickle))
@@ -276,7 +297,9 @@ def run_rows(root: Path) -> list[dict]:
     """The ``runs list --json`` rows: every run directory under ``root`` (or ``root`` itself)."""
     from evomerge.store import STORE_FILE, RunStore
 
-    dirs = sorted({p.parent for p in root.glob(f"*/{STORE_FILE}")} | ({root} if (root / STORE_FILE).is_file() else set()))
+    # hidden directories are runs being created (evomerge.search.rundir), not runs yet
+    dirs = sorted({p.parent for p in root.glob(f"*/{STORE_FILE}") if not p.parent.name.startswith(".")}
+                  | ({root} if (root / STORE_FILE).is_file() else set()))
     rows = []
     for d in dirs:
         with RunStore(d) as s:

@@ -6,9 +6,10 @@ spec)`` builds the one ``cfg.type`` names. Ray itself is imported only when a Ra
 
 from __future__ import annotations
 
-from evomerge.executors.base import EXECUTORS, Executor, make_executor, register_executor
+from evomerge.executors.base import (EXECUTORS, Executor, check_executor, executor_class, make_executor,
+                                     register_executor)
 from evomerge.executors.worker import Outcome, Score, Task, WorkerSpec, make_worker
 from evomerge.executors import local, ray_exec  # noqa: E402,F401  (register the built-ins)
 
-__all__ = ["EXECUTORS", "Executor", "Outcome", "Score", "Task", "WorkerSpec", "make_executor", "make_worker",
-           "register_executor"]
+__all__ = ["EXECUTORS", "Executor", "Outcome", "Score", "Task", "WorkerSpec", "check_executor", "executor_class",
+           "make_executor", "make_worker", "register_executor"]

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 from evomerge.errors import ConfigError
-from evomerge.executors.worker import Outcome, Task, WorkerSpec
+from evomerge.executors.worker import Outcome, Task, WorkerSpec, check_device, worker_factory
 
 #: executor name (``executor.type`` in a config) -> class; fill with :func:`register_executor`
 EXECUTORS: dict[str, type["Executor"]] = {}
@@ -30,13 +30,23 @@ def register_executor(name: str) -> Callable[[type["Executor"]], type["Executor"
     return deco
 
 
-def make_executor(cfg: Any, spec: WorkerSpec) -> "Executor":
-    """The executor named by ``cfg.type`` (an :class:`~evomerge.config.ExecutorConfig`)."""
+def executor_class(cfg: Any) -> type["Executor"]:
+    """The executor class ``cfg.type`` names (an :class:`~evomerge.config.ExecutorConfig`)."""
     # the built-ins are registered: importing this module ran its package's __init__, which imports them
     cls = EXECUTORS.get(cfg.type)
     if cls is None:
         raise ConfigError(f"executor: unknown type {cfg.type!r}; choose one of {', '.join(sorted(EXECUTORS))}")
-    return cls.from_config(cfg, spec)
+    return cls
+
+
+def make_executor(cfg: Any, spec: WorkerSpec) -> "Executor":
+    """The executor named by ``cfg.type`` (an :class:`~evomerge.config.ExecutorConfig`)."""
+    return executor_class(cfg).from_config(cfg, spec)
+
+
+def check_executor(cfg: Any) -> None:
+    """Refuse (one line) an executor config this machine / cluster cannot run, starting nothing."""
+    executor_class(cfg).check(cfg)
 
 
 class Executor(ABC):
@@ -46,6 +56,15 @@ class Executor(ABC):
     @abstractmethod
     def from_config(cls, cfg: Any, spec: WorkerSpec) -> "Executor":
         """Build from an :class:`~evomerge.config.ExecutorConfig` and the workers' spec."""
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """Preflight: raise a one-line error when ``cfg`` cannot run here (missing extras, a device
+        or resources this machine lacks). Default: the workers run here, on ``cfg.device``, and a
+        custom ``cfg.worker`` imports here."""
+        check_device(cfg.device)
+        if cfg.worker:
+            worker_factory(cfg.worker)
 
     def __init__(self, spec: WorkerSpec, workers: int):
         self.spec = spec

@@ -207,17 +207,28 @@ class RayExecutor(Executor):
                          configure_logging=False)
         self._owns_ray = True
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Preflight without starting Ray: the extra is installed; on a private local cluster
+        (no address) the device and the GPUs asked for exist on this machine. An existing cluster's
+        resources are checked when the executor connects (:meth:`start`)."""
+        require_extra("ray", "ray", "the Ray executor")
+        if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+            return  # the workers run on the cluster's machines, not necessarily this one
+        super().check(cfg)
+        if cfg.num_gpus > 0:
+            import torch
+
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            _check_gpus(cfg.workers, float(cfg.num_gpus), gpus, "this machine")
+
     def _check_resources(self) -> None:
         import ray
 
         have = ray.cluster_resources()
         cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
         where = "this machine" if self._owns_ray and not self.address else "the Ray cluster"
-        if self.num_gpus > 0 and gpus < self.num_gpus:
-            raise ConfigError(
-                f"executor.num_gpus is {self.num_gpus:g} per worker but {where} has {gpus:g} GPUs; an actor "
-                "would wait forever. Set executor.num_gpus: 0 for CPU workers"
-            )
+        _check_gpus(self.workers, self.num_gpus, gpus, where)
         if self.workers * self.num_cpus > cpus + 1e-9:
             msg = (f"executor: {self.workers} workers × {self.num_cpus:g} CPUs need {self.workers * self.num_cpus:g} "
                    f"CPUs but {where} has {cpus:g}; lower executor.workers or executor.num_cpus")
@@ -348,6 +359,15 @@ class RayExecutor(Executor):
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXC_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.*)$")
+
+
+def _check_gpus(workers: int, per_worker: float, gpus: float, where: str) -> None:
+    """Every worker's GPUs must exist at once, or an actor would wait forever."""
+    if per_worker > 0 and workers * per_worker > gpus + 1e-9:
+        raise ConfigError(
+            f"executor.num_gpus is {per_worker:g} per worker ({workers} workers) but {where} has {gpus:g} GPUs; "
+            "an actor would wait forever. Set executor.num_gpus: 0 for CPU workers"
+        )
 
 
 def _short(e: BaseException) -> str:

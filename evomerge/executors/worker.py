@@ -14,7 +14,7 @@ import math
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -84,15 +84,44 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str, where: str = "executor.device") -> None:
+    """Refuse (one line) a device this machine does not have: ``cuda`` without CUDA, ``cuda:3``
+    with two GPUs, ``mps`` off Apple silicon, a name torch does not know. ``auto`` always works."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{where}: {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"{where} is {device!r} but this machine has no CUDA device; "
+                              "set executor.device: auto (or cpu)")
+        if d.index is not None and d.index >= n:
+            raise ConfigError(f"{where} is {device!r} but this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{where} is {device!r} but MPS is not available here; set executor.device: auto (or cpu)")
+    elif d.type != "cpu":
+        raise ConfigError(f"{where}: {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+
+
+def worker_factory(factory: str) -> Callable:
+    """The ``module:callable`` of ``executor.worker`` (one line when it cannot be imported)."""
+    mod, _, fn = factory.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"executor.worker: cannot import {factory!r} ({e})") from None
+
+
 def make_worker(spec: WorkerSpec, name: str) -> Worker:
     """Build the worker (custom factory or :class:`ModelWorker`); raises if it cannot start."""
     if spec.factory:
-        mod, _, fn = spec.factory.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"executor.worker: cannot import {spec.factory!r} ({e})") from None
-        return factory(spec, name)
+        return worker_factory(spec.factory)(spec, name)
     return ModelWorker(spec, name)
 
 

@@ -81,6 +81,14 @@ def archive_optimizer(cfg, sources: int, elements: int, seed: int) -> ArchiveM2N
 
 
 
+def model_elements(pool) -> int:
+    """Floating-point elements of one model of the pool (the genome length M2N2 splits)."""
+    from evomerge.models import ModelDir
+
+    ref = ModelDir(pool.base if pool.base is not None else pool.experts[0].model)
+    return sum(int(np.prod(ref.shape(n))) for n in float_names(ref))
+
+
 @register_kind("model_archive", spaces=("model_archive",))
 class ArchiveSearch(Search):
     """:class:`~evomerge.search.Search` with children as weight lineages (see module docstring)."""
@@ -89,14 +97,12 @@ class ArchiveSearch(Search):
 
     def __init__(self, cfg, store, *, executor=None, on_progress=None, pool=None, allow_pickle=False):
         from evomerge.executors import make_executor
-        from evomerge.models import ModelDir
         from evomerge.spaces import make_space
 
         pool = pool or stored_models(store) or resolve_models(cfg)
         space = make_space(cfg.space, pool)
         self.source_hashes = {space.recipes[a].hash(): a for a in space.members}
-        ref = ModelDir(pool.base if pool.base is not None else pool.experts[0].model)
-        self.elements = sum(int(np.prod(ref.shape(n))) for n in float_names(ref))
+        self.elements = model_elements(pool)
         self.archive_size = int(cfg.optimizer.options.get("archive_size", 20))
         spec = worker_spec(cfg, pool)
         spec.factory = WORKER
@@ -113,8 +119,9 @@ class ArchiveSearch(Search):
         store.set_meta(archive={"sources": self.source_hashes, "elements": self.elements,
                                 "members": list(space.members)})
 
-    def _check_optimizer(self) -> None:
-        archive_optimizer(self.cfg, len(self.space.members), self.elements, self.cfg.seed)
+    @classmethod
+    def check(cls, pf) -> None:
+        archive_optimizer(pf.cfg, len(pf.space.members), model_elements(pf.pool), pf.cfg.seed)
 
     def _new_optimizer(self, stage: int, fixed: np.ndarray):
         return archive_optimizer(self.cfg, len(self.space.members), self.elements, self.cfg.seed + stage)

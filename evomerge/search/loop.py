@@ -165,7 +165,7 @@ class Search:
     """One search run over a run directory (new or resumed). Use :func:`run_search`.
 
     The default search kind; others (:mod:`evomerge.search.kinds`) subclass it and override the
-    documented hooks: ``state_type``, ``_check_optimizer``, ``_new_optimizer``, ``_recipe_for``,
+    documented hooks: ``state_type``, ``check`` (preflight), ``_new_optimizer``, ``_recipe_for``,
     ``_tell``, ``_checkpoint`` and ``run``.
     """
 
@@ -191,7 +191,6 @@ class Search:
         self.allow_pickle = allow_pickle  # read an old (pickled) checkpoint: the user's explicit opt-in
         self._own_executor = executor is None  # a caller's executor stays open (benchmarks reuse workers)
         self.executor = executor or make_executor(cfg.executor, worker_spec(cfg, self.pool))
-        self._check_optimizer()
         # run-time (not checkpointed) bookkeeping
         self.pending: dict[int, _Pending] = {}
         self.inflight: dict[str, list[_Pending]] = {}  # recipe hash -> asks waiting on it
@@ -209,9 +208,11 @@ class Search:
         self._n_refs = len(parent_recipes(self.pool)) if cfg.search.references else 0
 
     # ------------------------------------------------------------------ optimizer per stage
-    def _check_optimizer(self) -> None:
-        """Fail on a bad optimizer name/options before any worker starts."""
-        check_optimizer(self.cfg, self.space)
+    @classmethod
+    def check(cls, pf) -> None:
+        """Preflight (:func:`~evomerge.search.setup.preflight`): this kind's optimizer builds with
+        the space's bounds, and the extras it needs are installed."""
+        check_optimizer(pf.cfg, pf.space)
 
     def _new_optimizer(self, stage: int, fixed: np.ndarray):
         from evomerge.optimizers import make_optimizer

@@ -166,6 +166,13 @@ class MapSearch(Search):
     resume of it ends) its predicted front is replayed from the store and saved there."""
 
     @classmethod
+    def check(cls, pf) -> None:
+        super().check(pf)
+        from evomerge.extras import require_extra
+
+        require_extra("pymoo", "map", "the MAP Pareto front (pymoo)")  # needed once the run ends
+
+    @classmethod
     def after_run(cls, run_dir: Path) -> None:
         _, summary, _ = replay_map(run_dir)
         save_map_summary(run_dir, summary)

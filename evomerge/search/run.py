@@ -1,34 +1,27 @@
-"""Entry point: :func:`run_search` starts or resumes a run directory with the registered search kind."""
+"""Entry point: :func:`run_search` starts or resumes a run directory with the registered search kind.
+
+Order of a new run: the config → :func:`~evomerge.search.setup.preflight` (every check) → the run
+directory, created atomically and locked (:mod:`evomerge.search.rundir`) → the loop. A resume:
+the driver lock → the stored config and its fingerprint → the resume options → preflight → only
+then is anything in the run directory written. So a refused run leaves no directory behind and a
+refused resume leaves the stored config and status as they were.
+"""
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Callable
 
 from evomerge.config import SearchConfig
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError
 from evomerge.executors import Executor
 from evomerge.search.kinds import search_class
-from evomerge.search.setup import check_tasks
 from evomerge.search.loop import Progress, SearchSummary
+from evomerge.search.rundir import DriverLock, create_run_dir, refuse_existing
+from evomerge.search.setup import check_fingerprint, fingerprint, preflight, stored_models
+from evomerge.search.signals import stop_on_signals
 from evomerge.store import RunStore
-
-
-def _refuse_if_running(store: RunStore) -> None:
-    """Two processes must never drive one run directory."""
-    pid, host = store.meta("pid"), store.meta("host")
-    if store.meta("status") != "running" or pid is None or host != socket.gethostname() or pid == os.getpid():
-        return
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return  # it died (kill -9, crash): resuming is exactly what is needed
-    except PermissionError:
-        pass
-    raise EvomergeError(f"{store.run_dir}: a search (pid {pid}) is still running here; stop it before resuming")
 
 
 def run_search(config: SearchConfig | str | Path, run_dir: str | Path, *, resume: bool = False,
@@ -41,41 +34,74 @@ def run_search(config: SearchConfig | str | Path, run_dir: str | Path, *, resume
     lets a resume read a checkpoint written by an evomerge older than the data format (a pickle:
     it can run code, so only for run directories you trust).
     ``budget`` / ``executor_overrides`` change the stored config on resume (e.g. more
-    evaluations, another Ray address).
+    evaluations, another Ray address). SIGTERM and SIGHUP stop the run like Ctrl-C
+    (:mod:`evomerge.search.signals`).
     """
     run_dir = Path(run_dir)
-    if resume:
+    with stop_on_signals():
+        if resume:
+            store, lock, cfg, pool = _open_for_resume(run_dir, budget, executor_overrides)
+        else:
+            cfg = _new_config(config, executor_overrides)
+            refuse_existing(run_dir)  # cheap, before the (slower) checks
+            pf = preflight(cfg)
+            store, lock = create_run_dir(run_dir, dict(
+                config=cfg.to_dict(), name=cfg.name or run_dir.name, created=time.time(), status="new",
+                splits=pf.splits, fingerprint=fingerprint(cfg)))
+            pool = pf.pool
+        try:
+            cls = search_class(cfg)
+            try:
+                summary = cls(cfg, store, executor=executor, on_progress=on_progress, pool=pool,
+                              allow_pickle=allow_pickle).run(resume=resume)
+            finally:
+                store.close()
+            cls.after_run(run_dir)
+        finally:
+            lock.release()
+    return summary
+
+
+def _new_config(config, executor_overrides: dict | None) -> SearchConfig:
+    if not isinstance(config, SearchConfig):
+        config = SearchConfig.load(config)
+    cfg = config.resolved()
+    # re-validated as a whole: a caller's model_copy (e.g. budget.evaluations 0) skips the validators
+    data = cfg.to_dict()
+    if executor_overrides:
+        data["executor"] = {**data["executor"], **executor_overrides}
+    return SearchConfig.from_dict(data, where="command-line options" if executor_overrides else "config")
+
+
+def _open_for_resume(run_dir: Path, budget: dict | None, executor_overrides: dict | None):
+    """Lock, read and check a run to resume; writes nothing unless every check passed."""
+    if not RunStore.exists(run_dir):
+        RunStore(run_dir)  # one line: "no run store here"
+    lock = DriverLock.acquire(run_dir)
+    store = None
+    try:
         store = RunStore(run_dir)
-        _refuse_if_running(store)
-        cfg = SearchConfig.from_dict(store.meta("config"), where=f"{run_dir} (stored config)")
+        where = f"{run_dir} (stored config)"
+        cfg = SearchConfig.from_dict(store.meta("config"), where=where)
+        check_fingerprint(store.meta("fingerprint"), cfg, where)
         updates = {}
         if budget:
-            updates["budget"] = cfg.budget.model_copy(update=budget)
+            updates["budget"] = {**cfg.budget.model_dump(), **budget}
         if executor_overrides:
-            updates["executor"] = cfg.executor.model_copy(update=executor_overrides)
+            updates["executor"] = {**cfg.executor.model_dump(), **executor_overrides}
         if updates:
-            cfg = SearchConfig.from_dict({**cfg.to_dict(), **{k: v.model_dump() for k, v in updates.items()}},
-                                         where="resume options")
+            cfg = SearchConfig.from_dict({**cfg.to_dict(), **updates}, where="resume options")
+        pf = preflight(cfg, pool=stored_models(store))
+        genes = store.meta("genes")  # what the checkpoints were written for (runs without a fingerprint too)
+        if genes is not None and list(genes) != list(pf.space.names):
+            raise ConfigError(f"{where}: its space has {pf.space.dim} genes ({', '.join(pf.space.names[:3])}, ...) but the "
+                              f"run's checkpoints have {len(genes)} ({', '.join(genes[:3])}, ...); undo the edit, "
+                              "or start a new run in another --run-dir")
+        if updates:
             store.set_meta(config=cfg.to_dict())
-    else:
-        if not isinstance(config, SearchConfig):
-            config = SearchConfig.load(config)
-        cfg = config.resolved()
-        if executor_overrides:
-            cfg = SearchConfig.from_dict({**cfg.to_dict(), "executor": {**cfg.executor.model_dump(), **executor_overrides}},
-                                         where="command-line options")
-        if RunStore.exists(run_dir):
-            raise ConfigError(f"{run_dir}: already holds a run; continue it with `evomerge resume {run_dir}` "
-                              "or choose another --run-dir")
-        # bad tasks, splits or data: one line and no run directory (a custom worker scores its own way)
-        splits = check_tasks(cfg) if cfg.executor.worker is None else {}
-        store = RunStore(run_dir, create=True)
-        store.set_meta(config=cfg.to_dict(), name=cfg.name or run_dir.name, created=time.time(), status="new",
-                       splits=splits)
-    cls = search_class(cfg)
-    try:
-        summary = cls(cfg, store, executor=executor, on_progress=on_progress, allow_pickle=allow_pickle).run(resume=resume)
-    finally:
-        store.close()
-    cls.after_run(run_dir)
-    return summary
+        return store, lock, cfg, pf.pool
+    except BaseException:
+        if store is not None:
+            store.close()
+        lock.release()
+        raise

@@ -1,8 +1,18 @@
-"""Set-up of a search: its models, the worker spec, the stage bounds and an optimizer check."""
+"""Set-up of a search: the preflight checks, its models, the worker spec, the stage bounds.
+
+:func:`preflight` runs every check a config must pass before a run directory is created (or a
+resumed run is touched): tasks, models, space, the search kind's optimizer and extras, the
+executor's resources. It is one list of check functions (:data:`PREFLIGHT_CHECKS`); more checks
+(a memory plan that cannot fit, ...) are added with :func:`register_preflight_check`.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -10,7 +20,7 @@ from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError
 from evomerge.executors import WorkerSpec
 from evomerge.recipe import InputModel
-from evomerge.spaces import ModelPool, Space
+from evomerge.spaces import ModelPool, Space, make_space
 from evomerge.store import RunStore
 
 
@@ -82,3 +92,100 @@ def check_optimizer(cfg: SearchConfig, space: Space):
         raise ConfigError(f"optimizer {cfg.optimizer.name!r} expects {n} objectives but the config lists "
                           f"{len(cfg.objectives)}; set optimizer.options.objectives: {len(cfg.objectives)}")
     return opt
+
+
+# ---------------------------------------------------------------------------------- preflight
+@dataclass
+class Preflight:
+    """What the checks found: filled in check by check (a later check may use an earlier result)."""
+
+    cfg: SearchConfig
+    pool: ModelPool | None = None
+    space: Space | None = None
+    splits: dict[str, str] = field(default_factory=dict)  # objective key -> dataset split scored
+
+
+def _tasks(pf: Preflight) -> None:
+    # bad tasks, splits, metrics or data (a custom worker scores its own way)
+    pf.splits = check_tasks(pf.cfg) if pf.cfg.executor.worker is None else {}
+
+
+def _models(pf: Preflight) -> None:
+    if pf.pool is None:
+        pf.pool = resolve_models(pf.cfg)
+
+
+def _space(pf: Preflight) -> None:
+    pf.space = make_space(pf.cfg.space, pf.pool)
+
+
+def _kind(pf: Preflight) -> None:
+    """The search kind's own checks: its optimizer built with the space's bounds, its extras."""
+    from evomerge.search.kinds import search_class
+
+    search_class(pf.cfg).check(pf)
+
+
+def _executor(pf: Preflight) -> None:
+    from evomerge.executors import check_executor
+
+    check_executor(pf.cfg.executor)
+
+
+#: the checks :func:`preflight` runs, in order; each takes the :class:`Preflight` and raises a
+#: one-line :class:`~evomerge.errors.EvomergeError` when the run cannot work
+PREFLIGHT_CHECKS: list[Callable[[Preflight], None]] = [_tasks, _models, _space, _kind, _executor]
+
+
+def register_preflight_check(check: Callable[[Preflight], None]) -> Callable[[Preflight], None]:
+    """Run ``check`` after the built-in preflight checks (usable as a decorator)."""
+    if check not in PREFLIGHT_CHECKS:
+        PREFLIGHT_CHECKS.append(check)
+    return check
+
+
+def preflight(cfg: SearchConfig, *, pool: ModelPool | None = None) -> Preflight:
+    """Every check a run of ``cfg`` must pass, before anything is written (``pool``: the models a
+    resumed run started with)."""
+    pf = Preflight(cfg=cfg, pool=pool)
+    for check in list(PREFLIGHT_CHECKS):
+        check(pf)
+    return pf
+
+
+# ---------------------------------------------------------------------------------- fingerprint
+#: the config sections that decide what a trial's score means (or which trials a run asks);
+#: a resumed run must keep them: the budget, the executor's resources and the search options may
+#: change on resume. ``worker``: a custom worker (``executor.worker``) and its options score.
+FINGERPRINT_SECTIONS = ("models", "space", "objectives", "validation", "evaluation", "optimizer", "seed", "worker")
+FINGERPRINT_VERSION = 1  # how the hashes are computed; a fingerprint of another version is not compared
+
+
+def fingerprint(cfg: SearchConfig) -> dict[str, str]:
+    """Section → sha256 of its canonical JSON (stored as ``meta.fingerprint`` at creation).
+
+    Values left at their defaults are left out, so a later evomerge that adds an option (with a
+    default) still resumes the runs of an earlier one; the space's type is always in.
+    """
+    d = cfg.model_dump(mode="json", exclude_defaults=True)
+    d["space"] = {"type": getattr(cfg.space, "type", None), **(d.get("space") or {})}
+    d["worker"] = {"factory": cfg.executor.worker, "options": cfg.executor.worker_options}
+    return {"version": FINGERPRINT_VERSION,
+            **{k: hashlib.sha256(json.dumps(d.get(k), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+               for k in FINGERPRINT_SECTIONS}}
+
+
+def check_fingerprint(stored: dict | None, cfg: SearchConfig, where: str) -> None:
+    """Refuse a stored config whose scoring sections differ from those the run started with."""
+    if stored is None:  # a run directory of an evomerge without fingerprints
+        return
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{where}: its stored fingerprint is not readable (the run store was edited); "
+                          "start a new run in another --run-dir")
+    if stored.get("version") != FINGERPRINT_VERSION:
+        return  # hashed another way (another evomerge): nothing to compare with
+    now = fingerprint(cfg)
+    changed = [k for k in FINGERPRINT_SECTIONS if stored.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"{where}: the stored config's {', '.join(changed)} changed since the run started, so its "
+                          "trials would mix two scorings; undo the edit, or start a new run in another --run-dir")
