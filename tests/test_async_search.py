@@ -77,3 +77,21 @@ def test_async_cmaes_run_killed_and_resumed_equals_uninterrupted(tiny_models, tm
     with RunStore(tmp_path / "ref") as s:
         gens = [t.info["generation"] for t in s.trials()]
     assert len(gens) == 40 and gens == sorted(gens)
+
+
+def test_ask_ahead_k_generations_bounds_what_is_in_flight():
+    lo, hi = np.zeros(5), np.full(5, 2.0)
+    for k in (1, 2, 3):
+        opt = make_optimizer("cmaes", lo, hi, 0, ask_ahead=k)
+        asks = []
+        while (a := opt.ask()) is not None:
+            asks.append(a)
+        assert len(asks) == (k + 1) * opt.popsize
+        opt.tell(asks[0].id, _f(asks[0].genome))
+        assert opt.ask() is None  # the oldest generation is not complete: nothing more
+    import pytest
+
+    from evomerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ask_ahead must be a whole number"):
+        make_optimizer("cmaes", lo, hi, 0, ask_ahead=-1)
