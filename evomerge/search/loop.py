@@ -84,7 +84,6 @@ class LoopState:
     elapsed: float = 0.0
     failures: int = 0
     thresholds: list = field(default_factory=list)  # [[ask id, racing threshold], ...] of pending asks
-    reduced: int = 0  # candidates racing stopped early (told as estimates)
     version: int = STATE_VERSION
 
     legacy_keys: ClassVar[dict[str, str]] = {"elapsed_total": "elapsed"}  # pickled (v1) state -> fields
@@ -446,7 +445,6 @@ class Search:
         del self.pending[p.ask.id]
         st.n_told += 1
         if t.ok and not t.full:  # a racing estimate: told, never a best, never validated
-            st.reduced += 1
             st.worst = fitness if st.worst is None else min(st.worst, fitness)
             return
         if t.ok:

@@ -86,7 +86,8 @@ def run_mergekit_evolve(args, zoo, experts, tasks, work: Path) -> tuple[list[dic
            "--random-seed", str(args.seed)]
     env = {**os.environ, "PYTHONPATH": str(evals_dir()), "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=str(evals_dir()), env=env, capture_output=True, text=True)
+    # cwd: the work directory (the cma library writes its outcmaes/ logs into the current directory)
+    proc = subprocess.run(cmd, cwd=str(work), env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     (work / "mk_output.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not log.exists():
