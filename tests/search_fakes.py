@@ -45,7 +45,7 @@ class FakeWorker:
         self.opts = dict(spec.options)
         self.keys = {SEARCH: [o["task"] + ":" + o["split"] for o in spec.objectives],
                      VALIDATION: [o["task"] + ":" + o["split"] for o in spec.validation]}
-        self.weights = {o["task"] + ":" + o["split"]: float(o["weight"]) for o in spec.objectives}
+        self.weights = {o["task"] + ":" + o["split"]: float(o.get("weight", 1.0)) for o in spec.objectives}
         self.calls = 0
         if self.opts.get("startup_fail"):
             raise RuntimeError("fake worker refuses to start")
