@@ -237,3 +237,30 @@ def test_racing_run_killed_and_resumed_equals_uninterrupted(tiny_models, tmp_pat
 
     a, b = seq(tmp_path / "killed"), seq(tmp_path / "ref")
     assert a == b and any(f < 1 for *_, f in a)
+
+
+def test_a_model_worker_racing_through_every_rung_scores_like_a_full_evaluation():
+    """The real worker on the tiny zoo: rung evaluators over item subsets give, item by item, the
+    scores of one evaluation of the whole split; a hopeless threshold stops after the first rung."""
+    from evomerge.executors.worker import ModelWorker, Task
+    from evomerge.search import resolve_models, worker_spec
+    from evomerge.spaces import make_space
+
+    cfg = SearchConfig.from_dict({
+        "models": {"zoo": "tiny"}, "space": {"type": "ps", "granularity": "global"},
+        "objectives": [{"task": "zoo_succ", "limit": 24}, {"task": "zoo_translate_ll", "limit": 16, "weight": 0.5}],
+        "budget": {"evaluations": 1}, "evaluation": {"fidelity": "racing"}})
+    pool = resolve_models(cfg)
+    worker = ModelWorker(worker_spec(cfg, pool), "w")
+    recipe = make_space(cfg.space, pool).to_recipe(make_space(cfg.space, pool).x0).canonical_json()
+    full = worker.run(Task(1, recipe))
+    race = {"first": 0.25, "confidence": 0.95, "seed": 3}
+    raced = worker.run(Task(2, recipe, race={**race, "threshold": None}))
+    assert full.ok and raced.ok and raced.fidelity == 1.0 and raced.race["rungs"] == 3
+    for key, s in full.scores.items():
+        np.testing.assert_array_equal(raced.scores[key].doc_ids, s.doc_ids)
+        np.testing.assert_allclose(raced.scores[key].per_example, s.per_example, atol=1e-5)
+        assert raced.scores[key].value == pytest.approx(s.value, abs=1e-6)
+    stopped = worker.run(Task(3, recipe, race={**race, "threshold": 10.0}))
+    assert stopped.ok and stopped.race["rungs"] == 1 and stopped.fidelity == pytest.approx((6 + 4) / 40)
+    assert len(stopped.scores["zoo_succ:search"].per_example) == 6
