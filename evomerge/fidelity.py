@@ -24,8 +24,8 @@ picks the items that separate the stored candidates best (highest variance acros
 :class:`AnchorEstimator` predicts a candidate's full-split mean from its anchor scores (a ridge
 fit of the full mean on the anchor mean and the anchors' first principal scores, fitted on
 stored candidates) and :func:`leave_out_error` MEASURES the estimator's error by leaving
-candidates out. Used by ``scripts/bench/vs_mergekit_evolve.py`` and ``docs/evaluation.md`` to
-report what anchors would cost in accuracy; racing is what the search loop runs.
+candidates out. Used by ``scripts/bench/anchors.py`` (docs/evaluation.md) to report what anchor
+estimates would cost in accuracy; racing, which comes with a guarantee, is what the loop runs.
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-MODES = ("off", "racing")
-
 
 def rung_fractions(first: float) -> list[float]:
     """``first``, 2·first, 4·first, ... capped by 1.0 (the last rung is always the full split)."""
@@ -144,6 +141,8 @@ class AnchorEstimator:
         self.anchors = np.asarray(anchors, dtype=np.int64)
         self.k, self.alpha = int(k), float(alpha)
         self.coef: np.ndarray | None = None
+        self._center: np.ndarray | None = None
+        self._basis: np.ndarray | None = None  # anchors × k principal directions
 
     def _features(self, a: np.ndarray) -> np.ndarray:
         cols = [np.ones(a.shape[0]), a.mean(axis=1)]
@@ -165,7 +164,7 @@ class AnchorEstimator:
         x = self._features(a)
         reg = self.alpha * np.eye(x.shape[1])
         reg[0, 0] = 0.0
-        self.coef = np.linalg.solve(x.T @ x + reg, x.T @ y)
+        self.coef = np.linalg.lstsq(x.T @ x + reg, x.T @ y, rcond=None)[0]  # lstsq: singular designs too
         return self
 
     def predict(self, anchor_scores: np.ndarray) -> np.ndarray:
