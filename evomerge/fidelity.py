@@ -47,11 +47,16 @@ def rung_fractions(first: float) -> list[float]:
     return out + [1.0]
 
 
-def rung_sizes(n_items: int, fractions: Sequence[float]) -> list[int]:
-    """Cumulative item counts per rung (each at least 1 and strictly growing, the last ``n_items``)."""
+def rung_sizes(n_items: int, fractions: Sequence[float], align: int = 1) -> list[int]:
+    """Cumulative item counts per rung (each at least 1 and strictly growing, the last ``n_items``).
+
+    ``align``: round every cut up to a multiple of it (the evaluator's batch size: a rung then
+    runs only full batches, and racing every rung costs the full split's number of batches; on
+    small models a batch costs about the same however full it is).
+    """
     sizes: list[int] = []
     for f in fractions:
-        k = min(n_items, max(1, math.ceil(f * n_items)))
+        k = min(n_items, max(1, math.ceil(math.ceil(f * n_items) / align) * align))
         if not sizes or k > sizes[-1]:
             sizes.append(k)
     if sizes[-1] != n_items:
@@ -202,10 +207,10 @@ def leave_out_error(matrix: np.ndarray, n_anchors: int, k: int = 2, alpha: float
 
 
 # ----------------------------------------------------------------------------- racing, run
-def rung_items(n_items: int, first: float, seed: int, key: str) -> list[np.ndarray]:
+def rung_items(n_items: int, first: float, seed: int, key: str, align: int = 1) -> list[np.ndarray]:
     """The item positions (0..n-1) each rung scores anew: cuts of :func:`item_order`."""
     order = item_order(n_items, seed, key)
-    sizes = [0] + rung_sizes(n_items, rung_fractions(first))
+    sizes = [0] + rung_sizes(n_items, rung_fractions(first), align)
     return [order[a:b] for a, b in zip(sizes, sizes[1:])]
 
 

@@ -29,6 +29,8 @@ def test_rungs_double_up_to_the_full_split():
     assert fid.rung_fractions(1.0) == [1.0]
     assert fid.rung_sizes(200, [0.25, 0.5, 1.0]) == [50, 100, 200]
     assert fid.rung_sizes(3, [0.1, 0.2, 1.0]) == [1, 3]  # at least one item, strictly growing
+    assert fid.rung_sizes(200, [0.25, 0.5, 1.0], align=16) == [64, 112, 200]  # whole batches
+    assert fid.rung_sizes(24, [0.25, 0.5, 1.0], align=16) == [16, 24]
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         fid.rung_fractions(0.0)
 
@@ -249,7 +251,7 @@ def test_a_model_worker_racing_through_every_rung_scores_like_a_full_evaluation(
     cfg = SearchConfig.from_dict({
         "models": {"zoo": "tiny"}, "space": {"type": "ps", "granularity": "global"},
         "objectives": [{"task": "zoo_succ", "limit": 24}, {"task": "zoo_translate_ll", "limit": 16, "weight": 0.5}],
-        "budget": {"evaluations": 1}, "evaluation": {"fidelity": "racing"}})
+        "budget": {"evaluations": 1}, "evaluation": {"fidelity": "racing", "batch_size": 4}})
     pool = resolve_models(cfg)
     worker = ModelWorker(worker_spec(cfg, pool), "w")
     recipe = make_space(cfg.space, pool).to_recipe(make_space(cfg.space, pool).x0).canonical_json()
@@ -262,5 +264,6 @@ def test_a_model_worker_racing_through_every_rung_scores_like_a_full_evaluation(
         np.testing.assert_allclose(raced.scores[key].per_example, s.per_example, atol=1e-5)
         assert raced.scores[key].value == pytest.approx(s.value, abs=1e-6)
     stopped = worker.run(Task(3, recipe, race={**race, "threshold": 10.0}))
-    assert stopped.ok and stopped.race["rungs"] == 1 and stopped.fidelity == pytest.approx((6 + 4) / 40)
-    assert len(stopped.scores["zoo_succ:search"].per_example) == 6
+    # rungs cut at whole batches of 4 (the evaluator's batch size): 24 items -> 8, 12, 24; 16 -> 4, 8, 16
+    assert stopped.ok and stopped.race["rungs"] == 1 and stopped.fidelity == pytest.approx((8 + 4) / 40)
+    assert len(stopped.scores["zoo_succ:search"].per_example) == 8

@@ -161,7 +161,7 @@ class ModelWorker:
             full = self.evaluators[SEARCH]
             objs = [Objective(**o) for o in self._spec.objectives]
             totals = {o.key: len(full._prepared[o.key].doc_ids) for o in objs if not o.is_python}
-            cuts = {k: rung_items(n, first, seed, k) for k, n in totals.items()}
+            cuts = {k: rung_items(n, first, seed, k, align=self._spec.batch_size) for k, n in totals.items()}
             rungs = []
             for r in range(max((len(c) for c in cuts.values()), default=1)):
                 pos = {k: c[r] for k, c in cuts.items() if r < len(c)}
