@@ -530,7 +530,7 @@ class Search:
         best = st.best
         fixed = best["genome"].copy() if best is not None else st.fixed
         st.seq0, st.stage, st.fixed = st.seq0 + st.n_asked, st.stage + 1, fixed
-        st.n_told, st.n_asked, st.pending_ids, st.dup_streak = 0, 0, [], 0
+        st.n_told, st.n_asked, st.pending_ids, st.dup_streak, st.thresholds = 0, 0, [], 0, []
         self.stopped = ""
         self.opt = self._new_optimizer(st.stage, fixed)
         self.message = f"stage {st.stage + 1}/{len(self.stages)}: {self.stages[st.stage].name}"
