@@ -147,7 +147,7 @@ class ModelWorker:
                     batch_size=spec.batch_size, device=self.device,
                 )
         self._spec = spec
-        self._rungs: dict[tuple, list] = {}  # (first, seed) -> racing's per-rung evaluators
+        self._rungs: dict[tuple, tuple] = {}  # (first, seed) -> (per-rung evaluators, items per objective)
         self.startup_s = time.perf_counter() - t0
 
     def _rung_evaluators(self, first: float, seed: int) -> tuple[list, dict[str, int]]:
