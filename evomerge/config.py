@@ -10,7 +10,7 @@ Top-level keys (see ``examples/*.yaml`` and docs/search.md)::
     optimizer:  cmaes | {name: m2n2, options: {...}}
     budget:     {evaluations: N, wall_time: 10m}                   # at least one
     executor:   local | {type: ray, workers, num_cpus, num_gpus, ray_address, device, ...}
-    evaluation: {batch_size, evals_dir, dtype}
+    evaluation: {batch_size, evals_dir, dtype, fidelity: {mode: off|racing, first, confidence}}
     search:     {deterministic, window, checkpoint_every, failure_penalty, references, ...}
 
 Every error is one line naming the key, e.g. ``config.yaml: budget: give evaluations and/or
@@ -198,12 +198,28 @@ class ValidationConfig(_Strict):
         return data
 
 
+class FidelityConfig(_Strict):
+    """Racing (:mod:`evomerge.fidelity`, docs/evaluation.md): score a candidate on ``first`` of the
+    search items, then twice as many, ...; stop once a one-sided bound at ``confidence`` says it
+    cannot beat the incumbent. ``off`` scores every item of every candidate."""
+
+    mode: Literal["off", "racing"] = "off"
+    first: float = Field(default=0.25, gt=0, le=1)
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+
+
 class EvaluationConfig(_Strict):
     batch_size: int = Field(default=16, ge=1)
     # one directory or a list (first listed wins a name clash); the shipped evals are always included
     evals_dir: str | list[str] | None = None
     builtin_tasks: bool = False  # also index lm-eval's built-in tasks (~19 s)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
+
+    @field_validator("fidelity", mode="before")
+    @classmethod
+    def _fidelity_mode(cls, v: Any) -> Any:
+        return {"mode": v} if isinstance(v, str) else v
 
 
 class SearchOptions(_Strict):
@@ -273,6 +289,22 @@ class SearchConfig(_Strict):
                 raise ValueError(f"{what}: {dupes[0]} is listed twice (task and split must be unique)")
         if self.validation.when != "none" and not self.validation.objectives:
             self.validation.when = "none"
+        return self
+
+    @model_validator(mode="after")
+    def _racing(self) -> "SearchConfig":
+        """Racing needs an lm-eval objective to cut into item subsets and an optimizer that may be
+        told estimates (MAP fits its surrogate to full-fidelity scores only)."""
+        if self.evaluation.fidelity.mode == "off":
+            return self
+        if all(o.task.startswith("python:") for o in self.objectives):
+            raise ValueError("evaluation.fidelity: racing cuts lm-eval tasks into item subsets; every objective "
+                             "here is a Python objective (set fidelity: off)")
+        if self.optimizer.name.partition(":")[0] == "map":
+            raise ValueError("evaluation.fidelity: the map optimizer fits its surrogate to full-fidelity scores; "
+                             "set fidelity: off")
+        if getattr(self.space, "type", None) == "model_archive":
+            raise ValueError("evaluation.fidelity: model_archive runs score every item (set fidelity: off)")
         return self
 
     @model_validator(mode="after")

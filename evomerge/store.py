@@ -10,6 +10,13 @@ runs show``) may open the store while a search writes to it.
 
 A recipe is evaluated at most once per run (``recipe_hash`` is unique): the search loop answers
 repeated asks from here.
+
+Fidelity: ``trials.fidelity`` is the share of the search items a trial's scores cover (1.0: all;
+less when racing stopped it early, :mod:`evomerge.fidelity`). :meth:`RunStore.trials`,
+:meth:`RunStore.best`, :meth:`RunStore.pareto` and :meth:`RunStore.count` see FULL-fidelity
+trials unless asked otherwise, so no reader mixes a reduced-fidelity estimate with full scores by
+accident. A store written before the column existed (schema 1) gains it on open, every old trial
+at fidelity 1.0.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.recipe import Recipe
 
 STORE_FILE = "evomerge.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: trials.fidelity
 KEEP_CHECKPOINTS = 3
 
 _SCHEMA = """
@@ -51,7 +58,8 @@ CREATE TABLE IF NOT EXISTS trials (
     attempts    INTEGER NOT NULL DEFAULT 1,
     seconds     TEXT NOT NULL DEFAULT '{}',       -- merge_s, eval_s, total_s, ...
     info        TEXT NOT NULL DEFAULT '{}',       -- optimizer provenance (parents, ...)
-    created     REAL NOT NULL
+    created     REAL NOT NULL,
+    fidelity    REAL NOT NULL DEFAULT 1.0         -- share of the search items scored (1.0: all)
 );
 CREATE INDEX IF NOT EXISTS trials_kind_seq ON trials(kind, seq);
 CREATE TABLE IF NOT EXISTS scores (
@@ -108,6 +116,12 @@ class Trial:
     created: float = field(default_factory=time.time)
     id: int | None = None
     scores: dict[str, Scores] = field(default_factory=dict)  # filled on write / on request
+    fidelity: float = 1.0  # share of the search items scored; < 1: a racing estimate, never a best
+
+    @property
+    def full(self) -> bool:
+        """Scored on every search item (only such trials are bests, validated, reported)."""
+        return self.fidelity >= 1.0
 
     @property
     def ok(self) -> bool:
@@ -119,7 +133,9 @@ class Trial:
 
 
 _COLUMNS = ("id", "recipe_hash", "kind", "name", "seq", "stage", "genome", "recipe", "status", "fitness",
-            "metrics", "validation", "error", "worker", "attempts", "seconds", "info", "created")
+            "metrics", "validation", "error", "worker", "attempts", "seconds", "info", "created", "fidelity")
+#: ``fidelity=`` of the readers: which trials they see
+_FIDELITY = {"full": "fidelity >= 1.0", "reduced": "fidelity < 1.0", "all": "1"}
 
 
 def _row_to_trial(row: sqlite3.Row) -> Trial:
@@ -129,7 +145,7 @@ def _row_to_trial(row: sqlite3.Row) -> Trial:
         recipe_json=row["recipe"], status=row["status"], fitness=row["fitness"],
         metrics=json.loads(row["metrics"]), validation=None if row["validation"] is None else json.loads(row["validation"]),
         error=row["error"], worker=row["worker"], attempts=row["attempts"], seconds=json.loads(row["seconds"]),
-        info=json.loads(row["info"]), created=row["created"],
+        info=json.loads(row["info"]), created=row["created"], fidelity=float(row["fidelity"]),
     )
 
 
@@ -161,6 +177,10 @@ class RunStore:
             with self.transaction():
                 for stmt in filter(str.strip, _SCHEMA.split(";")):
                     self.db.execute(stmt)
+                cols = {r[1] for r in self.db.execute("PRAGMA table_info(trials)")}
+                if "fidelity" not in cols:  # a schema-1 store: every trial it holds is full fidelity
+                    self.db.execute("ALTER TABLE trials ADD COLUMN fidelity REAL NOT NULL DEFAULT 1.0")
+                    self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (json.dumps(SCHEMA_VERSION),))
                 version = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if version is None:
                     self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (json.dumps(SCHEMA_VERSION),))
@@ -214,12 +234,13 @@ class RunStore:
         with self.transaction() as db:
             cur = db.execute(
                 "INSERT INTO trials (recipe_hash, kind, name, seq, stage, genome, recipe, status, fitness, metrics,"
-                " validation, error, worker, attempts, seconds, info, created)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " validation, error, worker, attempts, seconds, info, created, fidelity)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (trial.recipe_hash, trial.kind, trial.name, trial.seq, trial.stage, g, trial.recipe_json,
                  trial.status, trial.fitness, json.dumps(trial.metrics),
                  None if trial.validation is None else json.dumps(trial.validation), trial.error, trial.worker,
-                 trial.attempts, json.dumps(trial.seconds), json.dumps(trial.info, default=_jsonable), trial.created),
+                 trial.attempts, json.dumps(trial.seconds), json.dumps(trial.info, default=_jsonable), trial.created,
+                 float(trial.fidelity)),
             )
             trial.id = int(cur.lastrowid)
             self._put_scores(db, trial.id, trial.scores, per_example_dtype)
@@ -227,6 +248,11 @@ class RunStore:
 
     def set_validation(self, trial_id: int, metrics: dict[str, float], scores: dict[str, Scores] | None = None,
                        per_example_dtype: str = "float32") -> None:
+        """Validation scores of a FULL-fidelity trial (a racing estimate is never validated)."""
+        row = self.db.execute("SELECT fidelity FROM trials WHERE id=?", (trial_id,)).fetchone()
+        if row is not None and row[0] < 1.0:
+            raise EvomergeError(f"{self.path}: trial {trial_id} has reduced fidelity ({row[0]:.2f}); "
+                                "only full-fidelity trials are validated")
         with self.transaction() as db:
             db.execute("UPDATE trials SET validation=? WHERE id=?", (json.dumps(metrics), trial_id))
             self._put_scores(db, trial_id, scores or {}, per_example_dtype)
@@ -266,9 +292,11 @@ class RunStore:
             t.scores = self.scores(t.id)
         return t
 
-    def trials(self, kind: str | None = "search", status: str | None = None) -> list[Trial]:
-        """Trials in ask order (references first, by id)."""
-        where, args = [], []
+    def trials(self, kind: str | None = "search", status: str | None = None, fidelity: str = "full") -> list[Trial]:
+        """Trials in ask order (references first, by id); ``fidelity``: full (default) | reduced | all."""
+        if fidelity not in _FIDELITY:
+            raise ValueError(f"fidelity must be one of {', '.join(_FIDELITY)}, got {fidelity!r}")
+        where, args = [_FIDELITY[fidelity]], []
         if kind is not None:
             where.append("kind=?"), args.append(kind)
         if status is not None:
@@ -279,17 +307,17 @@ class RunStore:
         sql += " ORDER BY seq IS NOT NULL, seq, id"
         return [_row_to_trial(r) for r in self.db.execute(sql, args)]
 
-    def count(self, kind: str = "search", status: str | None = None) -> int:
-        sql, args = "SELECT COUNT(*) FROM trials WHERE kind=?", [kind]
+    def count(self, kind: str = "search", status: str | None = None, fidelity: str = "full") -> int:
+        sql, args = "SELECT COUNT(*) FROM trials WHERE kind=? AND " + _FIDELITY[fidelity], [kind]
         if status is not None:
             sql, args = sql + " AND status=?", args + [status]
         return int(self.db.execute(sql, args).fetchone()[0])
 
     def best(self, kind: str = "search") -> Trial | None:
-        """The best successful trial (highest fitness; ties go to the earliest ask)."""
+        """The best successful FULL-fidelity trial (highest fitness; ties go to the earliest ask)."""
         row = self.db.execute(
             f"SELECT {', '.join(_COLUMNS)} FROM trials WHERE kind=? AND status='ok' AND fitness IS NOT NULL"
-            " ORDER BY fitness DESC, seq IS NULL, seq, id LIMIT 1", (kind,)).fetchone()
+            " AND fidelity >= 1.0 ORDER BY fitness DESC, seq IS NULL, seq, id LIMIT 1", (kind,)).fetchone()
         return None if row is None else _row_to_trial(row)
 
     def references(self) -> dict[str, Trial]:

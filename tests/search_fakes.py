@@ -45,6 +45,7 @@ class FakeWorker:
         self.opts = dict(spec.options)
         self.keys = {SEARCH: [o["task"] + ":" + o["split"] for o in spec.objectives],
                      VALIDATION: [o["task"] + ":" + o["split"] for o in spec.validation]}
+        self.weights = {o["task"] + ":" + o["split"]: float(o.get("weight", 1.0)) for o in spec.objectives}
         self.calls = 0
         if self.opts.get("startup_fail"):
             raise RuntimeError("fake worker refuses to start")
@@ -84,5 +85,25 @@ class FakeWorker:
                 scores[key] = Score(value, per * (1.0 - 0.1 * k), np.arange(n))
         if any(not np.isfinite(s.value) for s in scores.values()):
             return failure(task, self.name, "objective is nan (NaN/inf metric)", t0)
-        return Outcome(id=task.id, ok=True, scores=scores, worker=self.name,
+        fidelity, race = 1.0, None
+        if task.race is not None and SEARCH in task.splits:  # the racing contract of ModelWorker
+            fidelity, race = self._race(task, scores)
+        return Outcome(id=task.id, ok=True, scores=scores, worker=self.name, fidelity=fidelity, race=race,
                        seconds={"merge_s": 0.001, "eval_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t0})
+
+    def _race(self, task: Task, scores: dict) -> tuple[float, dict]:
+        """Replace the search scores by what racing would have scored (rung_items of each key)."""
+        from evomerge.fidelity import rung_items, run_race
+
+        race, keys = task.race, self.keys[SEARCH]
+        full = {k: scores[k] for k in keys}
+        cuts = {k: rung_items(len(full[k].per_example), race["first"], race["seed"], k) for k in keys}
+        res = run_race(lambda r: {k: (full[k].per_example[c[r]], full[k].doc_ids[c[r]]) for k, c in cuts.items()},
+                       len(next(iter(cuts.values()))), {k: len(full[k].per_example) for k in keys},
+                       self.weights, race["threshold"], race["confidence"])
+        for k, (v, ids) in res.scores.items():
+            scores[k] = Score(float(np.mean(v, dtype=np.float64)), v, ids)
+        if res.fidelity < 1.0:
+            for k in self.keys[VALIDATION]:
+                scores.pop(k, None)
+        return res.fidelity, res.info

@@ -124,10 +124,12 @@ def test_runs_show_json_and_text(fake_run):
     assert res.exit_code == 0, res.stdout
     doc = json.loads(res.stdout)
     assert list(doc) == ["run_dir", "status", "stopped", "space", "optimizer", "seed", "objectives", "evaluations",
-                         "failed", "elapsed_s", "evaluations_per_min", "seconds", "best", "top", "parents", "failures"]
+                         "failed", "stopped_early", "elapsed_s", "evaluations_per_min", "seconds", "best", "top",
+                         "parents", "failures"]
     with RunStore(root / "one") as s:
         trials = s.trials()
     assert doc["objectives"] == KEYS and doc["evaluations"] == len(trials) == 12 and doc["failed"] == 0
+    assert doc["stopped_early"] == 0  # no racing here; tests/test_fidelity.py covers racing runs
     assert doc["evaluations_per_min"] == pytest.approx(12 * 60 / doc["elapsed_s"])
     # the fake worker reports merge_s = 0.001 per trial and its own time as eval_s
     assert doc["seconds"]["merge"] == pytest.approx(0.001 * 12)

@@ -7,7 +7,8 @@
 ``runs show --json`` prints one object::
 
     {"run_dir", "status", "stopped", "space", "optimizer", "seed", "objectives": [keys in config order],
-     "evaluations", "failed", "elapsed_s", "evaluations_per_min",
+     "evaluations", "failed", "stopped_early", "elapsed_s", "evaluations_per_min",
+     # stopped_early: racing estimates (fidelity < 1), counted in evaluations, never in best/top
      "seconds": {"merge", "eval", "total"},        # summed over the stored trials' per-trial seconds
      "best": TRIAL | null, "top": [TRIAL, ...], "parents": {name: TRIAL}, "failures": [{"id", "seq", "error"}]}
 
@@ -353,7 +354,7 @@ def run_doc(run_dir: Path, top: int) -> dict:
 
     with RunStore(run_dir) as s:
         m = s.all_meta()
-        trials = s.trials()
+        trials = s.trials(fidelity="all")
         refs = s.references()
         best = s.best()
     cfg = m.get("config") or {}
@@ -361,11 +362,13 @@ def run_doc(run_dir: Path, top: int) -> dict:
     elapsed = m.get("elapsed")
     split = {k: sum(t.seconds.get(f"{k}_s", 0.0) for t in trials) for k in ("merge", "eval", "total")}
     objectives = [o.key for o in SearchConfig.from_dict(cfg, where=f"{run_dir} (stored config)").objectives] if cfg else []
-    ok = sorted((t for t in trials if t.ok), key=lambda t: (-t.fitness, t.seq))[:top]
+    # racing estimates (fidelity < 1) are counted, never ranked with full-fidelity scores
+    ok = sorted((t for t in trials if t.ok and t.full), key=lambda t: (-t.fitness, t.seq))[:top]
+    reduced = sum(1 for t in trials if not t.full)
     return {
         "run_dir": str(run_dir), "status": m.get("status"), "stopped": m.get("stopped"), "space": m.get("space"),
         "optimizer": (cfg.get("optimizer") or {}).get("name"), "seed": cfg.get("seed"), "objectives": objectives,
-        "evaluations": len(trials), "failed": len(failed), "elapsed_s": elapsed,
+        "evaluations": len(trials), "failed": len(failed), "stopped_early": reduced, "elapsed_s": elapsed,
         "evaluations_per_min": len(trials) * 60.0 / elapsed if elapsed else None,
         "seconds": split, "best": None if best is None else _trial_doc(best), "top": [_trial_doc(t) for t in ok],
         "parents": {n: _trial_doc(t) for n, t in refs.items()},
@@ -399,7 +402,9 @@ def runs_show(
     for k, v in (("status", doc["status"]), ("stopped", doc["stopped"] or "—"), ("space", doc["space"]),
                  ("optimizer", doc["optimizer"]), ("seed", doc["seed"]),
                  ("objectives", ", ".join(doc["objectives"]) or "—"),
-                 ("evaluations", f"{doc['evaluations']} stored ({doc['failed']} failed)"),
+                 ("evaluations", f"{doc['evaluations']} stored ({doc['failed']} failed"
+                                 + (f", {doc['stopped_early']} stopped early by racing: estimates, not ranked"
+                                    if doc["stopped_early"] else "") + ")"),
                  ("elapsed", _dur(doc["elapsed_s"])), ("rate", "—" if rate is None else f"{rate:.1f} evaluations/min"),
                  ("time split", _time_split(doc["seconds"])),
                  ("best fitness", _num(None if doc["best"] is None else doc["best"]["fitness"]))):

@@ -51,7 +51,11 @@ class Evaluator:
         batch_size: int = 64,
         device: str | torch.device | None = None,
         engine: str = "fast",
+        positions: dict[str, Sequence[int]] | None = None,
     ):
+        """``positions``: objective key -> the documents to score (indices into its split in id
+        order; racing's item subsets, :mod:`evomerge.fidelity`). Fast engine, lm-eval tasks only."""
+        positions = positions or {}
         t0 = time.perf_counter()
         self.objectives = list(objectives)
         if not self.objectives:
@@ -80,7 +84,9 @@ class Evaluator:
             task = self.catalog.build(o.task, o.split, key=o.key)
             self.splits[o.key] = task.config.test_split
             if engine == "fast":
-                self._prepared[o.key] = PreparedTask(task, o.key, o.metric, o.limit)
+                self._prepared[o.key] = PreparedTask(task, o.key, o.metric, o.limit, positions.get(o.key))
+            elif o.key in positions:
+                raise ConfigError(f"evaluator: item subsets need the fast engine (objective {o.key})")
             else:
                 self._reference[o.key] = (task, resolve_metric(task, o.key, o.metric), o.limit)
         self.build_seconds = time.perf_counter() - t0

@@ -76,12 +76,19 @@ def _memoize_per_doc(fn, docs: dict[int, dict]):
 class PreparedTask:
     """One lm-eval task on one split, its requests built once, scored after every weight swap."""
 
-    def __init__(self, task: Task, key: str, metric: str | None = None, limit: int | None = None):
+    def __init__(self, task: Task, key: str, metric: str | None = None, limit: int | None = None,
+                 positions=None):
+        """``positions``: score only these documents (indices into the split's first ``limit``
+        documents in id order) — the item subsets of racing (:mod:`evomerge.fidelity`)."""
         self.task, self.key, self.limit = task, key, limit
         self.metric = resolve_metric(task, key, metric)
         self.higher_is_better = bool(task.higher_is_better().get(self.metric.split(",")[0], True))
         with quiet():
             task.build_all_requests(limit=limit, rank=0, world_size=1)
+        if positions is not None:
+            ids = sorted({inst.doc_id for inst in task.instances})
+            keep = {ids[int(i)] for i in positions}
+            task._instances = [inst for inst in task.instances if inst.doc_id in keep]
         by_doc: dict[int, list] = defaultdict(list)
         for inst in task.instances:
             by_doc[inst.doc_id].append(inst)

@@ -32,6 +32,9 @@ class Task:
     id: int
     recipe_json: str
     splits: tuple[str, ...] = (SEARCH,)
+    #: racing on the search split (:mod:`evomerge.fidelity`): ``{"threshold", "confidence",
+    #: "first", "seed"}``; None scores every item
+    race: dict[str, Any] | None = None
 
 
 @dataclass
@@ -52,6 +55,9 @@ class Outcome:
     worker: str = ""
     error: str | None = None
     attempts: int = 1
+    #: share of the search items scored (1.0: all; less when racing stopped the candidate early)
+    fidelity: float = 1.0
+    race: dict[str, Any] | None = None  # rungs scored, the last bound and the threshold (racing)
 
 
 @dataclass
@@ -171,7 +177,47 @@ class ModelWorker:
                     builtin_tasks=spec.builtin_tasks,
                     batch_size=spec.batch_size, device=self.device,
                 )
+        self._spec = spec
+        self._rungs: dict[tuple, tuple] = {}  # (first, seed) -> (per-rung evaluators, items per objective)
         self.startup_s = time.perf_counter() - t0
+
+    def _rung_evaluators(self, first: float, seed: int) -> tuple[list, dict[str, int]]:
+        """One evaluator per racing rung, scoring that rung's new items (built once per setting),
+        and each lm-eval objective's item count."""
+        from evomerge.evaluation import Evaluator, Objective
+        from evomerge.fidelity import rung_items
+
+        key = (float(first), int(seed))
+        if key not in self._rungs:
+            full = self.evaluators[SEARCH]
+            objs = [Objective(**o) for o in self._spec.objectives]
+            totals = {o.key: len(full._prepared[o.key].doc_ids) for o in objs if not o.is_python}
+            cuts = {k: rung_items(n, first, seed, k, align=self._spec.batch_size) for k, n in totals.items()}
+            rungs = []
+            for r in range(max((len(c) for c in cuts.values()), default=1)):
+                pos = {k: c[r] for k, c in cuts.items() if r < len(c)}
+                chosen = [o for o in objs if o.key in pos or (o.is_python and r == 0)]
+                rungs.append(Evaluator(chosen, self.tokenizer, evals_dir=self._spec.evals_dir,
+                                       batch_size=self._spec.batch_size, device=self.device, positions=pos))
+            self._rungs[key] = (rungs, totals)
+        return self._rungs[key]
+
+    def _race(self, race: dict):
+        """Score the search split rung by rung (:func:`evomerge.fidelity.run_race`)."""
+        from evomerge.fidelity import run_race
+
+        rungs, totals = self._rung_evaluators(race["first"], race["seed"])
+        seconds = {"eval_s": 0.0, "model_s": 0.0}
+
+        def score_rung(r: int) -> dict:
+            res = rungs[r].evaluate(self.model)
+            seconds["eval_s"] += res.seconds.get("total", 0.0)
+            seconds["model_s"] += res.seconds.get("model", 0.0)
+            return {k: (ts.per_example, ts.doc_ids) for k, ts in res.scores.items()}
+
+        weights = {o["task"] + ":" + o["split"]: float(o["weight"]) for o in self._spec.objectives}
+        out = run_race(score_rung, len(rungs), totals, weights, race.get("threshold"), race["confidence"])
+        return out, seconds["eval_s"], seconds["model_s"]
 
     def materialize(self, task: Task) -> float:
         """Write the task's candidate into the resident model in place; returns seconds spent."""
@@ -188,7 +234,20 @@ class ModelWorker:
             merge_s = self.materialize(task)
             scores: dict[str, Score] = {}
             eval_s, model_s = 0.0, 0.0
-            for split in task.splits:
+            fidelity, race = 1.0, None
+            splits = task.splits
+            if task.race is not None and SEARCH in splits and SEARCH in self.evaluators:
+                res, eval_s, model_s = self._race(task.race)
+                fidelity, race = res.fidelity, res.info
+                for key, (v, ids) in res.scores.items():
+                    value = float(np.mean(v, dtype=np.float64))  # racing's metrics are means of items
+                    if not math.isfinite(value):
+                        return failure(task, self.name, f"objective {key} is {value} (NaN/inf metric)", t0,
+                                       merge_s=merge_s)
+                    scores[key] = Score(value, v, ids)
+                # a stopped candidate is not worth its validation split
+                splits = tuple(s for s in splits if s != SEARCH and fidelity >= 1.0)
+            for split in splits:
                 ev = self.evaluators.get(split)
                 if ev is None:
                     continue
@@ -201,8 +260,9 @@ class ModelWorker:
                                        merge_s=merge_s)
                     scores[key] = Score(float(ts.value), np.asarray(ts.per_example, dtype=np.float32),
                                         np.asarray(ts.doc_ids, dtype=np.int64))
-            return Outcome(id=task.id, ok=True, scores=scores, worker=self.name, seconds={
-                "merge_s": merge_s, "eval_s": eval_s, "model_s": model_s, "total_s": time.perf_counter() - t0})
+            return Outcome(id=task.id, ok=True, scores=scores, worker=self.name, fidelity=fidelity, race=race,
+                           seconds={"merge_s": merge_s, "eval_s": eval_s, "model_s": model_s,
+                                    "total_s": time.perf_counter() - t0})
         except Exception as e:  # a bad candidate must never stop the search
             _free_cuda_cache()
             return failure(task, self.name, describe_exception(e), t0, merge_s=merge_s)

@@ -9,6 +9,19 @@ Generation barrier: a whole generation is sampled when its first candidate is as
 hands them out one by one and returns None once all are out and some are not yet told. The
 library's ``tell`` runs when the last result of the generation arrives (in id order, so the
 order in which workers finish does not matter).
+
+``ask_ahead: K`` (K ≥ 1; ``true`` = 1) removes the barrier (for several workers): once a
+generation is handed out, ``ask`` samples members of the next generation(s), at most K ahead of
+the oldest one not yet told, from the current distribution instead of waiting;
+each member is sampled when it is asked, so members asked after an update come from the updated
+distribution. A generation is told to the library, in id order, as soon as all its members are
+told; members sampled before the previous update enter the next update as they are (an
+asynchronous CMA-ES: the update stays a weighted recombination of the best members, some drawn
+from a slightly older distribution). With K generations ahead up to (K+1)·popsize candidates can
+be in flight, so W workers never wait for a barrier when (K+1)·popsize ≥ the loop's window
+(2·W by default): prefer ``popsize ≥ W`` with K = 1 (less staleness) over a large K.
+Still exactly resumable (plain state). ``ask_ahead: 0`` (default) is the barrier version, and
+with one candidate in flight both versions ask the same candidates.
 """
 
 from __future__ import annotations
@@ -36,8 +49,11 @@ class CMAES(Optimizer):
     Options: ``popsize`` (default 4+⌊3 ln n⌋), ``sigma0`` in unit-box units (1/6),
     ``variant`` auto|full|sep (``cmaes:sep`` as a name), ``sep_threshold`` (500: auto switches to
     separable CMA above it), ``n_max_resampling`` (library default 100: resample out-of-box
-    candidates that many times, then clip).
+    candidates that many times, then clip), ``ask_ahead`` (0: generations ahead of the
+    oldest untold one; see the module docstring).
     """
+
+    ask_ahead: int = 0  # class default: checkpoints written before the option existed restore as barrier CMA
 
     def __init__(
         self,
@@ -51,6 +67,7 @@ class CMAES(Optimizer):
         variant: str = "auto",
         sep_threshold: int = 500,
         n_max_resampling: int = 100,
+        ask_ahead: int | bool = 0,
     ):
         super().__init__(lower, upper, seed, x0=x0)
         if variant not in _VARIANTS:
@@ -79,6 +96,13 @@ class CMAES(Optimizer):
         self._unit: dict[int, np.ndarray] = {}  # id -> unit-box point (what the library sampled)
         self._results: dict[int, float] = {}
         self._asks: dict[int, Ask] = {}
+        if isinstance(ask_ahead, bool):
+            ask_ahead = int(ask_ahead)
+        if not isinstance(ask_ahead, int) or ask_ahead < 0:
+            raise ConfigError(f"cmaes: ask_ahead must be a whole number of generations >= 0, got {ask_ahead!r}")
+        self.ask_ahead = ask_ahead
+        # ask_ahead: generations in flight, oldest first: {"gen", "ids", "unit", "told"}
+        self._queue: list[dict] = []
 
     @property
     def generation(self) -> int:
@@ -86,6 +110,8 @@ class CMAES(Optimizer):
         return int(self._lib.generation)
 
     def _ask_new(self) -> Ask | None:
+        if self.ask_ahead:
+            return self._ask_async()
         if not self._gen:
             self._start_generation()
         if self._handed == len(self._gen):
@@ -103,7 +129,31 @@ class CMAES(Optimizer):
             self._asks[a.id] = a
             self._gen.append(a.id)
 
+    def _ask_async(self) -> Ask | None:
+        open_gen = next((g for g in self._queue if len(g["ids"]) < self.popsize), None)
+        if open_gen is None:
+            if len(self._queue) > self.ask_ahead:
+                return None  # at most ask_ahead generations ahead of the oldest untold one
+            open_gen = {"gen": self.generation + len(self._queue), "ids": [], "unit": [], "told": {}}
+            self._queue.append(open_gen)
+        u = self._lib.ask()
+        g = np.clip(self.lower + u * self._width, self.lower, self.upper)
+        a = self._new_ask(g, generation=open_gen["gen"], member=len(open_gen["ids"]))
+        open_gen["ids"].append(a.id)
+        open_gen["unit"].append(u)
+        return a
+
+    def _tell_async(self, ask, fitness) -> None:
+        gen = next(g for g in self._queue if ask.id in g["ids"])
+        gen["told"][str(ask.id)] = fitness
+        while self._queue and len(self._queue[0]["told"]) == self.popsize:
+            done = self._queue.pop(0)
+            self._lib.tell([(u, -done["told"][str(i)]) for i, u in zip(done["ids"], done["unit"])])
+
     def _tell(self, ask, fitness, per_example, objectives) -> None:
+        if self.ask_ahead:
+            self._tell_async(ask, fitness)
+            return
         self._results[ask.id] = fitness
         if len(self._results) < len(self._gen):
             return

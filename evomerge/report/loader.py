@@ -156,7 +156,8 @@ def load_report_data(run_dir: str | Path) -> ReportData:
     with RunStore(run_dir) as store:
         meta = store.all_meta()
         refs = store.references()
-        trials = store.trials(kind="search")
+        trials = store.trials(kind="search")  # full fidelity only: racing estimates are not scores
+        reduced = store.count("search", fidelity="reduced")
     config = meta.get("config") or {}
     if not isinstance(config, dict) or not config.get("objectives"):
         raise ConfigError(f"{run_dir}: the run store has no config with objectives; was the search started?")
@@ -191,6 +192,9 @@ def load_report_data(run_dir: str | Path) -> ReportData:
     if meta.get("stopped"):
         run.notes.append(f"stopped: {meta['stopped']}")
     run.notes += _map_note(meta, search_map)
+    if reduced:
+        run.notes.append(f"{reduced} candidates stopped early by racing (reduced fidelity) are left out: "
+                         "their scores are estimates on part of the search split")
     failed_refs = [f"parent {name} could not be scored: {t.error or 'no reason recorded'}"
                    for name, t in refs.items() if not t.ok]
     run.notes += failed_refs

@@ -20,6 +20,14 @@ Checkpoints are DATA (:mod:`evomerge.checkpoint`: JSON + numpy arrays, versioned
 :class:`LoopState` and the optimizer's own state. A run directory written by evomerge before that
 format holds pickles, which are read only with ``resume --allow-pickle``.
 
+Racing (``evaluation.fidelity.mode: racing``, :mod:`evomerge.fidelity`): a search candidate's task
+carries the incumbent's fitness as its threshold; the worker stops scoring once a one-sided bound
+says the candidate cannot beat it. A stopped candidate is stored with its fidelity (< 1) and told
+to the optimizer as its ESTIMATE (the mean over the items scored; optimizers rank, and it is below
+the incumbent with the stated confidence); it never becomes the best, is never validated, and
+the store's readers leave it out unless asked. The threshold of each ask is fixed when it is
+submitted and checkpointed with the pending asks, so a resumed run re-submits them exactly.
+
 Staged spaces (hybrid) run one optimizer per stage over that stage's genes; the others stay at
 the best genome found so far. Validation objectives are scored for every new best (``best``),
 only for the final best (``final``), or with every candidate (``all``).
@@ -75,6 +83,7 @@ class LoopState:
     dup_streak: int = 0
     elapsed: float = 0.0
     failures: int = 0
+    thresholds: list = field(default_factory=list)  # [[ask id, racing threshold], ...] of pending asks
     version: int = STATE_VERSION
 
     legacy_keys: ClassVar[dict[str, str]] = {"elapsed_total": "elapsed"}  # pickled (v1) state -> fields
@@ -144,6 +153,7 @@ class _Pending:
     recipe_json: str
     hash: str
     trial: Trial | None = None  # set once the result is known (committed)
+    threshold: float | None = None  # racing: the incumbent's fitness when submitted
 
 
 @dataclass
@@ -186,6 +196,7 @@ class Search:
         self.val_keys = [o.key for o in cfg.validation.objectives] if cfg.validation.when != "none" else []
         self.val_weights = {o.key: o.weight for o in cfg.validation.objectives}
         self.window = cfg.window
+        self.racing = cfg.evaluation.fidelity.mode == "racing"
         self.dtype = cfg.search.per_example_dtype
         self.on_progress = on_progress
         self.allow_pickle = allow_pickle  # read an old (pickled) checkpoint: the user's explicit opt-in
@@ -228,6 +239,7 @@ class Search:
     def _checkpoint(self) -> None:
         st = self.state
         st.pending_ids = sorted(self.pending)
+        st.thresholds = [[i, self.pending[i].threshold] for i in st.pending_ids]
         blob = checkpoint.encode({"state": {**st.to_data(), "elapsed": self.elapsed}, "optimizer": self.opt})
         best = st.best
         self.store.save_checkpoint(st.stage, st.n_told, blob, evaluations=st.n_evals, elapsed=self.elapsed,
@@ -307,6 +319,9 @@ class Search:
                 st.n_evals += 1
                 st.dup_streak = 0
         self.pending[a.id] = p
+        if self.racing:
+            saved = {int(i): thr for i, thr in st.thresholds}  # a re-issued ask keeps its threshold
+            p.threshold = saved[a.id] if a.id in saved else (None if st.best is None else st.best["fitness"])
         stored = self.store.get(h, with_scores=True)
         if stored is not None:
             self.cached += 1
@@ -316,7 +331,7 @@ class Search:
         else:
             splits = (SEARCH, VALIDATION) if self.cfg.validation.when == "all" and self.val_keys else (SEARCH,)
             self._submit(_TaskInfo("search", h, rjson, seq=p.seq, stage=st.stage, genome=genome,
-                                   info=dict(a.info)), splits)
+                                   info=dict(a.info)), splits, race=self._race(p.threshold))
             self.inflight[h] = [p]
 
     def _recipe_for(self, a, genome: np.ndarray) -> Recipe:
@@ -324,10 +339,16 @@ class Search:
         search returns a weight lineage here, see :mod:`evomerge.search.archive`)."""
         return self.space.to_recipe(genome)
 
-    def _submit(self, info: _TaskInfo, splits: tuple[str, ...]) -> None:
+    def _race(self, threshold: float | None) -> dict | None:
+        if not self.racing:
+            return None
+        f = self.cfg.evaluation.fidelity
+        return {"threshold": threshold, "confidence": f.confidence, "first": f.first, "seed": self.cfg.seed}
+
+    def _submit(self, info: _TaskInfo, splits: tuple[str, ...], race: dict | None = None) -> None:
         self._task_ids += 1
         self.tasks[self._task_ids] = info
-        self.executor.submit(Task(id=self._task_ids, recipe_json=info.recipe_json, splits=splits))
+        self.executor.submit(Task(id=self._task_ids, recipe_json=info.recipe_json, splits=splits, race=race))
 
     def _resolve(self, p: _Pending, trial: Trial) -> None:
         p.trial = trial
@@ -338,7 +359,9 @@ class Search:
         t = Trial(recipe_hash=info.hash, recipe_json=info.recipe_json, status="ok" if o.ok else "failed",
                   kind="search" if info.kind == "search" else "reference", name=info.name, seq=info.seq,
                   stage=info.stage, genome=info.genome, worker=o.worker, attempts=o.attempts,
-                  seconds=dict(o.seconds), info=info.info, error=o.error)
+                  seconds=dict(o.seconds), info=info.info, error=o.error, fidelity=float(o.fidelity))
+        if o.race is not None:
+            t.info = {**t.info, "race": dict(o.race)}
         if o.ok:
             missing = [k for k in self.search_keys if k not in o.scores]
             if missing:
@@ -412,7 +435,7 @@ class Search:
         if t.ok:
             fitness = float(t.fitness)
             per = np.concatenate([t.scores[k].values for k in self.search_keys]).astype(np.float64) \
-                if all(k in t.scores for k in self.search_keys) else None
+                if t.full and all(k in t.scores for k in self.search_keys) else None
             obj = np.array([t.metrics[k] * s for k, s in zip(self.search_keys, self.signs)])
         else:
             fitness, per, obj = self._penalty()
@@ -422,6 +445,9 @@ class Search:
         self.opt.tell(p.ask.id, fitness, per_example=per, objectives=obj)
         del self.pending[p.ask.id]
         st.n_told += 1
+        if t.ok and not t.full:  # a racing estimate: told, never a best, never validated
+            st.worst = fitness if st.worst is None else min(st.worst, fitness)
+            return
         if t.ok:
             if st.n_examples is None and per is not None:
                 st.n_examples = int(per.size)
@@ -505,7 +531,7 @@ class Search:
         best = st.best
         fixed = best["genome"].copy() if best is not None else st.fixed
         st.seq0, st.stage, st.fixed = st.seq0 + st.n_asked, st.stage + 1, fixed
-        st.n_told, st.n_asked, st.pending_ids, st.dup_streak = 0, 0, [], 0
+        st.n_told, st.n_asked, st.pending_ids, st.dup_streak, st.thresholds = 0, 0, [], 0, []
         self.stopped = ""
         self.opt = self._new_optimizer(st.stage, fixed)
         self.message = f"stage {st.stage + 1}/{len(self.stages)}: {self.stages[st.stage].name}"
