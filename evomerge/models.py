@@ -148,6 +148,15 @@ class ModelDir:
     def __contains__(self, name: str) -> bool:
         return name in self._weight_map
 
+    @cached_property
+    def headers(self):
+        """``name → TensorHeader`` (dtype, shape, byte range) from the safetensors headers alone."""
+        from evomerge.merge.headers import model_headers
+
+        if self._pickled:
+            raise ModelError(f"{self.path}: pickled weights have no safetensors header; convert to safetensors")
+        return model_headers(self._weight_map, self.path)
+
     def shape(self, name: str) -> tuple[int, ...]:
         if self._pickled:
             return tuple(self.get(name).shape)

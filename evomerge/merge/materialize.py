@@ -32,17 +32,17 @@ from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
 class Sources:
     """A recipe's input models by alias (``base`` and each model's alias).
 
-    Lazily read from disk by default; :meth:`resident` preloads every tensor onto a device so
-    that a worker merges from memory.
+    Lazily read from disk by default; :meth:`place` puts every input where a worker merges
+    from (:mod:`evomerge.merge.placement`: resident on the device, pinned host memory, or
+    memory-mapped files), :meth:`resident` being the first.
     """
 
-    def __init__(self, dirs: dict[str, ModelDir], device: str | torch.device = "cpu",
-                 tensors: dict[str, dict[str, torch.Tensor]] | None = None):
+    def __init__(self, dirs: dict[str, ModelDir], device: str | torch.device = "cpu", placed=None):
         if not dirs:
             raise ConfigError("a recipe needs at least one input model")
         self.dirs = dirs
         self.device = torch.device(device)
-        self._tensors = tensors
+        self.placed = placed  # a placement.Placed, or None: read lazily
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, allow_pickle: bool = False) -> "Sources":
@@ -65,30 +65,41 @@ class Sources:
         """The model whose layout the output follows: the base, else the first input."""
         return self.dirs.get("base") or next(iter(self.dirs.values()))
 
+    def place(self, kind: str, device: str | torch.device,
+              devices: dict[str, torch.device] | None = None) -> "Sources":
+        """These inputs placed as ``kind`` (resident, pinned, mmap) for merges on ``device``;
+        ``devices`` maps tensor names to the device of the parameter they feed (split models)."""
+        from evomerge.merge.placement import place
+
+        device = torch.device(device)
+        devices = devices or {}
+        return Sources(self.dirs, device, place(kind, self.dirs, lambda n: devices.get(n, device)))
+
     def resident(self, device: str | torch.device) -> "Sources":
         """Every tensor of every input, loaded once onto ``device`` (shared between aliases)."""
-        loaded: dict[int, dict[str, torch.Tensor]] = {}
-        tensors = {}
-        for alias, d in self.dirs.items():
-            if id(d) not in loaded:
-                loaded[id(d)] = {n: _finite(d.get(n, device), d, n) for n in d.tensor_names}
-            tensors[alias] = loaded[id(d)]
-        return Sources(self.dirs, device, tensors)
+        return self.place("resident", device)
 
-    def get(self, alias: str, name: str) -> torch.Tensor:
-        if self._tensors is not None:
-            try:
-                return self._tensors[alias][name]
-            except KeyError:
-                raise ModelError(f"{self.dirs[alias].path}: no tensor named {name}") from None
+    def get(self, alias: str, name: str, device: torch.device | None = None) -> torch.Tensor:
+        device = self.device if device is None else device
+        if self.placed is not None:
+            return self.placed.get(alias, name, device)
         d = self.dirs[alias]
-        return _finite(d.get(name, self.device), d, name)
+        return _finite(d.get(name, device), d, name)
+
+    def expect(self, keys: list[tuple[str, str, torch.device]]) -> None:
+        """Announce the next merge's requests, in order (streamed placements stage ahead)."""
+        if self.placed is not None:
+            self.placed.expect(keys)
+
+    def close(self) -> None:
+        if self.placed is not None:
+            self.placed.close()
 
 
 def _finite(t: torch.Tensor, d: ModelDir, name: str) -> torch.Tensor:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ModelError(f"{d.path}: tensor {name} contains NaN or Inf values")
-    return t
+    from evomerge.merge.placement import check_finite
+
+    return check_finite(t, d, name)
 
 
 # ---------------------------------------------------------------------- parameter resolution
@@ -138,20 +149,30 @@ def _seed(seed_key: str, recipe_seed: int, name: str) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site: TensorSite,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """The parameter-space merge of one tensor (float32, on the sources' device), written into
-    ``out`` when given (a float32 tensor that aliases no input, e.g. a resident parameter)."""
-    op = plan.op
+def _merge_inputs(recipe: Recipe, plan: _Plan, sources: Sources, name: str) -> list[str]:
+    """The aliases a merged tensor reads, in order (base first when the operator needs it)."""
     if name not in sources.reference:
         raise ModelError(f"{sources.reference.path}: no tensor named {name}")
+    if not sources.reference.dtype(name).is_floating_point:  # copied from one model, not merged
+        return ["base" if "base" in sources.dirs else recipe.models[0].alias]
+    return (["base"] if plan.op.needs_base else []) + [m.alias for m in recipe.models]
+
+
+def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site: TensorSite,
+                 out: torch.Tensor | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """The parameter-space merge of one tensor (float32, on ``device``, default the sources'),
+    written into ``out`` when given (a float32 tensor that aliases no input, e.g. a resident
+    parameter)."""
+    op = plan.op
+    aliases = _merge_inputs(recipe, plan, sources, name)
     if not sources.reference.dtype(name).is_floating_point:
-        return sources.get("base" if "base" in sources.dirs else recipe.models[0].alias, name).clone()
+        return sources.get(aliases[0], name, device).clone()
     params = [{p: _value(recipe, k, p, d, site, op) for p, d in op.model_params.items()}
               for k in range(len(recipe.models))]
     options = {p: _value(recipe, None, p, d, site, op) for p, d in op.global_params.items()}
-    base = sources.get("base", name).float() if op.needs_base else None
-    tensors = [sources.get(m.alias, name).float() for m in recipe.models]
+    inputs = [sources.get(a, name, device).float() for a in aliases]
+    base = inputs.pop(0) if op.needs_base else None
+    tensors = inputs
     gen = None
     if op.random:
         gen = torch.Generator(device=tensors[0].device)
@@ -208,17 +229,22 @@ def merged_tensors(recipe: Recipe, sources: Sources, layout: list[OutputTensor] 
     plan = _plan(recipe)
     ref = sources.reference
     targets = targets or {}
-    for out in layout:
+    # each tensor is merged on the device of its target (a split model spans several)
+    devices = [targets[o.name].device if o.name in targets else sources.device for o in layout]
+    sources.expect([(a, o.source_name, dev) for o, dev in zip(layout, devices)
+                    for a in (_merge_inputs(recipe, plan, sources, o.source_name) if o.source == MERGED
+                              else [o.source])])
+    for out, device in zip(layout, devices):
         if out.source == MERGED:  # a fresh tensor (or the target): scale it in place
             dest = targets.get(out.name)
-            if dest is not None and (dest.dtype != torch.float32 or dest.device != sources.device
-                                     or not dest.is_contiguous()):
+            if dest is not None and (dest.dtype != torch.float32 or not dest.is_contiguous()):
                 dest = None
-            t = merge_tensor(recipe, plan, sources, out.source_name, ref.site(out.source_name), out=dest)
+            t = merge_tensor(recipe, plan, sources, out.source_name, ref.site(out.source_name), out=dest,
+                             device=device)
             if out.scale != 1.0:
                 t.mul_(out.scale)
         else:  # an input tensor (maybe resident): never modify it
-            t = sources.get(out.source, out.source_name)
+            t = sources.get(out.source, out.source_name, device)
             if out.scale != 1.0:
                 t = t.float() * out.scale
         yield out.name, t
@@ -226,16 +252,14 @@ def merged_tensors(recipe: Recipe, sources: Sources, layout: list[OutputTensor] 
 
 # ---------------------------------------------------------------------- in-place materialisation
 def build_model(sources: Sources, device: str | torch.device | None = None,
-                dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Instantiate the reference model's architecture once (weights are filled per candidate)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+                dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                devices: list[str] | None = None, split: bool = False):
+    """Instantiate the reference model's architecture once (weights are filled per candidate):
+    on ``device`` (default: the sources'), or split over ``devices`` (:mod:`evomerge.merge.devices`)."""
+    from evomerge.merge.devices import build_model as build
 
     device = torch.device(device) if device is not None else sources.device
-    ref = sources.reference
-    config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(ref.path, config=config, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code)
-    return model.to(device).eval()
+    return build(sources.reference, devices or [str(device)], dtype, trust_remote_code, split=split)
 
 
 def apply_in_place(model: torch.nn.Module, recipe: Recipe, sources: Sources) -> dict[str, float]:
