@@ -10,7 +10,8 @@ Top-level keys (see ``examples/*.yaml`` and docs/search.md)::
     optimizer:  cmaes | {name: m2n2, options: {...}}
     budget:     {evaluations: N, wall_time: 10m}                   # at least one
     executor:   local | {type: ray, workers, num_cpus, num_gpus, ray_address, device, ...}
-    evaluation: {batch_size, evals_dir, dtype}
+    evaluation: {batch_size, evals_dir, dtype}                     # dtype auto: bfloat16 on CUDA, float32 on CPU
+    memory:     {placement, device_memory, host_memory, max_length, headroom, workers_per_node}  # docs/scale.md
     search:     {deterministic, window, checkpoint_every, failure_penalty, references, ...}
 
 Every error is one line naming the key, e.g. ``config.yaml: budget: give evaluations and/or
@@ -176,7 +177,25 @@ class ValidationConfig(_Strict):
 class EvaluationConfig(_Strict):
     batch_size: int = Field(default=16, ge=1)
     evals_dir: str | None = None  # default: the evaluator's (evals/ of the repository)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the merged model's; auto: bf16 on CUDA
+
+
+class MemoryConfig(_Strict):
+    """The worker memory plan's inputs (evomerge/memory.py, docs/scale.md)."""
+
+    placement: Literal["auto", "resident", "pinned", "mmap"] = "auto"  # auto: the first that fits, in that order
+    device_memory: int | None = None  # per GPU (or per CPU worker); "80GB" accepted; default: detected
+    host_memory: int | None = None  # per node; default: this machine's RAM
+    max_length: int | None = Field(default=None, ge=1)  # longest evaluated sequence; default: the model's context
+    headroom: float = Field(default=0.1, ge=0.0, lt=1.0)  # share of each budget kept free (fragmentation, spikes)
+    workers_per_node: int | None = Field(default=None, ge=1)  # default: executor.workers (all on one node)
+
+    @field_validator("device_memory", "host_memory", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int | None:
+        from evomerge.memory import parse_bytes
+
+        return parse_bytes(v)
 
 
 class SearchOptions(_Strict):
@@ -200,6 +219,7 @@ class SearchConfig(_Strict):
     budget: BudgetConfig
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     search: SearchOptions = Field(default_factory=SearchOptions)
 
     @field_validator("optimizer", mode="before")

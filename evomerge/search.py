@@ -107,9 +107,9 @@ def stored_models(store: RunStore) -> ModelPool | None:
 
 
 def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
-    models = {"base": pool.base} if pool.base is not None else {}
-    models.update({e.alias: e.model for e in pool.experts})
-    return WorkerSpec(
+    """The workers' spec; for the model worker, placed by the memory plan (refused if nothing fits)."""
+    models = pool.paths
+    spec = WorkerSpec(
         models=models,
         objectives=[o.model_dump() for o in cfg.objectives],
         validation=[o.model_dump() for o in cfg.validation.objectives] if cfg.validation.when != "none" else [],
@@ -117,6 +117,13 @@ def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
         device=cfg.executor.device, threads=cfg.executor.threads, factory=cfg.executor.worker,
         options=dict(cfg.executor.worker_options),
     )
+    if spec.factory is None:  # a custom worker sizes its own memory
+        from evomerge.memory import plan_worker
+
+        plan = plan_worker(cfg, models)
+        plan.require_fit()
+        spec.placement, spec.devices = plan.placement or "resident", plan.split_devices
+    return spec
 
 
 def stage_bounds(cfg: SearchConfig, space: Space) -> list[tuple[int | None, float | None]]:

@@ -27,7 +27,7 @@ err_console = Console(stderr=True)
 _state = {"debug": False}
 
 # Command modules, each adding its commands to `app` on import.
-COMMAND_MODULES = ("merge", "recipe", "zoo", "eval", "search", "map", "report", "demo")
+COMMAND_MODULES = ("merge", "recipe", "zoo", "eval", "search", "plan", "map", "report", "demo")
 
 
 @app.callback()

@@ -73,6 +73,9 @@ def build_model(ref: ModelDir, devices: list[str], dtype: torch.dtype, trust_rem
     config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied:
+        model.tie_weights()
     names = set(ref.tensor_names)
     missing = [n for n, _ in model.named_parameters() if n not in names]
     if missing:
@@ -90,7 +93,7 @@ def build_model(ref: ModelDir, devices: list[str], dtype: torch.dtype, trust_rem
             if b is not None:
                 full = f"{module_name}.{bname}" if module_name else bname
                 module._buffers[bname] = b.to(_device_for(full, dmap))
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         model.tie_weights()
     if split or len(devices) > 1:
         model = dispatch_model(model, device_map=dmap)

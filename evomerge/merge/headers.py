@@ -128,3 +128,52 @@ def model_headers(weight_files: dict[str, str], root: str | Path) -> dict[str, T
             raise ModelError(f"{root / fname}: no tensor named {name} (the index says it is there)")
         out[name] = h
     return out
+
+
+# ---------------------------------------------------------------------- header-only models
+def llama_tensors(arch: dict) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a Llama-layout causal LM (llama, mistral, qwen2) from its config."""
+    h, i, n = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    heads = arch["num_attention_heads"]
+    kv = arch.get("num_key_value_heads", heads)
+    hd = arch.get("head_dim", h // heads)
+    bias = arch.get("attention_bias", arch.get("model_type") == "qwen2")
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch["vocab_size"], h)}
+    for b in range(n):
+        p = f"model.layers.{b}."
+        for proj, rows in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
+            out[f"{p}self_attn.{proj}_proj.weight"] = (rows, h)
+            if bias:
+                out[f"{p}self_attn.{proj}_proj.bias"] = (rows,)
+        out[f"{p}self_attn.o_proj.weight"] = (h, heads * hd)
+        out[f"{p}mlp.gate_proj.weight"] = (i, h)
+        out[f"{p}mlp.up_proj.weight"] = (i, h)
+        out[f"{p}mlp.down_proj.weight"] = (h, i)
+        out[f"{p}input_layernorm.weight"] = (h,)
+        out[f"{p}post_attention_layernorm.weight"] = (h,)
+    out["model.norm.weight"] = (h,)
+    if not arch.get("tie_word_embeddings", False):
+        out["lm_head.weight"] = (arch["vocab_size"], h)
+    return out
+
+
+def write_sparse_model(path: str | Path, arch: dict, dtype: str = "BF16") -> Path:
+    """A model directory whose weights are a real safetensors header and a *sparse* data region
+    (the file is truncated to its full size; nothing is allocated, every byte reads as 0).
+    For planning models that are not on this machine (docs/scale.md); never for merging."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    size = DTYPES[dtype][0]
+    meta, at = {}, 0
+    for name, shape in llama_tensors(arch).items():
+        n = math.prod(shape) * size
+        meta[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + n]}
+        at += n
+    blob = json.dumps(meta, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    f = path / "model.safetensors"
+    with open(f, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)) + blob)
+    os.truncate(f, 8 + len(blob) + at)
+    (path / "config.json").write_text(json.dumps(arch, indent=2))
+    return path
