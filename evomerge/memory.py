@@ -344,15 +344,21 @@ def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
 def _fill_needs(p: MemoryPlan) -> None:
     k = p.devices_per_worker
     spread = lambda b: math.ceil(b / k)  # noqa: E731 — a split model spreads evenly (accelerate balances)
-    # the largest tensor's scratch and the staging sit on one device; the eval batch spreads by layers
-    common = spread(p.model_bytes + p.eval["kv_cache"]) + p.eval["activations"] + p.eval["logits"] + p.scratch_bytes
     cpu = p.device == "cpu"
-    # On a CPU worker device and host are one RAM, but the two budgets stay separate (both
-    # default to the machine's share), so a test can force each placement with small budgets.
+    # Merging and evaluating never overlap: a worker's peak is what stays (the model, resident
+    # inputs) plus the larger of the merge's transient (float32 scratch, staged inputs) and the
+    # evaluation's (KV cache spread with the layers; activations and logits on one device).
+    evaluation = spread(p.eval["kv_cache"]) + p.eval["activations"] + p.eval["logits"]
+    stays = spread(p.model_bytes)
+    # On a CPU worker device and host are one RAM: a streamed tensor is used where it lies
+    # (pinned) or read into it (mmap). The two budgets stay separate (both default to the
+    # machine's share), so a test can force each placement with small budgets.
     rows = {
-        "resident": (spread(p.input_bytes) + common, 0, "dram" if cpu else "hbm"),
-        "pinned": (common + p.staging_device_bytes, p.input_bytes, "dram" if cpu else "pcie"),
-        "mmap": (common + p.staging_device_bytes, p.staging_host_bytes, "nvme"),
+        "resident": (spread(p.input_bytes) + stays + max(p.scratch_bytes, evaluation), 0, "dram" if cpu else "hbm"),
+        "pinned": (stays + max(p.scratch_bytes + p.staging_device_bytes, evaluation), p.input_bytes,
+                   "dram" if cpu else "pcie"),
+        "mmap": (stays + max(p.scratch_bytes + (p.staging_host_bytes if cpu else p.staging_device_bytes), evaluation),
+                 0 if cpu else p.staging_host_bytes, "nvme"),
     }
     usable_dev, usable_host = p.usable_device, p.usable_host
     for name, (dev, host, link) in rows.items():
