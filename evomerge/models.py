@@ -23,12 +23,6 @@ from evomerge.recipe import TensorSite
 _BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
 _EMBED_HINTS = ("embed", "wte", "wpe", "word_embeddings")
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-
 
 def block_index(name: str) -> int | None:
     m = _BLOCK_RE.search(name)
@@ -86,11 +80,12 @@ class ModelDir:
             return dict(weight_map), False
         files = sorted(self.path.glob("*.safetensors"))
         if files:
+            from evomerge.merge.headers import read_header
+
             weight_map = {}
-            for f in files:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        weight_map[k] = f.name
+            for f in files:  # headers only: a file is never mapped just to list its tensors
+                for k in sorted(read_header(f)):
+                    weight_map[k] = f.name
             return weight_map, False
         pickles = sorted(self.path.glob("*.bin")) + sorted(self.path.glob("*.pt"))
         if pickles:
@@ -160,12 +155,18 @@ class ModelDir:
     def shape(self, name: str) -> tuple[int, ...]:
         if self._pickled:
             return tuple(self.get(name).shape)
-        return tuple(self._handle(self._weight_map[name]).get_slice(name).get_shape())
+        return self._header_of(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
         if self._pickled:
             return self.get(name).dtype
-        return _SAFETENSORS_DTYPES[self._handle(self._weight_map[name]).get_slice(name).get_dtype()]
+        return self._header_of(name).torch_dtype
+
+    def _header_of(self, name: str):
+        h = self.headers.get(name)
+        if h is None:
+            raise ModelError(f"{self.path}: no tensor named {name}")
+        return h
 
     def site(self, name: str) -> TensorSite:
         return tensor_site(name, self.num_blocks)

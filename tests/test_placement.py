@@ -238,8 +238,10 @@ def sparse_config(models: dict[str, str], **extra) -> SearchConfig:
 
 def test_header_only_7b_models_plan_without_allocating(tmp_path):
     models = sparse_zoo(tmp_path, LLAMA_7B, experts=3)
-    f = Path(models["base"]) / "model.safetensors"
-    assert f.stat().st_size > 13e9 and f.stat().st_blocks * 512 < 1e6  # sparse: nothing allocated
+    shards = sorted(Path(models["base"]).glob("*.safetensors"))
+    assert len(shards) == 3 and (Path(models["base"]) / "model.safetensors.index.json").is_file()
+    assert sum(f.stat().st_size for f in shards) > 13e9  # the full size …
+    assert sum(f.stat().st_blocks for f in shards) * 512 < 1e6  # … and nothing allocated (sparse)
     p = plan_worker(sparse_config(models), models)
     assert p.model_params == 6_738_415_616  # Llama-2-7B
     assert p.input_bytes == 4 * 2 * p.model_params

@@ -157,23 +157,38 @@ def llama_tensors(arch: dict) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def write_sparse_model(path: str | Path, arch: dict, dtype: str = "BF16") -> Path:
-    """A model directory whose weights are a real safetensors header and a *sparse* data region
-    (the file is truncated to its full size; nothing is allocated, every byte reads as 0).
-    For planning models that are not on this machine (docs/scale.md); never for merging."""
+def write_sparse_model(path: str | Path, arch: dict, dtype: str = "BF16", shard_bytes: int = 5 * 10 ** 9) -> Path:
+    """A model directory whose weights are real safetensors headers over *sparse* data regions
+    (each shard is truncated to its full size: nothing is allocated, every byte reads as 0),
+    sharded like the Hub's (``shard_bytes`` per file and an index). For planning models that are
+    not on this machine (docs/scale.md); never for merging."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     size = DTYPES[dtype][0]
-    meta, at = {}, 0
+    shards: list[dict[str, tuple[int, ...]]] = [{}]
+    used = 0
     for name, shape in llama_tensors(arch).items():
         n = math.prod(shape) * size
-        meta[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + n]}
-        at += n
-    blob = json.dumps(meta, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    f = path / "model.safetensors"
-    with open(f, "wb") as out:
-        out.write(struct.pack("<Q", len(blob)) + blob)
-    os.truncate(f, 8 + len(blob) + at)
+        if shards[-1] and used + n > shard_bytes:
+            shards.append({})
+            used = 0
+        shards[-1][name] = shape
+        used += n
+    weight_map = {}
+    for k, tensors in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+        meta, at = {}, 0
+        for name, shape in tensors.items():
+            n = math.prod(shape) * size
+            meta[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + n]}
+            weight_map[name] = fname
+            at += n
+        blob = json.dumps(meta, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(path / fname, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)) + blob)
+        os.truncate(path / fname, 8 + len(blob) + at)
+    if len(shards) > 1:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (path / "config.json").write_text(json.dumps(arch, indent=2))
     return path

@@ -11,7 +11,8 @@ inputs, merge ``--candidates`` random ``dare_ties`` recipes in place (timed), an
 batch the way the plan sizes it (``batch × max_length`` tokens with the KV cache, logits and
 their log-softmax). Measured peak = peak RSS − baseline (RSS sampled every millisecond and the
 kernel's ``ru_maxrss`` when it grew after the baseline); predicted = ``evomerge plan``'s peak for
-that placement (headroom 0). The plan passes when every prediction is within ±15 %.
+that placement (headroom 0). The plan passes when every prediction of at least 256 MB is within
+±15 % (smaller ones are printed, not judged: allocator noise is the measurement there).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ SYNTHETIC = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_
                  num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
                  max_position_embeddings=512, tie_word_embeddings=False)
 TOLERANCE = 0.15
+JUDGED = 256e6  # below this the allocator's and the interpreter's noise is the measurement
 
 
 # ---------------------------------------------------------------------- model sets
@@ -53,23 +55,21 @@ def synthetic_set(root: Path, experts: int = 2) -> dict[str, str]:
     return out
 
 
-def zoo_set(name: str) -> dict[str, str] | str:
-    """A built zoo's base + experts, or why it is skipped."""
-    from evomerge.errors import EvomergeError
-    from evomerge.zoo.build import zoo_dir
-    from evomerge.zoo.presets import get_preset
+def zoo_set(name: str) -> tuple[str, dict[str, str]] | str:
+    """A built zoo of preset ``name`` (else ``name-*``, e.g. smollm2-ci) in the cache: its preset
+    and base + experts, or why it is skipped. Never builds one."""
+    from evomerge.zoo.build import default_cache_root
 
-    try:
-        preset = get_preset(name)
-    except EvomergeError as e:
-        return f"no {name} preset here ({e})"
-    root = zoo_dir(preset, "llama", None)
-    if not (root / "zoo.json").is_file():
-        return f"the {name} zoo is not built in {root.parent} (evomerge zoo build --preset {name})"
-    info = json.loads((root / "zoo.json").read_text())
-    experts = info.get("experts") or {}
-    names = list(experts) if isinstance(experts, dict) else list(experts)
-    return {"base": str(root / "base"), **{e: str(root / e) for e in names}}
+    found = []
+    for meta in sorted(default_cache_root().glob("*/zoo.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        info = json.loads(meta.read_text())
+        preset = info.get("preset", "")
+        if preset == name or preset.startswith(name + "-"):
+            found.append((preset != name, preset, meta.parent, info))
+    if not found:
+        return f"no {name} zoo is built in {default_cache_root()} (another task builds it; rerun later)"
+    _, preset, root, info = min(found, key=lambda f: f[0])
+    return preset, {"base": str(root / info["base"]), **{e: str(root / d) for e, d in info["experts"].items()}}
 
 
 # ---------------------------------------------------------------------- one measurement
@@ -209,10 +209,11 @@ def main() -> None:
 
     results, failures = [], []
     for name in args.sets.split(","):
-        models = synthetic_set(args.work / "synthetic") if name == "synthetic" else zoo_set(name)
-        if isinstance(models, str):
-            print(f"[{name}] skipped: {models}")
+        found = ("synthetic", synthetic_set(args.work / "synthetic")) if name == "synthetic" else zoo_set(name)
+        if isinstance(found, str):
+            print(f"[{name}] skipped: {found}")
             continue
+        name, models = found
         print(f"[{name}] {len(models)} models, batch {args.batch_size} × {args.max_length} tokens, "
               f"{args.candidates} candidates, {args.threads} thread(s)")
         print(f"  {'placement':<9} {'merge s/cand':>12} {'startup s':>9} {'measured peak':>14} {'plan':>11} {'error':>7}")
@@ -226,7 +227,7 @@ def main() -> None:
                   f"{size(want):>11} {err:>+7.1%}")
             results.append({"set": name, "placement": kind, "median_merge_s": merge, **m, "predicted_bytes": want,
                             "relative_error": err, "plan": plan.to_dict()})
-            if name == "synthetic" and abs(err) > TOLERANCE:
+            if want >= JUDGED and abs(err) > TOLERANCE:
                 failures.append(f"{name}/{kind}: plan {size(want)} vs measured {size(m['peak_bytes'])} ({err:+.1%})")
         sums = {r["checksum"] for r in results if r["set"] == name}
         print(f"  same evaluation output for every placement: {'yes' if len(sums) == 1 else 'NO ' + str(sums)}")
