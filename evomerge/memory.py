@@ -381,6 +381,8 @@ def size(b: int | float | None) -> str:
     """Bytes in GB, MB or kB (powers of 10)."""
     if b is None:
         return "unknown"
+    if b == 0:
+        return "0"
     for unit, scale in (("GB", GB), ("MB", 1e6)):
         if abs(b) >= scale:
             return f"{b / scale:,.2f} {unit}"

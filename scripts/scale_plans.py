@@ -11,6 +11,7 @@ the GPU and host sizes are stated in the configs (``memory.device_memory``/``hos
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -56,8 +57,9 @@ SCENARIOS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-scale-plans")
-    ap.add_argument("--json", action="store_true", help="Print the JSON plans instead.")
     args = ap.parse_args()
+    rows = ["| scenario | placement | device per GPU: resident / pinned / mmap | pinned host | cand/h per worker: resident / pinned / mmap |",
+            "|---|---|---|---|---|"]
     for name, (arch, experts, executor, evaluation, memory, eval_s, about) in SCENARIOS.items():
         tag = f"{arch['hidden_size']}h{arch['num_hidden_layers']}l"
         models = args.work / tag
@@ -69,11 +71,19 @@ def main() -> None:
         path = args.work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         cmd = [sys.executable, "-m", "evomerge", "plan", str(path), "--eval-seconds", str(eval_s)]
-        r = subprocess.run(cmd + (["--json"] if args.json else []), capture_output=True, text=True,
-                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+        env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         print(f"### {name}: {about}\n\n```\n$ evomerge plan {name}.yaml --eval-seconds {eval_s}   # exit {r.returncode}")
         print((r.stdout + r.stderr).rstrip().replace(str(args.work) + "/", ""))
         print("```\n")
+        plan = json.loads(subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=env).stdout)
+        needs = plan["needs"]
+        dev = " / ".join(f"{needs[p]['device_bytes'] / 1e9:.1f}" + ("" if needs[p]["fits"] else " ✗")
+                         for p in ("resident", "pinned", "mmap"))
+        per_h = " / ".join(f"{3600 / (needs[p]['merge_s'] + eval_s):.1f}" for p in ("resident", "pinned", "mmap"))
+        rows.append(f"| {name} ({about}) | {plan['placement'] or 'refused'} | {dev} GB | "
+                    f"{needs['pinned']['host_bytes'] / 1e9:.0f} GB | {per_h} |")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

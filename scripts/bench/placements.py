@@ -233,6 +233,13 @@ def main() -> None:
         print(f"  same evaluation output for every placement: {'yes' if len(sums) == 1 else 'NO ' + str(sums)}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
+    print("\n| model set | params | placement | merge s / candidate | startup s | measured peak | plan | plan error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        judged = "" if r["predicted_bytes"] >= JUDGED else " (not judged)"
+        print(f"| {r['set']} | {r['plan']['model_params'] / 1e6:.0f} M × {len(r['plan']['inputs'])} | {r['placement']} "
+              f"| {r['median_merge_s']:.3f} | {r['startup_s']:.2f} | {size(r['peak_bytes'])} | {size(r['predicted_bytes'])} "
+              f"| {r['relative_error']:+.1%}{judged} |")
     if failures:
         raise SystemExit("plan outside ±15 %: " + "; ".join(failures))
 
