@@ -606,6 +606,10 @@ def run_search(config: SearchConfig | str | Path, run_dir: str | Path, *, resume
         if RunStore.exists(run_dir):
             raise ConfigError(f"{run_dir}: already holds a run; continue it with `evomerge resume {run_dir}` "
                               "or choose another --run-dir")
+        if executor is None and cfg.executor.worker is None:  # refuse before the run directory exists
+            from evomerge.memory import plan_worker
+
+            plan_worker(cfg, resolve_models(cfg).paths).require_fit()
         store = RunStore(run_dir, create=True)
         store.set_meta(config=cfg.to_dict(), name=cfg.name or run_dir.name, created=time.time(), status="new")
     try:

@@ -158,7 +158,7 @@ def test_forced_placements_give_equal_fitness(families, family, monkeypatch):
             assert type(worker.sources.placed).name == kind
             out = worker.run(Task(id=0, recipe_json=recipe))
             assert out.ok, out.error
-            worker.sources.close()
+            worker.close()
             results[kind, split] = {k: (s.value, s.per_example.tolist()) for k, s in out.scores.items()}
     first = next(iter(results.values()))
     assert len(first["python:fx_scale:sequence_logprob:search"][1]) == 4
@@ -178,7 +178,7 @@ def test_a_plan_that_cannot_fit_is_refused_with_one_line(families, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: memory plan: a worker does not fit"), r.stderr
     assert "memory.placement: mmap" in lines[0] or "smaller evaluation.batch_size" in lines[0]
-    assert not (tmp_path / "run" / "trials.sqlite").exists()
+    assert not (tmp_path / "run").exists()  # refused before the run directory was created
     # `evomerge plan` prints the plan and exits 1; --json carries every number
     r = subprocess.run([sys.executable, "-m", "evomerge", "plan", str(path), "--json"],
                        capture_output=True, text=True, env=env, timeout=300)

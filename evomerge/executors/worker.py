@@ -158,6 +158,10 @@ class ModelWorker:
         recipe = Recipe.model_validate_json(task.recipe_json)
         return apply_in_place(self.model, recipe, self.sources)["merge_s"]
 
+    def close(self) -> None:
+        """Release the placed inputs (pinned host memory is unregistered from CUDA)."""
+        self.sources.close()
+
     def run(self, task: Task) -> Outcome:
         t0 = time.perf_counter()
         merge_s = 0.0

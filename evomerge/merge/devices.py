@@ -46,7 +46,12 @@ def device_map(model: torch.nn.Module, devices: list[str], dtype: torch.dtype) -
     total = {k: (torch.cuda.get_device_properties(k).total_memory if isinstance(k, int) else 2 ** 50) for k in keys}
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     balanced = get_balanced_memory(model, max_memory=total, no_split_module_classes=no_split, dtype=dtype)
-    return infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype)
+    dmap = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype)
+    off = sorted({str(v) for v in dmap.values() if v not in keys})
+    if off:
+        raise ModelError(f"the model does not fit on {', '.join(devices)}: the device map puts part of it on "
+                         f"{off[0]}; give the worker more GPUs (executor.num_gpus)")
+    return dmap
 
 
 def _device_for(name: str, dmap: dict[str, int | str]) -> torch.device:
