@@ -216,15 +216,15 @@ class MemoryPlan:
         if self.requested != "auto":
             other = [p for p in PLACEMENT_ORDER if p != self.requested and self.needs[p].fits]
             if other:
-                tips.append(f"memory.placement: {other[0]} (or auto)")
+                where = {"resident": "keep the inputs on the device", "pinned": "offload to host memory",
+                         "mmap": "offload to disk"}[other[0]]
+                tips.append(f"{where} (memory.placement: {other[0]} or auto)")
         if self.device == "cuda" and usable > 0 and best.device_bytes > usable and self.gpu_share >= 1:
             per_gpu_total = self.devices_per_worker * best.device_bytes
             k = max(self.devices_per_worker + 1, math.ceil(per_gpu_total / usable))
             tips.append(f"split the model over more GPUs (executor.num_gpus: {k})")
         if self.eval_bytes > 0.25 * max(usable, 1):
             tips.append("a smaller evaluation.batch_size or memory.max_length")
-        if self.needs["pinned"].fits is False and "host" in self.needs["pinned"].why and self.requested != "mmap":
-            tips.append("offload to disk (memory.placement: mmap)")
         return " or ".join(tips[:3]) or "a machine with more memory"
 
     def refusal(self) -> str | None:
@@ -242,7 +242,7 @@ class MemoryPlan:
             raise ConfigError(msg)
 
 
-def _budgets(device: str, executor, memory, workers_per_node: int) -> tuple[int | None, str, int, str]:
+def _budgets(device: str, memory, workers_per_node: int) -> tuple[int | None, str, int, str]:
     import psutil
 
     host = parse_bytes(memory.host_memory)
@@ -322,7 +322,7 @@ def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
         length, length_from = shape.max_positions, "the model's max_position_embeddings (set memory.max_length)"
     evb = eval_bytes(shape, ev.batch_size, length, itemsize, device == "cuda")
 
-    dev_budget, dev_from, host_budget, host_from = _budgets(device, ex, mem, workers_per_node)
+    dev_budget, dev_from, host_budget, host_from = _budgets(device, mem, workers_per_node)
     if dev_budget is not None and device == "cuda":
         dev_budget = int(dev_budget * share)
     plan = MemoryPlan(
