@@ -7,8 +7,10 @@ materialising a merge consume it:
   worker does this thousands of times: no disk, no re-instantiation, no second copy of the model);
 * :func:`evomerge.merge.export.export_model` streams the tensors into a Hugging Face directory.
 
-Inputs come from :class:`Sources`: memory-mapped safetensors (export) or tensors resident on a
-worker's device (search).
+Inputs come from :class:`Sources`: memory-mapped safetensors (export), or placed once for a
+search worker (:mod:`evomerge.merge.placement`: resident on its device, pinned host memory, or
+files read per candidate). Each tensor is merged on the device of its target parameter, so a
+model split over several GPUs is merged where it lives.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge import layer_flow as lf
 from evomerge.merge.operators import Operator, get_operator
+from evomerge.merge.placement import check_finite, place
 from evomerge.models import ModelDir, check_compatible
 from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
 
@@ -69,8 +72,6 @@ class Sources:
               devices: dict[str, torch.device] | None = None) -> "Sources":
         """These inputs placed as ``kind`` (resident, pinned, mmap) for merges on ``device``;
         ``devices`` maps tensor names to the device of the parameter they feed (split models)."""
-        from evomerge.merge.placement import place
-
         device = torch.device(device)
         devices = devices or {}
         return Sources(self.dirs, device, place(kind, self.dirs, lambda n: devices.get(n, device)))
@@ -84,7 +85,7 @@ class Sources:
         if self.placed is not None:
             return self.placed.get(alias, name, device)
         d = self.dirs[alias]
-        return _finite(d.get(name, device), d, name)
+        return check_finite(d.get(name, device), d, name)
 
     def expect(self, keys: list[tuple[str, str, torch.device]]) -> None:
         """Announce the next merge's requests, in order (streamed placements stage ahead)."""
@@ -94,12 +95,6 @@ class Sources:
     def close(self) -> None:
         if self.placed is not None:
             self.placed.close()
-
-
-def _finite(t: torch.Tensor, d: ModelDir, name: str) -> torch.Tensor:
-    from evomerge.merge.placement import check_finite
-
-    return check_finite(t, d, name)
 
 
 # ---------------------------------------------------------------------- parameter resolution
