@@ -268,6 +268,7 @@ def _budgets(device: str, memory, workers_per_node: int) -> tuple[int | None, st
 def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
     """The plan for one worker of ``cfg`` (a SearchConfig) merging ``models`` (alias → directory)."""
     from evomerge.merge.devices import resolve_dtype
+    from evomerge.merge.placement import default_lookahead
     from evomerge.models import ModelDir
 
     ex, mem, ev = cfg.executor, cfg.memory, cfg.evaluation
@@ -311,7 +312,7 @@ def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
     # per merged tensor (float32): an upcast of each input, one task vector each, the output and one temporary
     scratch = largest_numel * 4 * (2 * n_merge + 2)
     largest_input = max(f.largest_bytes for f in inputs)
-    lookahead = max(2, n_merge)
+    lookahead = default_lookahead(n_merge)
     staged = (lookahead + n_merge) * largest_input  # in flight + the tensor being merged
 
     # ---------------------------------------------------------------- evaluation

@@ -141,13 +141,17 @@ class Resident(Placed):
         self._tensors.clear()
 
 
+def default_lookahead(inputs: int) -> int:
+    """Requests staged ahead: the inputs of the next merged tensor (at least two)."""
+    return max(2, inputs)
+
+
 class Streamed(Placed):
     """Tensors staged onto their device per merge, ``lookahead`` requests ahead (base class)."""
 
     def __init__(self, dirs: dict[str, ModelDir], device_of: DeviceOf, lookahead: int | None = None):
         super().__init__(dirs, device_of)
-        # enough to hold the inputs of the next merged tensor while this one is merged
-        self.lookahead = lookahead if lookahead is not None else max(2, len(dirs))
+        self.lookahead = lookahead if lookahead is not None else default_lookahead(len(dirs))
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"evomerge-{self.name}")
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._schedule: list[Key] = []
