@@ -28,9 +28,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.recipe import InputModel, load_yaml, parse_model
+from evomerge.io import load_yaml, parse_model
+from evomerge.recipe import InputModel
 
-SPLITS = ("search", "validation", "test")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d)?\s*$")
 _UNIT = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
 
@@ -60,7 +60,7 @@ class ObjectiveConfig(_Strict):
 
     task: str = Field(min_length=1)
     metric: str | None = None  # default: the task's first metric
-    split: Literal["search", "validation", "test"] = "search"
+    split: str = Field(default="search", min_length=1)  # a role (search/validation/test) or any split of the task
     weight: float = 1.0
     limit: int | None = Field(default=None, ge=1)
 
@@ -121,6 +121,8 @@ class OptimizerConfig(_Strict):
 class BudgetConfig(_Strict):
     evaluations: int | None = Field(default=None, ge=1)
     wall_time: float | None = None  # seconds; strings like "15m" are accepted
+    # run until the optimizer has nothing left to ask (finite optimizers such as grid; their default)
+    exhaust: bool = False
 
     @field_validator("wall_time", mode="before")
     @classmethod
@@ -129,7 +131,7 @@ class BudgetConfig(_Strict):
 
     @model_validator(mode="after")
     def _some(self) -> "BudgetConfig":
-        if self.evaluations is None and self.wall_time is None:
+        if self.evaluations is None and self.wall_time is None and not self.exhaust:
             raise ValueError("give evaluations and/or wall_time (e.g. evaluations: 200, wall_time: 30m)")
         return self
 
@@ -176,7 +178,9 @@ class ValidationConfig(_Strict):
 
 class EvaluationConfig(_Strict):
     batch_size: int = Field(default=16, ge=1)
-    evals_dir: str | None = None  # default: the evaluator's (evals/ of the repository)
+    # one directory or a list (first listed wins a name clash); the shipped evals are always included
+    evals_dir: str | list[str] | None = None
+    builtin_tasks: bool = False  # also index lm-eval's built-in tasks (~19 s)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the merged model's; auto: bf16 on CUDA
 
 
@@ -227,6 +231,21 @@ class SearchConfig(_Strict):
     def _optimizer_name(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_budget(cls, data: Any) -> Any:
+        """A finite optimizer (grid) without a budget runs until it has asked everything."""
+        if isinstance(data, dict) and "budget" not in data and _is_finite(data.get("optimizer", "cmaes")):
+            data = {**data, "budget": {"exhaust": True}}
+        return data
+
+    @model_validator(mode="after")
+    def _exhaust_needs_finite(self) -> "SearchConfig":
+        if self.budget.exhaust and not _is_finite(self.optimizer.name):
+            raise ValueError(f"budget: exhaust needs a finite optimizer (grid); {self.optimizer.name!r} never runs "
+                             "out of candidates, give evaluations and/or wall_time")
+        return self
+
     @field_validator("executor", mode="before")
     @classmethod
     def _executor_name(cls, v: Any) -> Any:
@@ -255,7 +274,7 @@ class SearchConfig(_Strict):
 
     @model_validator(mode="after")
     def _model_archive(self) -> "SearchConfig":
-        """M2N2 on weights (evomerge/archive.py) fixes the optimizer and the executor."""
+        """M2N2 on weights (evomerge/search/archive.py) fixes the optimizer and the executor."""
         if getattr(self.space, "type", None) != "model_archive":
             return self
         if self.optimizer.name != "m2n2":
@@ -281,7 +300,9 @@ class SearchConfig(_Strict):
         """Paths made absolute (what a run directory stores)."""
         ev = self.evaluation
         if ev.evals_dir is not None:
-            ev = ev.model_copy(update={"evals_dir": str(Path(ev.evals_dir).expanduser().resolve())})
+            dirs = ev.evals_dir if isinstance(ev.evals_dir, list) else [ev.evals_dir]
+            dirs = [str(Path(d).expanduser().resolve()) for d in dirs]
+            ev = ev.model_copy(update={"evals_dir": dirs if isinstance(ev.evals_dir, list) else dirs[0]})
         return self.model_copy(update={"models": self.models.absolute() if self.models.zoo is None else self.models,
                                        "evaluation": ev})
 
@@ -292,6 +313,19 @@ class SearchConfig(_Strict):
     @classmethod
     def load(cls, path: str | Path) -> "SearchConfig":
         return cls.from_dict(load_yaml(path), where=str(path))
+
+
+def _is_finite(optimizer: Any) -> bool:
+    """Whether the named optimizer asks a finite set of candidates (unknown names: no)."""
+    name = optimizer.get("name", "cmaes") if isinstance(optimizer, dict) else optimizer
+    if not isinstance(name, str):
+        return False
+    from evomerge.optimizers import optimizer_class
+
+    try:
+        return bool(optimizer_class(name).finite)
+    except ConfigError:
+        return False  # reported where the optimizer is built, with the list of names
 
 
 def load_config(path: str | Path) -> SearchConfig:

@@ -266,10 +266,12 @@ def _budgets(device: str, memory, workers_per_node: int) -> tuple[int | None, st
 
 
 def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
-    """The plan for one worker of ``cfg`` (a SearchConfig) merging ``models`` (alias → directory)."""
+    """The plan for one worker of ``cfg`` (a SearchConfig) merging ``models`` (alias → model
+    reference: a directory, a LoRA adapter or ``base+adapter``, sized as the adapted model — the
+    base's tensors at their stored dtypes)."""
     from evomerge.merge.devices import resolve_dtype
+    from evomerge.merge.lora import open_model
     from evomerge.merge.placement import default_lookahead
-    from evomerge.models import ModelDir
 
     ex, mem, ev = cfg.executor, cfg.memory, cfg.evaluation
     if ex.device != "auto":
@@ -290,11 +292,11 @@ def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
 
     # ---------------------------------------------------------------- inputs (headers only)
     by_path: dict[str, ModelFacts] = {}
-    dirs: dict[str, ModelDir] = {}
+    dirs: dict = {}
     for alias, path in models.items():
         key = str(Path(path).resolve())
         if key not in by_path:
-            d = ModelDir(path)
+            d = open_model(path)
             dirs[key] = d
             dt: dict[str, int] = {}
             for h in d.headers.values():

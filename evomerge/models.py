@@ -9,46 +9,15 @@ then they are loaded with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
-import re
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from evomerge.architecture import TensorRoles
 from evomerge.errors import ModelError
 from evomerge.recipe import TensorSite
-
-# Block index inside a tensor name: model.layers.3., transformer.h.3., blocks.3.
-_BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
-_EMBED_HINTS = ("embed", "wte", "wpe", "word_embeddings")
-
-
-def block_index(name: str) -> int | None:
-    m = _BLOCK_RE.search(name)
-    return int(m.group(1)) if m else None
-
-
-def with_block_index(name: str, index: int) -> str:
-    """``model.layers.3.x`` → ``model.layers.<index>.x``."""
-    m = _BLOCK_RE.search(name)
-    if not m:
-        raise ValueError(f"{name} is not a block tensor")
-    return name[: m.start(1)] + str(index) + name[m.end(1):]
-
-
-def tensor_site(name: str, num_blocks: int) -> TensorSite:
-    """Classify a tensor into its layer group: ``embed``, ``layers.<i>`` or ``head``."""
-    block = block_index(name)
-    if block is not None:
-        return TensorSite(name=name, group=f"layers.{block}", block=block, num_blocks=num_blocks)
-    group = "embed" if any(h in name for h in _EMBED_HINTS) else "head"
-    return TensorSite(name=name, group=group, num_blocks=num_blocks)
-
-
-def layer_groups(num_blocks: int) -> list[str]:
-    return ["embed", *(f"layers.{i}" for i in range(num_blocks)), "head"]
-
 
 class ModelDir:
     """A lazily read HF model directory (``config.json`` + safetensors weights)."""
@@ -133,8 +102,13 @@ class ModelDir:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in self.config:
                 return int(self.config[key])
-        blocks = [block_index(n) for n in self.tensor_names]
+        blocks = [self.roles.block_index(n) for n in self.tensor_names]
         return 1 + max((b for b in blocks if b is not None), default=-1)
+
+    @cached_property
+    def roles(self) -> TensorRoles:
+        """What each tensor is (embedding, block i, head…), from the config's ``model_type``."""
+        return TensorRoles.for_config(self.config)
 
     @cached_property
     def tensor_names(self) -> list[str]:
@@ -142,6 +116,11 @@ class ModelDir:
 
     def __contains__(self, name: str) -> bool:
         return name in self._weight_map
+
+    @property
+    def pickled(self) -> bool:
+        """Weights from pickled ``*.bin``/``*.pt`` files (opted into with ``allow_pickle``)."""
+        return self._pickled
 
     @cached_property
     def headers(self):
@@ -169,7 +148,7 @@ class ModelDir:
         return h
 
     def site(self, name: str) -> TensorSite:
-        return tensor_site(name, self.num_blocks)
+        return self.roles.site(name, self.num_blocks)
 
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """Read one tensor (memory-mapped for safetensors)."""
@@ -186,10 +165,6 @@ class ModelDir:
         return f"ModelDir({str(self.path)!r})"
 
 
-def _block_template(name: str) -> str:
-    return with_block_index(name, 0) if block_index(name) is not None else name
-
-
 def check_compatible(base: ModelDir, others: list[ModelDir], same_depth: bool = True) -> None:
     """Raise on the first difference that makes tensor-wise merging meaningless.
 
@@ -199,7 +174,7 @@ def check_compatible(base: ModelDir, others: list[ModelDir], same_depth: bool = 
     def layout(m: ModelDir) -> dict[str, str]:
         if same_depth:
             return {n: n for n in m.tensor_names}
-        return {_block_template(n): n for n in m.tensor_names}
+        return {m.roles.block_template(n): n for n in m.tensor_names}
 
     ours = layout(base)
     for other in others:

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.io import atomic_write_text, load_yaml, parse_model
 
 RECIPE_VERSION = 1
 MERGED = "merge"  # layer-flow source name for the recipe's own parameter-space merge
@@ -71,12 +72,26 @@ class InputModel(BaseModel):
 
 
 class LayerSlot(BaseModel):
-    """One block of a layer flow: block ``layer`` of ``model``, its input scaled by ``scale``."""
+    """One block of a layer flow: block ``layer`` of ``model``, its input scaled by ``scale``.
+
+    ``tensor_scale`` multiplies the block's weights themselves (mergekit's passthrough ``scale``,
+    e.g. 0 on ``o_proj``/``down_proj`` to make a repeated block an identity): a number, or a list
+    of ``{filter, value}`` matched against the source tensor names (no match: 1). Unset (``None``)
+    means 1, and 1 is stored as unset, so recipes without it keep their hash.
+    """
 
     model_config = ConfigDict(extra="forbid")
     model: str
     layer: int = Field(ge=0)
     scale: float = 1.0
+    tensor_scale: Union[float, list["FilteredValue"], None] = None
+
+    @field_validator("tensor_scale")
+    @classmethod
+    def _numbers(cls, v):
+        if isinstance(v, list) and any(isinstance(c.value, (bool, str, list, GroupValues)) for c in v):
+            raise ValueError("tensor_scale filter values must be numbers")
+        return None if v == 1.0 or v == [] else v
 
     @field_validator("scale")
     @classmethod
@@ -97,6 +112,7 @@ class LayerFlow(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     embed_from: str | None = None  # default: "merge" when the recipe merges, else the base
+    head_from: str | None = None  # final norm and lm_head; default: embed_from
     slots: list[LayerSlot] = Field(min_length=1)
 
 
@@ -111,7 +127,10 @@ class Recipe(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     layer_flow: LayerFlow | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    tokenizer_source: str | None = None  # "base" (default) or a model alias / path
+    # "base", "union", or a model alias / path: the merged vocabulary (evomerge.merge.vocab);
+    # unset: the base's tokenizer files, no re-indexing
+    tokenizer_source: str | None = None
+    chat_template: str | None = None  # "auto", a built-in name, a model alias or a Jinja template
     seed: int = 0  # mixed with the recipe hash to seed random operators (DARE, DELLA)
 
     @field_validator("version")
@@ -136,10 +155,10 @@ class Recipe(BaseModel):
                     raise ValueError(
                         f"layer_flow.slots[{i}].model {slot.model!r} is not one of {sorted(known)}"
                     )
-            if self.layer_flow.embed_from is not None and self.layer_flow.embed_from not in known:
-                raise ValueError(
-                    f"layer_flow.embed_from {self.layer_flow.embed_from!r} is not one of {sorted(known)}"
-                )
+            for key in ("embed_from", "head_from"):
+                value = getattr(self.layer_flow, key)
+                if value is not None and value not in known:
+                    raise ValueError(f"layer_flow.{key} {value!r} is not one of {sorted(known)}")
         return self
 
     # ------------------------------------------------------------------ names and sources
@@ -184,8 +203,6 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
-        from evomerge.io import atomic_write_text
-
         atomic_write_text(Path(path), self.to_yaml())
 
     @classmethod
@@ -243,38 +260,3 @@ def resolve(value: ParamValue | None, site: TensorSite) -> Any:
                 return resolve(cond.value, site)
         return None
     raise ConfigError(f"unexpected parameter value {value!r}")
-
-
-# ---------------------------------------------------------------------- YAML helpers
-def load_yaml(path: str | Path) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: file not found")
-    try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{p}:{loc}: malformed YAML: {problem}") from None
-
-
-def format_validation_error(e: ValidationError) -> str:
-    """The first pydantic error as one line: ``field.path: message``, in a user's words."""
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-    msg = (err["msg"].removeprefix("Value error, ")
-           .replace("Field required", "required key is missing")
-           .replace("Extra inputs are not permitted", "unknown key (check the spelling)"))
-    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    return f"{loc}: {msg}{more}"
-
-
-def parse_model(cls: type[BaseModel], data: Any, where: str):
-    """Validate ``data`` as ``cls`` (a recipe, a search config, ...) or raise one clear line."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {format_validation_error(e)}") from None

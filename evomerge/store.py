@@ -299,19 +299,17 @@ class RunStore:
         """The evaluated Pareto set: successful trials no other trial beats on every objective.
 
         ``signs`` (+1 maximise, −1 minimise; default all +1) orient each objective ``keys[i]``.
-        Sorted by fitness, best first.
+        Ordered as :func:`evomerge.surrogate.pareto.pareto_front`: by the first (signed) objective,
+        best first, then the next; exact ties in ask order.
         """
+        from evomerge.surrogate.pareto import pareto_front  # deferred: the surrogate package loads scipy
+
         signs = list(signs) if signs is not None else [1.0] * len(keys)
         trials = [t for t in self.trials(kind, "ok") if all(k in t.metrics for k in keys)]
         if not trials:
             return []
         pts = np.array([[t.metrics[k] * s for k, s in zip(keys, signs)] for t in trials])
-        keep = []
-        for i, p in enumerate(pts):
-            dominated = np.any(np.all(pts >= p, axis=1) & np.any(pts > p, axis=1))
-            if not dominated:
-                keep.append(trials[i])
-        return sorted(keep, key=lambda t: (-(t.fitness or 0.0), t.seq if t.seq is not None else -1))
+        return [trials[i] for i in pareto_front(pts)]
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, stage: int, n_told: int, state: bytes, **meta: Any) -> None:

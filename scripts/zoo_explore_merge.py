@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_explore import DEFAULTS, DESIGNS, docs_for  # noqa: E402
 
-from evomerge.models import tensor_site  # noqa: E402
+from evomerge.architecture import TensorRoles  # noqa: E402
 from evomerge.zoo.train import greedy_correct, make_model  # noqa: E402
 
 
@@ -41,8 +41,10 @@ def main():
     names = d.get("eval")
     docs = {n: docs_for(n, args.split) for n in names}
 
+    roles = TensorRoles.for_config(model.config)
+
     def group(k):
-        return tensor_site(k, L).group
+        return roles.group_of(k)
 
     def apply(coef):  # coef[name] -> float or {group: float}
         sd = {}

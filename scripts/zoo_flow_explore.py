@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from evomerge.merge.materialize import Sources, apply_in_place, build_model
+from evomerge.merge.materialize import apply_in_place, build_model
+from evomerge.merge.sources import Sources
 from evomerge.recipe import LayerFlow, LayerSlot, Recipe
 from evomerge.zoo import build_zoo, eval_docs
 from evomerge.zoo.train import greedy_correct

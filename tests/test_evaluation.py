@@ -262,7 +262,7 @@ def test_cli_prints_table_and_fails_cleanly(tok, tmp_path, capsys):
     make_model(tok, 7).save_pretrained(model_dir, safe_serialization=True)
     tok.save_pretrained(model_dir)
     capsys.readouterr()
-    rc = cli_main(["eval", str(model_dir), "-o", "fx_mc", "-o", "fx_add:validation",
+    rc = cli_main(["eval", str(model_dir), "-t", "fx_mc", "-t", "fx_add:validation",
                    "--evals-dir", str(FIXTURES), "--limit", "4", "--batch-size", "2"])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -270,11 +270,34 @@ def test_cli_prints_table_and_fails_cleanly(tok, tmp_path, capsys):
                      "model", "harness"):
         assert fragment in out
     for args, fragment in (
-        (["-o", "nope"], "unknown task 'nope'"),
-        (["-o", "fx_add:dev"], "no split 'dev'"),
+        (["-t", "nope"], "unknown task 'nope'"),
+        (["-t", "fx_add:dev"], "no split 'dev'"),
     ):
         rc = cli_main(["eval", str(model_dir), *args, "--evals-dir", str(FIXTURES)])
         err = capsys.readouterr().err
         assert rc == 2 and fragment in err and err.count("\n") == 1, err
-    rc = cli_main(["eval", str(tmp_path / "missing"), "-o", "fx_mc", "--evals-dir", str(FIXTURES)])
+    rc = cli_main(["eval", str(tmp_path / "missing"), "-t", "fx_mc", "--evals-dir", str(FIXTURES)])
     assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_cli_json_with_comma_separated_tasks(tok, tmp_path, capsys):
+    """-t a,b -t c: three objectives in that order; --json prints only the document on stdout."""
+    from evomerge.cli.eval import split_list
+
+    assert split_list(["a,b", " c ", "d,,"]) == ["a", "b", "c", "d"]
+    model_dir = tmp_path / "model"
+    make_model(tok, 7).save_pretrained(model_dir, safe_serialization=True)
+    tok.save_pretrained(model_dir)
+    capsys.readouterr()
+    rc = cli_main(["eval", str(model_dir), "-t", "fx_mc,fx_add:validation", "--task", "fx_add",
+                   "--evals-dir", str(FIXTURES), "--limit", "4", "--batch-size", "2", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    doc = json.loads(out)
+    assert list(doc) == ["model", "objectives", "seconds"] and doc["model"] == str(model_dir)
+    assert [o["key"] for o in doc["objectives"]] == ["fx_mc:search", "fx_add:validation", "fx_add:search"]
+    for o in doc["objectives"]:
+        assert list(o) == ["key", "task", "split", "metric", "value", "docs", "metrics"]
+        assert o["docs"] == 4 and o["value"] == o["metrics"][o["metric"]]
+    assert doc["objectives"][0]["metric"] == "acc,none" and doc["objectives"][1]["metric"] == "exact_match,strict"
+    assert {"total", "model", "harness"} <= set(doc["seconds"])

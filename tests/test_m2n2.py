@@ -1,4 +1,4 @@
-"""M2N2 (ALGORITHMS.md §4) on hand-made numbers: fitness sharing, attraction, crossover, steady state."""
+"""M2N2 (docs/ALGORITHMS.md §4) on hand-made numbers: fitness sharing, attraction, crossover, steady state."""
 
 from __future__ import annotations
 

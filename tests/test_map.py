@@ -223,7 +223,7 @@ def _drive(opt, f, n):
 @pytest.mark.parametrize("inner", ["cmaes", "m2n2", "random"])
 def test_prescreen_screens_after_warmup_and_resumes_exactly(inner):
     from evomerge.optimizers.base import load_optimizer
-    from evomerge.surrogate.prescreen import Prescreen, make_prescreened
+    from evomerge.optimizers.prescreen import Prescreen, make_prescreened
 
     D = 4
     centre = np.linspace(0.2, 0.8, D)
@@ -249,7 +249,7 @@ def test_prescreen_screens_after_warmup_and_resumes_exactly(inner):
 
 def test_prescreen_rejected_rank_below_kept_in_cma_generation():
     from evomerge.optimizers.base import make_optimizer
-    from evomerge.surrogate.prescreen import Prescreen
+    from evomerge.optimizers.prescreen import Prescreen
 
     told = []
     inner = make_optimizer("cmaes", np.zeros(3), np.ones(3), 0, popsize=8)
@@ -313,7 +313,7 @@ def _map_config(tiny_models, experts=2, **map_opts):
 @pytest.mark.parametrize("variant", ["plain", "bayesian", "nested"])
 def test_map_optimizer_resumes_exactly_mid_batch(variant):
     from evomerge.optimizers.base import load_optimizer
-    from evomerge.surrogate.map_search import MapOptimizer
+    from evomerge.search.map import MapOptimizer
 
     f = lambda c: np.array([_fake_metric(c, 0), _fake_metric(c, 1)])  # noqa: E731
     extra = {"similarity": "metric_profile"} if variant == "nested" else {"budget": 14} if variant == "bayesian" else {}
@@ -340,7 +340,7 @@ def test_map_optimizer_resumes_exactly_mid_batch(variant):
 def test_map_run_end_to_end_store_replay_and_pareto_cli(tiny_models, tmp_path, capsys, monkeypatch):
     from evomerge.cli import main
     from evomerge.store import RunStore
-    from evomerge.surrogate.map_search import predicted_front, replay_map, run_map
+    from evomerge.search.map import predicted_front, replay_map, run_map
 
     monkeypatch.chdir(tmp_path)
     out = run_map(_map_config(tiny_models), tmp_path / "run", verify=3, prefer=[1, 1])
@@ -395,7 +395,7 @@ def test_map_cli_bayesian_with_failures(tiny_models, tmp_path, monkeypatch):
 
 
 def test_map_nested_with_task_vector_gram(tiny_models, tmp_path, monkeypatch):
-    from evomerge.surrogate.map_search import map_search_config, run_map, task_vector_gram
+    from evomerge.search.map import map_search_config, run_map, task_vector_gram
 
     monkeypatch.chdir(tmp_path)
     paths = [tiny_models[f"e{k}"] for k in range(3)]
@@ -424,7 +424,7 @@ def test_map_nested_with_task_vector_gram(tiny_models, tmp_path, monkeypatch):
 def test_map_end_to_end_on_the_tiny_zoo_with_real_evaluation(tmp_path, monkeypatch):
     """The real path: tiny zoo, lm-eval tasks, the local executor's model worker, the run store."""
     from evomerge.store import RunStore
-    from evomerge.surrogate.map_search import run_map
+    from evomerge.search.map import run_map
 
     monkeypatch.chdir(tmp_path)
     cfg = {

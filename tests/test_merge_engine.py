@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM
 from evomerge.cli import main as cli_main
 from evomerge.errors import ConfigError, EvomergeError, ModelError
 from evomerge.merge.export import export_model
-from evomerge.merge.materialize import Sources, apply_in_place, build_model, merged_tensors
-from evomerge.models import ModelDir, layer_groups, tensor_site
+from evomerge.merge.materialize import apply_in_place, build_model, merged_tensors
+from evomerge.merge.sources import Sources
+from evomerge.models import ModelDir
 from evomerge.recipe import Recipe, TensorSite, resolve
 
 from conftest import make_model
@@ -59,13 +60,6 @@ def test_parameter_resolution_follows_mergekit():
     v = filt.models[0].parameters["weight"]
     assert [resolve(v, s) for s in sites] == [0.75, 0.25, 0.5, 1.0, 0.75]
     assert resolve([2.0, 4.0, 6.0], sites[2]) == 4.0  # piecewise-linear through the anchors
-
-
-def test_layer_groups_and_sites():
-    assert layer_groups(2) == ["embed", "layers.0", "layers.1", "head"]
-    assert tensor_site("model.layers.11.mlp.down_proj.weight", 12).block == 11
-    assert tensor_site("model.norm.weight", 12).group == "head"
-    assert tensor_site("transformer.wte.weight", 12).group == "embed"
 
 
 def test_recipe_hash_is_content_identity(tiny_models):

@@ -24,8 +24,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evomerge.merge.materialize import Sources, merged_tensors
-from evomerge.mergekit_compat import recipe_from_mergekit
+from evomerge.merge.materialize import merged_tensors
+from evomerge.merge.sources import Sources
+from evomerge.merge.mergekit import recipe_from_mergekit
 
 VENV = Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/tmp/mergekit-venv"))
 MERGEKIT_YAML = VENV / "bin" / "mergekit-yaml"
@@ -96,6 +97,66 @@ CASES: dict[str, dict] = {
     "model_stock_filter_wise": {"merge_method": "model_stock", "base_model": "BASE",
                                 "parameters": {"filter_wise": True},
                                 "models": [{"model": "E0"}, {"model": "E1"}, {"model": "E2"}]},
+    "sce": {"merge_method": "sce", "base_model": "BASE", "parameters": {"select_topk": 0.4},
+            "models": [{"model": "E0"}, {"model": "E1"}, {"model": "E2"}]},
+    "sce_no_select": {"merge_method": "sce", "base_model": "BASE",
+                      "models": [{"model": "E0"}, {"model": "E1"}]},
+    "nuslerp_task_vectors": {"merge_method": "nuslerp", "base_model": "BASE", "models": [
+        {"model": "E0", "parameters": {"weight": 0.3}}, {"model": "E1", "parameters": {"weight": [0.9, 0.2]}}]},
+    "nuslerp_rows_no_base": {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False},
+                             "models": [{"model": "E0", "parameters": {"weight": 0.6}},
+                                        {"model": "E2", "parameters": {"weight": 0.4}}]},
+    "nuslerp_row_wise": {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                         "models": [{"model": "E1", "parameters": {"weight": 0.5}},
+                                    {"model": "E2", "parameters": {"weight": 0.7}}]},
+    "multislerp": {"merge_method": "multislerp", "models": [
+        {"model": "E0", "parameters": {"weight": 0.5}}, {"model": "E1", "parameters": {"weight": 0.2}},
+        {"model": "E2", "parameters": {"weight": 0.3}}]},
+    "multislerp_base": {"merge_method": "multislerp", "base_model": "BASE", "models": [
+        {"model": "E0", "parameters": {"weight": 1.0}}, {"model": "E1", "parameters": {"weight": 2.0}}]},
+    "karcher": {"merge_method": "karcher", "models": [{"model": "E0"}, {"model": "E1"}, {"model": "E2"}]},
+    "karcher_base_is_input": {"merge_method": "karcher", "base_model": "BASE", "parameters": {"max_iter": 20},
+                              "models": [{"model": "E0"}, {"model": "E1"}]},
+    "nearswap": {"merge_method": "nearswap", "base_model": "BASE", "parameters": {"t": [0.001, 0.05]},
+                 "models": [{"model": "BASE"}, {"model": "E0"}]},
+    "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": "BASE",
+                     "models": [{"model": "BASE"}, {"model": "E1"}]},
+    "della_linear_density1": {"merge_method": "della_linear", "base_model": "BASE", "models": [
+        {"model": "E0", "parameters": {"weight": 0.5, "density": 1.0}},
+        {"model": "E1", "parameters": {"weight": 0.4, "density": 1.0}}]},
+    "slerp_per_slice_t": {"merge_method": "slerp", "base_model": "BASE", "slices": [
+        {"sources": [{"model": "BASE", "layer_range": [0, 1]}, {"model": "E0", "layer_range": [0, 1]}],
+         "parameters": {"t": [{"filter": "mlp", "value": 0.9}, {"value": 0.2}]}},
+        {"sources": [{"model": "BASE", "layer_range": [1, 2]}, {"model": "E0", "layer_range": [1, 2]}],
+         "parameters": {"t": [{"filter": "mlp", "value": 0.1}, {"value": 0.7}]}}]},
+    "ties_per_slice_weights_modules": {"merge_method": "ties", "base_model": "BASE", "modules": {"default": {
+        "parameters": {"density": 0.6},
+        "slices": [{"sources": [{"model": "BASE", "layer_range": [0, 1]},
+                                {"model": "E0", "layer_range": [0, 1], "parameters": {"weight": 0.8}},
+                                {"model": "E1", "layer_range": [0, 1], "parameters": {"weight": 0.1}}]},
+                   {"sources": [{"model": "BASE", "layer_range": [1, 2]},
+                                {"model": "E0", "layer_range": [1, 2], "parameters": {"weight": 0.2}},
+                                {"model": "E1", "layer_range": [1, 2], "parameters": {"weight": 0.9}}]}]}}},
+    "slerp_slices_repeat_a_merged_block": {"merge_method": "slerp", "base_model": "BASE", "slices": [
+        {"sources": [{"model": "BASE", "layer_range": [0, 2]}, {"model": "E1", "layer_range": [0, 2]}],
+         "parameters": {"t": [0.2, 0.6]}},
+        {"sources": [{"model": "BASE", "layer_range": [1, 2]}, {"model": "E1", "layer_range": [1, 2]}],
+         "parameters": {"t": 0.6}}]},
+    "slerp_partial_slice_gradient": {"merge_method": "slerp", "base_model": "BASE", "slices": [
+        {"sources": [{"model": "BASE", "layer_range": [0, 1]}, {"model": "E2", "layer_range": [0, 1]}],
+         "parameters": {"t": [0.2, 0.8]}}]},
+    "passthrough_scale_filters": {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "BASE", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "E0", "layer_range": [1, 2]}],
+         "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.5},
+                                  {"value": 1.0}]}},
+        {"sources": [{"model": "BASE", "layer_range": [1, 2], "parameters": {"scale": 0.7}}]},
+        {"sources": [{"model": "E1", "layer_range": [0, 2]}]}]},
+    "passthrough_models_scale": {"merge_method": "passthrough", "models": [
+        {"model": "E2", "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}]},
+    "passthrough_head_from_another_model": {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "BASE", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "DEEP", "layer_range": [1, 3]}]}]},
     "passthrough_slices": {"merge_method": "passthrough", "slices": [
         {"sources": [{"model": "BASE", "layer_range": [0, 2]}]},
         {"sources": [{"model": "E0", "layer_range": [1, 2]}]},
@@ -122,7 +183,7 @@ def _fill(obj, paths):
 def mergekit_outputs(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("mergekit")
     paths = {"BASE": str(tiny_models["base"]), "E0": str(tiny_models["e0"]),
-             "E1": str(tiny_models["e1"]), "E2": str(tiny_models["e2"])}
+             "E1": str(tiny_models["e1"]), "E2": str(tiny_models["e2"]), "DEEP": str(tiny_models["deep"])}
     jobs, configs = [], {}
     for name, case in CASES.items():
         cfg = _fill(case, paths)
@@ -161,3 +222,49 @@ def test_matches_mergekit(case, mergekit_outputs):
     path = os.environ.get("EVOMERGE_EQUIV_REPORT")
     if path:
         Path(path).write_text(json.dumps(REPORT, indent=1))
+
+
+# ---------------------------------------------------------------------- vocabularies (tokenizer_source)
+@pytest.mark.parametrize("source", ["base", "union", "E1"])
+def test_tokenizer_source_matches_mergekit(source, tmp_path):
+    """Models with different tokenizers (tests/test_vocab.py): mergekit and evomerge give every
+    token the same merged embedding and head row, and the same output vocabulary. Rows are
+    compared by token, not id: the order in which a union appends new tokens is not specified
+    (mergekit's follows the tokenizers' hash-map order)."""
+    from transformers import AutoTokenizer
+
+    from evomerge.recipe import Recipe
+    from test_vocab import build_vocab_models
+
+    paths = build_vocab_models(tmp_path / "models")
+    cfg = {"merge_method": "task_arithmetic", "base_model": paths["base"], "dtype": "float32",
+           "tokenizer_source": paths["e1"] if source == "E1" else source,
+           "models": [{"model": paths["e0"], "parameters": {"weight": 0.7}},
+                      {"model": paths["e1"], "parameters": {"weight": 0.3}}]}
+    (tmp_path / "cfg.yml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "jobs.json").write_text(json.dumps([[str(tmp_path / "cfg.yml"), str(tmp_path / "mk")]]))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([str(VENV / "bin" / "python"), str(tmp_path / "driver.py"), str(tmp_path / "jobs.json")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = load_file(str(tmp_path / "mk" / "model.safetensors"))
+    their_vocab = AutoTokenizer.from_pretrained(tmp_path / "mk").get_vocab()
+
+    recipe = Recipe(merge_method="task_arithmetic", base_model=paths["base"],
+                    tokenizer_source="e1" if source == "E1" else source,
+                    models=[{"model": paths["e0"], "parameters": {"weight": 0.7}},
+                            {"model": paths["e1"], "parameters": {"weight": 0.3}}])
+    sources = Sources.from_recipe(recipe)
+    ours = dict(merged_tensors(recipe, sources))
+    from evomerge.merge.vocab import vocabulary_of
+
+    our_vocab = vocabulary_of(sources).tokenizer.get_vocab()
+    assert set(our_vocab) == set(their_vocab) and set(ours) == set(theirs)
+    for name, t in ours.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            for tok, i in our_vocab.items():
+                diff = float((t[i] - theirs[name][their_vocab[tok]]).abs().max())
+                assert diff <= ATOL, f"{source}: {name} row of {tok!r} differs by {diff:.3g}"
+        else:
+            assert float((t - theirs[name]).abs().max()) <= ATOL, name

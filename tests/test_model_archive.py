@@ -63,7 +63,7 @@ def archive_run(tiny_models, tmp_path_factory):
 
 def _weights(run_dir):
     """An ArchiveWeights over the run's stored lineages (CPU, recomputing anything without a file)."""
-    from evomerge.archive import ArchiveWeights, float_names, store_lineage
+    from evomerge.lineage import ArchiveWeights, float_names, store_lineage
     from evomerge.models import ModelDir
 
     store = RunStore(run_dir)
@@ -75,7 +75,7 @@ def _weights(run_dir):
 
 
 def test_short_run_keeps_the_archive_size_and_records_lineage(archive_run):
-    from evomerge.archive import parse_lineage
+    from evomerge.lineage import parse_lineage
 
     run, out = archive_run
     assert out.evaluations == 12 and out.failures == 0 and out.stopped == "evaluation budget"
@@ -118,7 +118,7 @@ def refs_hashes(run) -> list[str]:
 def test_child_weights_are_exactly_split_slerp_of_the_parents(archive_run):
     from safetensors.torch import load_file
 
-    from evomerge.archive import parse_lineage
+    from evomerge.lineage import parse_lineage
     from evomerge.optimizers import split_slerp_parts
 
     run, _ = archive_run
@@ -142,8 +142,9 @@ def test_child_weights_are_exactly_split_slerp_of_the_parents(archive_run):
 def test_export_of_a_child_loads_with_transformers_and_matches_in_memory(archive_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.archive import load_into
-    from evomerge.merge.materialize import Sources, build_model
+    from evomerge.lineage import load_into
+    from evomerge.merge.materialize import build_model
+    from evomerge.merge.sources import Sources
     from evomerge.models import ModelDir
     from evomerge.report import load_report_data, write_report
     from evomerge.report.export import choose_trial, export_trial

@@ -7,12 +7,17 @@ change of semantics shows up as a wrong number, not as a change of some other im
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from evomerge.errors import ConfigError
-from evomerge.merge.operators import OPERATORS, get_operator, kth_largest, sparsify_
+from evomerge.merge.methods import OPERATORS, get_operator
+from evomerge.merge.methods.sparsify import kth_largest, sparsify_
+from evomerge.recipe import TensorSite
 
 torch.set_num_threads(1)
 
@@ -285,8 +290,17 @@ def test_passthrough_copies_and_scales():
 def _default_call(name, base, ex, weights=(0.5, 0.3, 0.2)):
     op = OPERATORS[name]
     tensors = ex[: (op.max_models or len(ex))]
-    params = [{"weight": w, "density": 0.6} for w in weights[: len(tensors)]]
-    opts = {"t": 0.3} if name == "slerp" else {}
+    params = [{"weight": w, "density": 0.6, "score": 1.0 + w} for w in weights[: len(tensors)]]
+    opts = {"t": 0.3} if name in ("slerp", "nearswap") else {}
+    if op.wants_site:
+        opts["site"] = TensorSite(name="w", group="layers.1", block=1, num_blocks=3)
+    if name == "lines":
+        opts.update(alpha=0.3, beta=0.5)
+    if name == "fisher":  # diagonal Fisher files for each input, as the evaluation side writes them
+        root = Path(tempfile.mkdtemp())
+        for k, p in enumerate(params):
+            p["fisher"] = str(root / f"f{k}.safetensors")
+            save_file({"w": torch.rand(base.shape, generator=torch.Generator().manual_seed(k))}, p["fisher"])
     return tensors, params, opts
 
 
@@ -367,7 +381,8 @@ def test_ranges_and_choices():
 
 
 def test_engine_reports_out_of_range_parameter(tiny_models):
-    from evomerge.merge.materialize import Sources, merged_tensors
+    from evomerge.merge.materialize import merged_tensors
+    from evomerge.merge.sources import Sources
     from evomerge.recipe import Recipe
 
     m = tiny_models

@@ -22,10 +22,11 @@ from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError, ModelError
 from evomerge.executors.worker import ModelWorker, Task
 from evomerge.memory import parse_bytes, plan_worker
-from evomerge.merge.devices import parameter_devices, resolve_dtype
+from evomerge.merge.devices import resolve_dtype, tensor_devices
 from evomerge.merge.headers import read_header, write_sparse_model
-from evomerge.merge.materialize import Sources, apply_in_place, build_model, merged_tensors
+from evomerge.merge.materialize import apply_in_place, build_model, merged_tensors
 from evomerge.merge.placement import PLACEMENTS, read_mapped
+from evomerge.merge.sources import Sources
 from evomerge.models import ModelDir
 from evomerge.recipe import Recipe
 from evomerge.search import worker_spec
@@ -85,7 +86,7 @@ def test_every_placement_and_the_device_map_path_give_identical_weights(families
     for kind in PLACEMENTS:
         for split in (False, True):
             model = build_model(lazy, "cpu", devices=["cpu"], split=split)
-            src = lazy.place(kind, "cpu", parameter_devices(model) if split else None)
+            src = lazy.place(kind, "cpu", tensor_devices(model, lazy.reference.tensor_names) if split else None)
             try:
                 for _ in range(2):  # a second candidate reuses the staged state
                     apply_in_place(model, recipe, src)
@@ -172,7 +173,7 @@ def test_a_plan_that_cannot_fit_is_refused_with_one_line(families, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(REPO), "EVOMERGE_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, "-m", "evomerge", "search", str(path), "-o", str(tmp_path / "run"), "-q"],
+    r = subprocess.run([sys.executable, "-m", "evomerge", "search", str(path), "-r", str(tmp_path / "run"), "-q"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()

@@ -98,7 +98,7 @@ def make_run(run_dir: Path, paths: dict[str, str], n: int = N_TRIALS, predicted:
                                   validation={"arith:validation": round(a - 0.02, 4), "words:validation": round(w - 0.03, 4)},
                                   fitness=a + 0.5 * w, **common))
     if predicted:  # the MAP summary, as the map search stores it (objective columns in another order)
-        from evomerge.surrogate.map_search import save_map_summary
+        from evomerge.search.map import save_map_summary
 
         pts = [[0.25 + 0.5 * t, 0.58 - 0.3 * t * t] for t in np.linspace(0, 1, 9)]
         save_map_summary(run_dir, {
@@ -405,7 +405,8 @@ def _state(path_or_model) -> dict[str, torch.Tensor]:
 def test_export_round_trip_equals_in_place(model_run, tmp_path, capsys, i):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge.materialize import Sources, apply_in_place, build_model
+    from evomerge.merge.materialize import apply_in_place, build_model
+    from evomerge.merge.sources import Sources
 
     data = load_report_data(model_run)
     t = data.ok_trials[i]
@@ -505,7 +506,7 @@ class ReportFakeWorker:
 
 def test_report_and_export_of_a_real_map_run(tiny_models, tmp_path, monkeypatch):
     from evomerge.store import RunStore
-    from evomerge.surrogate.map_search import run_map
+    from evomerge.search.map import run_map
 
     monkeypatch.chdir(tmp_path)
     cfg = {"name": "map-demo",

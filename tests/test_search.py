@@ -13,6 +13,7 @@ import yaml
 
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError
+from evomerge.paths import examples_dir
 from evomerge.search import run_search
 from evomerge.store import RunStore
 
@@ -170,8 +171,8 @@ CONFIG_ERRORS = [
     ("models: {base: a, zoo: demo}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\n", "either `zoo`"),
     ("models: {zoo: demo, experts: [{model: a}]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\n",
      "zoo expert names"),
-    ("models: {experts: [a]}\nobjectives: [{task: x, split: train}]\nbudget: {evaluations: 3}\n",
-     "objectives.0.split: Input should be 'search', 'validation' or 'test'"),
+    ("models: {experts: [a]}\nobjectives: [{task: x, split: ''}]\nbudget: {evaluations: 3}\n",
+     "objectives.0.split: String should have at least 1 character"),  # any split name; checked against the task later
     ("models: {experts: [a]}\nobjectives: [{task: x}, {task: x}]\nbudget: {evaluations: 3}\n", "x:search is listed twice"),
     ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 0}\n", "budget.evaluations"),
     ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {wall_time: soon}\n", "'soon' is not a duration"),
@@ -207,7 +208,7 @@ def test_bad_optimizer_is_reported_before_workers_start(tiny_models, tmp_path):
         run_search(SearchConfig.from_dict(cfg), tmp_path / "run2")
 
 
-EXAMPLES = sorted((TESTS.parent / "examples").glob("*.yaml"))
+EXAMPLES = sorted(examples_dir().glob("*.yaml"))  # the shipped copies (package data)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -217,7 +218,7 @@ def test_shipped_examples_load_and_build(path):
     from evomerge.search import check_optimizer
     from evomerge.spaces import ModelPool, make_space
 
-    from evomerge.recipe import load_yaml
+    from evomerge.io import load_yaml
 
     data = load_yaml(path)
     if "map" in data:  # a MAP config (`evomerge map`): MAP supplies the optimizer and the budget
@@ -362,3 +363,14 @@ def test_interrupted_hybrid_resumes_in_stage_two_like_an_uninterrupted_run(tiny_
     run_search(None, tmp_path / "a", resume=True)
     run_search(SearchConfig.from_dict(cfg), tmp_path / "b")
     assert sequence(tmp_path / "a") == sequence(tmp_path / "b")
+
+
+def test_split_names_have_one_home():
+    """``evaluation.objective.SPLITS`` is the home of the split roles; the config's default and the
+    workers' names follow it (an objective may also name any split of its task)."""
+    from evomerge.config import ObjectiveConfig
+    from evomerge.evaluation.objective import SPLITS
+    from evomerge.executors import worker
+
+    assert ObjectiveConfig.model_fields["split"].default == SPLITS[0]
+    assert (worker.SEARCH, worker.VALIDATION) == SPLITS[:2]

@@ -7,12 +7,14 @@ import pytest
 import torch
 import yaml
 
+from evomerge.architecture import TensorRoles
 from evomerge.errors import ConfigError
-from evomerge.models import tensor_site
 from evomerge.recipe import FilteredValue, GroupValues, InputModel, LayerFlow, LayerSlot, Recipe, resolve
 from evomerge.spaces import SPACES, ModelPool, make_space, parent_recipes, parse_space_config
 from evomerge.spaces.base import SEARCH_SPACES_DIR
 from evomerge.spaces.dfs import transition
+
+LLAMA = TensorRoles.for_model_type("llama")
 
 
 def pool(k: int = 2, blocks: int = 4, base: bool = True) -> ModelPool:
@@ -92,7 +94,7 @@ def test_ps_filters_resolve_on_real_tensor_names():
     assert isinstance(value, list) and all(isinstance(v, FilteredValue) for v in value)
 
     def at(name):
-        return resolve(value, tensor_site(name, 2))
+        return resolve(value, LLAMA.site(name, 2))
 
     assert at("model.layers.1.self_attn.q_proj.weight") == 0.2
     assert at("model.layers.0.mlp.down_proj.weight") == 0.3
@@ -108,7 +110,7 @@ def test_ps_projects_foreign_recipes():
     r = Recipe(merge_method="dare_ties", base_model="/m/base",
                models=[InputModel(model="/m/e0", name="e0", parameters={"weight": [0.0, 1.0]})])
     # gradient: blocks at t=i/2; embeddings and head read t=0 (mergekit's behaviour, see recipe.py)
-    expected = [resolve([0.0, 1.0], tensor_site(n, 3)) for n in (
+    expected = [resolve([0.0, 1.0], LLAMA.site(n, 3)) for n in (
         "model.embed_tokens.weight", "model.layers.0.x", "model.layers.1.x", "model.layers.2.x", "lm_head.weight")]
     assert expected[1:4] == [0.0, 0.5, 1.0]
     np.testing.assert_allclose(s.from_recipe(r), expected)
@@ -252,8 +254,15 @@ def test_shipped_yaml_equals_code_defaults_and_has_a_banner(name):
     path = SEARCH_SPACES_DIR / f"{name}.yaml"
     text = path.read_text()
     assert text.startswith("#") and f"evomerge/spaces/{name}.py" in text.splitlines()[0]
-    from_file = parse_space_config(name)
-    assert from_file == SPACES[name].config.model_validate({"type": name})
+    # the code holds the defaults; the file shows every one of them, with the same values
+    from evomerge.io import load_yaml
+    from evomerge.spaces.base import space_defaults
+
+    shown = load_yaml(path)
+    assert set(shown) == set(space_defaults(name)), "the shipped file must show every key"
+    assert SPACES[name].config.model_validate(shown) == SPACES[name].config.model_validate({"type": name})
+    from_file = parse_space_config(str(path))
+    assert from_file == parse_space_config(name)
     # a mapping only names what it changes; the rest comes from the shipped file
     changed = parse_space_config({"type": name, "decimals": 2})
     assert changed.decimals == 2 and changed.model_copy(update={"decimals": 4}) == from_file
@@ -271,7 +280,8 @@ def test_space_config_errors(tmp_path):
 
 # ---------------------------------------------------------------------- against the merge engine
 def test_recipes_merge_with_the_engine_and_parents_are_exact(tiny_models):
-    from evomerge.merge.materialize import Sources, apply_in_place, build_model, merged_tensors
+    from evomerge.merge.materialize import apply_in_place, build_model, merged_tensors
+    from evomerge.merge.sources import Sources
 
     experts = [InputModel(model=str(tiny_models[f"e{i}"]), name=f"e{i}") for i in range(2)]
     p = ModelPool.from_paths(str(tiny_models["base"]), experts)
@@ -294,3 +304,33 @@ def test_recipes_merge_with_the_engine_and_parents_are_exact(tiny_models):
             with torch.no_grad():
                 out = model(torch.tensor([[1, 2, 3]])).logits
             assert torch.isfinite(out).all()
+
+
+def test_ps_searches_global_operator_parameters():
+    # LiNeS: alpha and beta are operator-wide, so they get one shared gene per group
+    s = make_space({"type": "ps", "operator": "lines", "granularity": "global",
+                    "parameters": {"weight": None, "alpha": None, "beta": {"bounds": [0, 1], "init": 0.25}}},
+                   pool(k=2))
+    assert s.names == ["weight[e0].all", "weight[e1].all", "alpha.all", "beta.all"]
+    np.testing.assert_array_equal(s.upper, [2, 2, 2, 1])
+    r = s.to_recipe([0.5, 1.5, 0.3, 0.7])
+    assert r.parameters == {"alpha": 0.3, "beta": 0.7}
+    assert [m.parameters for m in r.models] == [{"weight": 0.5}, {"weight": 1.5}]
+    assert_round_trips(s)
+    # required global parameters are searched by default (slerp's t, per layer group here)
+    t = make_space({"type": "ps", "operator": "slerp", "granularity": "layer", "experts": ["e0"]}, pool(k=2, blocks=2))
+    assert t.names == ["t.embed", "t.layers.0", "t.layers.1", "t.head"]
+    assert t.to_recipe([0.1, 0.2, 0.3, 0.4]).parameters["t"] == GroupValues(embed=0.1, layers=[0.2, 0.3], head=0.4)
+    assert_round_trips(t)
+    # sce has only a global parameter
+    sce = make_space({"type": "ps", "operator": "sce", "granularity": "global", "parameters": {"select_topk": None}},
+                     pool(k=2))
+    assert sce.names == ["select_topk.all"] and sce.to_recipe([0.4]).parameters == {"select_topk": 0.4}
+    for cfg, msg in [
+        ({"operator": "lines", "parameters": {"head_scale": None}}, "not a parameter of 'lines' that can be searched"),
+        ({"operator": "slerp", "experts": ["e0"], "options": {"t": 0.5}, "parameters": {"t": None}},
+         "also listed under `fixed` or `options`"),
+        ({"operator": "lines", "parameters": {"weight": None}}, r"needs \['alpha', 'beta'\]"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            make_space({"type": "ps", **cfg}, pool(k=2))

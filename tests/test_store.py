@@ -86,7 +86,8 @@ def test_pareto_set(tmp_path):
         for i, (w, (a, b)) in enumerate(pts.items()):
             s.add_trial(trial(w, a + b, i, metrics={"a:search": a, "b:search": b}))
         front = s.pareto(["a:search", "b:search"])
-        assert sorted(t.seq for t in front) == [0, 1, 3, 4]  # (0.4, 0.4) is dominated; equal points both stay
+        # (0.4, 0.4) is dominated; equal points both stay; order: a desc, then b desc, ties by seq
+        assert [t.seq for t in front] == [0, 1, 4, 3]
         # minimise b instead: (0.9, 0.1) dominates everything but nothing with a > 0.9
         assert [t.seq for t in s.pareto(["a:search", "b:search"], [1, -1])] == [0]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.zoo import EVAL_TASKS, SPLITS, build_tokenizer, build_zoo, eval_docs, get_preset, zoo_dir
+from evomerge.zoo import EVAL_TASKS, SPLIT_SIZES, build_tokenizer, build_zoo, eval_docs, get_preset, zoo_dir
 from evomerge.zoo.presets import replay_mixture
 from evomerge.zoo.tasks import OPS, heldout_keys, training_items, transliterate
 from evomerge.zoo.tokenizer import CHARS, vocabulary
@@ -82,7 +82,7 @@ def test_ops_render_exact_answers():
 def test_splits_are_disjoint_and_answers_correct(task):
     op, inputs, answers, _ = EVAL_TASKS[task]
     prompts = {}
-    for split, n in SPLITS.items():
+    for split, n in SPLIT_SIZES.items():
         docs = eval_docs(task, split)
         assert len(docs) == n and [d["id"] for d in docs] == list(range(n))
         prompts[split] = {d["prompt"] for d in docs}
@@ -99,7 +99,7 @@ def test_splits_are_disjoint_and_answers_correct(task):
 
 
 def test_training_streams_never_see_heldout_items():
-    heldout = {d["prompt"] for t in EVAL_TASKS for s in SPLITS for d in eval_docs(t, s)}
+    heldout = {d["prompt"] for t in EVAL_TASKS for s in SPLIT_SIZES for d in eval_docs(t, s)}
     mix = replay_mixture((("add:l1>l1", 1.0), ("rev:any>l2", 1.0), ("sort:any>any", 1.0)),
                          get_preset("demo").base_mixture, 0.5)
     stream = training_items(mix, random.Random(1))

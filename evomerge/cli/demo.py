@@ -1,7 +1,8 @@
 """`evomerge demo`: the main job end to end on the local zoo.
 
-Builds (or reuses) the demo zoo, runs the short search of ``examples/demo.yaml`` with the
-default executor, and prints the best merge against its parents on the validation split.
+Builds (or reuses) the demo zoo, runs the short search of the shipped ``examples/demo.yaml``
+(``example:demo``) with the default executor, and prints the best merge against its parents on
+the validation split. ``--zoo tiny --evaluations 4`` is a one-minute smoke run.
 """
 
 from __future__ import annotations
@@ -11,28 +12,21 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from evomerge.cli import app, console
+from evomerge.cli.progress import StageProgress
 from evomerge.errors import ConfigError
+from evomerge.paths import EXAMPLE_PREFIX, resolve_config
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
+DEMO_CONFIG = f"{EXAMPLE_PREFIX}demo"
 
 
 def build_demo_zoo(preset: str):
     from evomerge.zoo import build_zoo
 
-    with Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        bars: dict[str, int] = {}
-
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in bars:
-                bars[stage] = bar.add_task(stage, total=total)
-            bar.update(bars[stage], completed=done)
-
+    with StageProgress("steps") as report:
         return build_zoo(preset, progress=report)
 
 
@@ -44,7 +38,7 @@ def validation_table(summary, cfg) -> Table:
                   title_justify="left")
     table.add_column("model")
     for k in keys:
-        table.add_column(k.rsplit(":", 1)[0], justify="right")
+        table.add_column(k.rsplit(":", 1)[0], justify="right", overflow="fold")
     table.add_column("validation fitness", justify="right")
     table.add_column("search fitness", justify="right")
 
@@ -64,23 +58,20 @@ def validation_table(summary, cfg) -> Table:
 
 @app.command()
 def demo(
-    config: Path = typer.Option(DEMO_CONFIG, "--config", help="Search config of the demo."),
-    run_dir: Path = typer.Option(None, "--run-dir", "-o", help="Run directory (default: runs/demo-<time>)."),
-    evaluations: int = typer.Option(None, "--evaluations", help="Override the demo's evaluation budget."),
+    config: str = typer.Option(DEMO_CONFIG, "--config", help="Search config of the demo (a path or example:NAME)."),
+    run_dir: Path = typer.Option(None, "--run-dir", "-r", help="Run directory (default: runs/demo-<time>)."),
+    evaluations: int = typer.Option(None, "--evaluations", min=1, help="Override the demo's evaluation budget."),
+    zoo: str = typer.Option(None, "--zoo", help="Zoo preset in place of the config's (tiny: a quick try)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display."),
 ) -> None:
     """Build (or reuse) the zoo, run a short search on it, show the best merge vs its parents, write the report."""
-    from evomerge.cli.search import print_summary, run_with_display
-    from evomerge.config import SearchConfig
+    from evomerge.cli.search import load_search_config, print_summary, run_with_display
     from evomerge.search import run_search
 
-    if not config.is_file():
-        raise ConfigError(f"{config}: demo config not found; pass --config examples/demo.yaml from a checkout")
-    cfg = SearchConfig.load(config)
+    path = resolve_config(config)
+    cfg = load_search_config(path, evaluations=evaluations, zoo=zoo)
     if cfg.models.zoo is None:
-        raise ConfigError(f"{config}: the demo needs `models: {{zoo: <preset>}}`")
-    if evaluations is not None:
-        cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"evaluations": evaluations})})
+        raise ConfigError(f"{path}: the demo needs `models: {{zoo: <preset>}}`")
     console.print(f"[bold]1/3[/] zoo [bold]{cfg.models.zoo}[/] (built once, then reused from the cache)")
     info = build_demo_zoo(cfg.models.zoo)
     how = "reused from the cache" if info.cached else f"built in {info.seconds:.0f} s"
@@ -92,8 +83,14 @@ def demo(
     summary = run_with_display("evomerge demo", quiet, lambda cb: run_search(cfg, run_dir, on_progress=cb))
     console.print("[bold]3/3[/] result")
     print_summary(summary, table=validation_table(summary, cfg) if cfg.validation.objectives else None)
+    from evomerge.extras import MissingExtraError, require_extra
     from evomerge.report import load_report_data, write_report
 
+    try:
+        require_extra("plotly", "report", "the HTML report")
+    except MissingExtraError as e:
+        console.print(f"[yellow]no report:[/] {escape(str(e))}", highlight=False)
+        return
     report = write_report(load_report_data(run_dir), run_dir / "report.html")
     console.print(f"[bold green]report written:[/] {escape(str(report.resolve()))} (open it in a browser)",
                   highlight=False)

@@ -1,4 +1,12 @@
-"""`evomerge eval`: score a Hugging Face model directory on lm-eval tasks and print a table."""
+"""`evomerge eval`: score a Hugging Face model directory on lm-eval tasks and print a table.
+
+``--json`` prints one document instead (stdout only; keys stable)::
+
+    {"model": DIR,
+     "objectives": [{"key": "TASK:split", "task", "split", "metric", "value", "docs",
+                     "metrics": {name: value}}, ...],          # in the order given
+     "seconds": {"total", "model", "harness", "python", "setup", ...}}
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import typer
 from rich.table import Table
 
 from evomerge.cli import app, console
+from evomerge.cli.output import emit_json, finite
 from evomerge.errors import ModelError
 
 
@@ -33,21 +42,43 @@ def load_model_dir(path: Path, device: str | None = None):
     return model.to(dev).eval(), tokenizer
 
 
+def split_list(values: list[str]) -> list[str]:
+    """Repeated and comma-separated values, in order: ``["a,b", "c"]`` → ``["a", "b", "c"]``."""
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def eval_json(model_dir: Path, objectives, result) -> dict:
+    """The ``--json`` document (see the module docstring)."""
+    rows = []
+    for o in objectives:
+        score = result.scores[o.key]
+        rows.append({"key": o.key, "task": o.task, "split": o.split, "metric": score.metric,
+                     "value": finite(score.value), "docs": len(score.doc_ids),
+                     "metrics": {k: finite(v) for k, v in score.metrics.items()}})
+    return {"model": str(model_dir), "objectives": rows, "seconds": {k: float(v) for k, v in result.seconds.items()}}
+
+
 @app.command("eval")
 def eval_command(
     model_dir: Path = typer.Argument(..., help="Hugging Face model directory (safetensors)."),
-    objective: list[str] = typer.Option(
-        ..., "--objective", "-o",
-        help="TASK[:split] (split: search | validation | test; default search), or "
-             "python:pkg.module:function[:split]. Repeat for several.",
+    task: list[str] = typer.Option(
+        ..., "--task", "--objective", "-t",
+        help="TASK[:split] (split: search | validation | test, or any split of the task; default search), or "
+             "python:pkg.module:function[:split]. Repeat, or separate with commas: -t zoo_add,zoo_l2.",
     ),
-    evals_dir: Path = typer.Option(None, "--evals-dir", help="lm-eval task directory [default: the repo's evals/]."),
+    evals_dir: list[Path] = typer.Option(
+        None, "--evals-dir",
+        help="lm-eval task directory; repeat for several (first wins a name clash). The shipped evals are always included.",
+    ),
+    builtin_tasks: bool = typer.Option(False, "--builtin-tasks",
+                                       help="Also index lm-eval's built-in tasks (costs ~19 s)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Score only the first N documents of each split."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... [default: cuda if available]."),
     engine: str = typer.Option("fast", "--engine", help="fast | lm-eval (reference, slower)."),
     threads: int = typer.Option(None, "--threads", min=1,
                                 help="CPU threads for torch [default: torch's]; 1 on a busy machine."),
+    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON on stdout (keys: see docs/evaluation.md)."),
 ) -> None:
     """Score MODEL_DIR on each objective and print every metric."""
     import torch
@@ -57,10 +88,14 @@ def eval_command(
     if threads:
         torch.set_num_threads(threads)
 
-    objectives = [Objective.parse(spec, limit=limit) for spec in objective]
+    objectives = [Objective.parse(spec, limit=limit) for spec in split_list(task)]
     model, tokenizer = load_model_dir(model_dir, device)
-    evaluator = Evaluator(objectives, tokenizer, evals_dir=evals_dir, batch_size=batch_size, engine=engine)
+    evaluator = Evaluator(objectives, tokenizer, evals_dir=list(evals_dir or []) or None, builtin_tasks=builtin_tasks,
+                          batch_size=batch_size, engine=engine)
     result = evaluator.evaluate(model)
+    if as_json:
+        emit_json(eval_json(model_dir, objectives, result))
+        return
 
     table = Table(title=f"{model_dir}", title_justify="left")
     for col, kw in (("task", {}), ("split", {}), ("metric", {}), ("value", {"justify": "right"}),
@@ -70,8 +105,10 @@ def eval_command(
         score = result.scores[o.key]
         for name, value in score.metrics.items():
             chosen = name == score.metric
-            table.add_row(o.task, o.split, name + (" *" if chosen else ""), f"{value:.4f}",
-                          str(len(score.doc_ids)), style="bold" if chosen else None)
+            split = evaluator.splits.get(o.key, o.split)
+            table.add_row(o.task, o.split if split == o.split else f"{o.split} → {split}",
+                          name + (" *" if chosen else ""), f"{value:.4f}", str(len(score.doc_ids)),
+                          style="bold" if chosen else None)
     console.print(table)
     s = result.seconds
     console.print(

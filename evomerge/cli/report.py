@@ -6,9 +6,8 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from evomerge.cli import app, console
+from evomerge.cli.progress import StageProgress
 
 
 @app.command()
@@ -51,11 +50,9 @@ def export(
     weights = parse_weights(prefer) if prefer is not None else None
     data = load_report_data(run_dir)
     chosen, how = choose_trial(data, trial=trial, best=best, prefer=weights)
-    with Progress(TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("merge", total=None)
+    with StageProgress("tensors") as progress:
         res = export_trial(data, chosen, out, how, overwrite=force, shard_bytes=parse_size(shard_size),
-                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+                           progress=lambda done, total: progress("export", done, total))
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in chosen.search.items())
     console.print(f"[green]wrote[/] {escape(str(res.path))}  (trial {chosen.id}: {escape(metrics)})", highlight=False)
     if res.mergekit is not None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from evomerge.cli import app, console
+from evomerge.cli.progress import StageProgress
 
 zoo_app = typer.Typer(help="Build the local zoo of tiny experts (no hub, no GPU needed).", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
@@ -25,19 +25,7 @@ def build(
     """Train a base model and its experts, or return the cached zoo at once."""
     from evomerge.zoo import build_zoo
 
-    with Progress(
-        TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
-    ) as bar:
-        bars: dict[str, int] = {}
-
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in bars:
-                bars[stage] = bar.add_task(stage, total=total)
-            bar.update(bars[stage], completed=done)
-            if done == total and not console.is_terminal:  # no live bar in logs: one line per stage
-                console.print(f"{stage}: {total} steps done")
-
+    with StageProgress("steps", transient=False) as report:
         info = build_zoo(preset, out=out, family=family, workers=workers, force=force, progress=report)
     table = Table(title=f"zoo {info.preset} ({info.family}) · {info.root}", show_lines=False)
     table.add_column("model")
@@ -67,13 +55,15 @@ def presets() -> None:
 
 @zoo_app.command("evals")
 def evals(
-    out: Path = typer.Option(None, "--out", help="evals directory (default: <repo>/evals)."),
+    out: Path = typer.Option(None, "--out", "-o", help="evals directory (default: the shipped evals/, in a "
+                             "checkout the repository's evals/)."),
 ) -> None:
     """Regenerate the lm-eval task YAMLs and held-out JSONL data of every zoo task."""
-    from evomerge.zoo.evals import default_evals_dir, write_evals
+    from evomerge.paths import evals_dir
+    from evomerge.zoo.evals import write_evals
 
-    paths = write_evals(out or default_evals_dir())
-    console.print(f"wrote {len(paths)} files under {out or default_evals_dir()}")
+    paths = write_evals(out or evals_dir())
+    console.print(f"wrote {len(paths)} files under {out or evals_dir()}")
 
 
 @zoo_app.command("path")

@@ -46,7 +46,8 @@ class Evaluator:
         objectives: Sequence[Objective],
         tokenizer,
         *,
-        evals_dir: str | Path | None = None,
+        evals_dir: str | Path | Sequence[str | Path] | None = None,
+        builtin_tasks: bool = False,
         batch_size: int = 64,
         device: str | torch.device | None = None,
         engine: str = "fast",
@@ -71,11 +72,13 @@ class Evaluator:
 
         self._python = {o.key: PythonObjective(o) for o in self.objectives if o.is_python}
         lm_objectives = [o for o in self.objectives if not o.is_python]
-        self.catalog = TaskCatalog(evals_dir) if lm_objectives else None
+        self.catalog = TaskCatalog(evals_dir, builtin_tasks=builtin_tasks) if lm_objectives else None
         self._prepared: dict[str, PreparedTask] = {}
         self._reference: dict[str, tuple] = {}
+        self.splits: dict[str, str] = {}  # objective key -> the dataset split scored (roles resolved)
         for o in lm_objectives:
             task = self.catalog.build(o.task, o.split, key=o.key)
+            self.splits[o.key] = task.config.test_split
             if engine == "fast":
                 self._prepared[o.key] = PreparedTask(task, o.key, o.metric, o.limit)
             else:

@@ -12,8 +12,10 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 
-#: The split names evomerge's own tasks use (``evals/``); user tasks may define others.
+#: The split names evomerge's own tasks use (``evals/``); user tasks may define others. The one
+#: home of these names: the config's ``split`` field and the workers' constants must match them.
 SPLITS = ("search", "validation", "test")
+SEARCH, VALIDATION, TEST = SPLITS
 PYTHON_PREFIX = "python:"
 
 

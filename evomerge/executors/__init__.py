@@ -1,30 +1,14 @@
-"""Executors run candidates on workers: ``local`` (in-process) and ``ray`` (a pool of actors)."""
+"""Executors run candidates on workers: ``local`` (in-process) and ``ray`` (a pool of actors).
+
+A registry like the optimizers': :func:`register_executor` names a class, ``make_executor(cfg,
+spec)`` builds the one ``cfg.type`` names. Ray itself is imported only when a Ray executor starts.
+"""
 
 from __future__ import annotations
 
-from evomerge.executors.base import Executor
+from evomerge.executors.base import EXECUTORS, Executor, make_executor, register_executor
 from evomerge.executors.worker import Outcome, Score, Task, WorkerSpec, make_worker
+from evomerge.executors import local, ray_exec  # noqa: E402,F401  (register the built-ins)
 
-
-def _local(cfg, spec):
-    from evomerge.executors.local import LocalExecutor
-
-    return LocalExecutor(spec)
-
-
-def _ray(cfg, spec):
-    from evomerge.executors.ray_exec import RayExecutor
-
-    return RayExecutor(spec, workers=cfg.workers, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                       address=cfg.ray_address, max_retries=cfg.max_retries, max_restarts=cfg.max_restarts)
-
-
-EXECUTORS = {"local": _local, "ray": _ray}
-
-
-def make_executor(cfg, spec: WorkerSpec) -> Executor:
-    """The executor named by ``cfg.type`` (an :class:`~evomerge.config.ExecutorConfig`)."""
-    return EXECUTORS[cfg.type](cfg, spec)
-
-
-__all__ = ["EXECUTORS", "Executor", "Outcome", "Score", "Task", "WorkerSpec", "make_executor", "make_worker"]
+__all__ = ["EXECUTORS", "Executor", "Outcome", "Score", "Task", "WorkerSpec", "make_executor", "make_worker",
+           "register_executor"]

@@ -9,12 +9,16 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from evomerge.executors.base import Executor
+from evomerge.executors.base import Executor, register_executor
 from evomerge.executors.worker import Outcome, Task, WorkerSpec, make_worker
 
 
+@register_executor("local")
 class LocalExecutor(Executor):
-    kind = "local"
+
+    @classmethod
+    def from_config(cls, cfg, spec: WorkerSpec) -> "LocalExecutor":
+        return cls(spec)
 
     def __init__(self, spec: WorkerSpec, workers: int = 1):
         super().__init__(spec, 1)

@@ -25,7 +25,8 @@ import time
 from collections import deque
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.executors.base import Executor
+from evomerge.extras import require_extra
+from evomerge.executors.base import Executor, register_executor
 from evomerge.executors.worker import Outcome, Task, WorkerSpec, make_worker
 
 STARTUP_TIMEOUT_S = 600.0
@@ -55,12 +56,17 @@ def death_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:240]}"
 
 
+@register_executor("ray")
 class RayExecutor(Executor):
-    kind = "ray"
+    @classmethod
+    def from_config(cls, cfg, spec: WorkerSpec) -> "RayExecutor":
+        return cls(spec, workers=cfg.workers, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, address=cfg.ray_address,
+                   max_retries=cfg.max_retries, max_restarts=cfg.max_restarts)
 
     def __init__(self, spec: WorkerSpec, workers: int = 1, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  address: str | None = None, max_retries: int = 2, max_restarts: int = 10,
                  temp_dir: str | None = None):
+        require_extra("ray", "ray", "the Ray executor")
         super().__init__(spec, workers)
         self.num_cpus, self.num_gpus = float(num_cpus), float(num_gpus)
         self.address = address or os.environ.get("RAY_ADDRESS") or None

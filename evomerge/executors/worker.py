@@ -22,6 +22,8 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 
+# = evaluation.objective.SPLITS[:2], the names' home (a test checks); importing the evaluation
+# package here would load lm-eval into every process that only talks to workers
 SEARCH, VALIDATION = "search", "validation"
 
 
@@ -61,7 +63,8 @@ class WorkerSpec:
     models: dict[str, str]  # alias ("base", experts) -> directory
     objectives: list[dict[str, Any]]  # search objectives (ObjectiveConfig dumps)
     validation: list[dict[str, Any]] = field(default_factory=list)
-    evals_dir: str | None = None
+    evals_dir: str | list[str] | None = None
+    builtin_tasks: bool = False
     batch_size: int = 16
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"
@@ -120,25 +123,27 @@ class ModelWorker:
         from transformers import AutoTokenizer
 
         from evomerge.evaluation import Evaluator, Objective
-        from evomerge.merge.devices import parameter_devices, resolve_dtype
-        from evomerge.merge.materialize import Sources, build_model
-        from evomerge.models import ModelDir
+        from evomerge.merge.devices import resolve_dtype, tensor_devices
+        from evomerge.merge.lora import open_model
+        from evomerge.merge.materialize import build_model
+        from evomerge.merge.sources import Sources
 
         t0 = time.perf_counter()
         self.name = name
         transformers.utils.logging.disable_progress_bar()
         torch.set_num_threads(max(1, int(spec.threads)))
         self.device = resolve_device(spec.device)
-        dirs = {alias: ModelDir(path) for alias, path in spec.models.items()}
+        dirs = {alias: open_model(path) for alias, path in spec.models.items()}
         lazy = Sources(dirs)
         lazy.check(same_depth=len({d.num_blocks for d in dirs.values()}) == 1)
         device = torch.device(self.device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        split = spec.split or len(spec.devices or []) > 1
+        spread = spec.split or len(spec.devices or []) > 1
         self.model = build_model(lazy, device, dtype=resolve_dtype(spec.dtype, device), devices=spec.devices,
-                                 split=split)
-        self.sources = lazy.place(spec.placement, device, parameter_devices(self.model) if split else None)
+                                 split=spread)
+        self.sources = lazy.place(spec.placement, device,
+                                  tensor_devices(self.model, lazy.reference.tensor_names) if spread else None)
         tok = spec.tokenizer or ("base" if "base" in spec.models else next(iter(spec.models)))
         self.tokenizer = AutoTokenizer.from_pretrained(spec.models.get(tok, tok))
         self.evaluators = {}
@@ -146,6 +151,7 @@ class ModelWorker:
             if objs:
                 self.evaluators[split] = Evaluator(
                     [Objective(**o) for o in objs], self.tokenizer, evals_dir=spec.evals_dir,
+                    builtin_tasks=spec.builtin_tasks,
                     batch_size=spec.batch_size, device=self.device,
                 )
         self.startup_s = time.perf_counter() - t0

@@ -2,14 +2,17 @@
 
 The architecture is instantiated from ``config.json`` with empty (uninitialised) parameters on
 the device each one will live on — no weights are read, because the first candidate's merge
-overwrites every parameter anyway (:func:`build_model` checks that the reference's weights name
-every parameter, so none can stay uninitialised). Buffers computed at construction (rotary
-frequencies) are real.
+overwrites every parameter anyway (:func:`build_model` checks that the reference's checkpoint
+feeds every parameter — by ``transformers``' own loading rules, :class:`~evomerge.architecture.ParameterMap`:
+renamed tensors and per-expert tensors fused into one parameter count — so none can stay
+uninitialised). Buffers computed at construction (rotary frequencies) are real. A merge that
+re-indexes the vocabulary (``tokenizer_source``) gets embeddings with the output vocabulary's rows.
 
 A worker that owns several GPUs (``executor.num_gpus: k``) holds the model split across them
 with an accelerate device map (blocks never split, tied weights kept together, memory balanced);
 each tensor is then merged on the device of its parameter (:mod:`evomerge.merge.materialize`
-asks the placement for inputs on that device). A map over one device takes the same path.
+asks the placement for inputs on that device; :func:`tensor_devices` says which device each
+checkpoint tensor feeds). A map over one device takes the same path.
 """
 
 from __future__ import annotations
@@ -66,12 +69,20 @@ def _device_for(name: str, dmap: dict[str, int | str]) -> torch.device:
     return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
 
 
+def _known(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameter (tied aliases too) and buffer names → tensors: what a checkpoint tensor can feed."""
+    return {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
+
+
 def build_model(ref: ModelDir, devices: list[str], dtype: torch.dtype, trust_remote_code: bool = False,
-                split: bool = False) -> torch.nn.Module:
+                split: bool = False, vocab_size: int | None = None) -> torch.nn.Module:
     """The reference's architecture with empty parameters on ``devices`` (see module docstring).
 
-    ``split`` routes even a single device through the device-map path (tests exercise it on CPU).
+    ``split`` routes even a single device through the device-map path (tests exercise it on CPU);
+    ``vocab_size`` resizes the token embeddings (a merge that re-indexes the vocabulary).
     """
+    from evomerge.architecture import ParameterMap
+
     from accelerate import dispatch_model, init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -81,8 +92,10 @@ def build_model(ref: ModelDir, devices: list[str], dtype: torch.dtype, trust_rem
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if tied:
         model.tie_weights()
-    names = set(ref.tensor_names)
-    missing = [n for n, _ in model.named_parameters() if n not in names]
+    known = _known(model)
+    pmap = ParameterMap.for_model(model)
+    fed = {pmap.target(n, known)[0] for n in ref.tensor_names}
+    missing = [n for n, _ in model.named_parameters() if n not in fed]
     if missing:
         raise ModelError(f"{ref.path}: the model's parameter {missing[0]} is not in its weights; evomerge "
                          "fills every parameter from the merge and cannot leave one uninitialised")
@@ -100,14 +113,21 @@ def build_model(ref: ModelDir, devices: list[str], dtype: torch.dtype, trust_rem
                 module._buffers[bname] = b.to(_device_for(full, dmap))
     if tied:
         model.tie_weights()
+    if vocab_size is not None:  # new rows are overwritten by the merge like every other
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
     if split or len(devices) > 1:
         model = dispatch_model(model, device_map=dmap)
     model.requires_grad_(False)
     return model.eval()
 
 
-def parameter_devices(model: torch.nn.Module) -> dict[str, torch.device]:
-    """Every parameter and buffer name (tied aliases too) → its device."""
-    out = {n: p.device for n, p in model.named_parameters(remove_duplicate=False)}
-    out.update({n: b.device for n, b in model.named_buffers()})
-    return out
+def tensor_devices(model: torch.nn.Module, names: list[str]) -> dict[str, torch.device]:
+    """Checkpoint tensor name → the device of the parameter or buffer it feeds (renamed and
+    fused tensors too, by :class:`~evomerge.architecture.ParameterMap`); names that feed nothing
+    in ``model`` are left out."""
+    from evomerge.architecture import ParameterMap
+
+    known = _known(model)
+    pmap = ParameterMap.for_model(model)
+    targets = {n: pmap.target(n, known)[0] for n in names}
+    return {n: known[p].device for n, p in targets.items() if p in known}

@@ -18,7 +18,9 @@ import torch
 from evomerge import __version__
 from evomerge.io import atomic_directory
 from evomerge.merge import layer_flow as lf
-from evomerge.merge.materialize import OutputTensor, Sources, merged_tensors, validate
+from evomerge.merge.materialize import merged_tensors, validate
+from evomerge.merge.sources import OutputTensor, Sources
+from evomerge.merge.vocab import vocabulary_of, write_tokenizer
 from evomerge.recipe import MERGED, Recipe
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -129,6 +131,9 @@ def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = 
 
 def _write_config(recipe: Recipe, sources: Sources, out: Path) -> None:
     cfg = lf.output_config(recipe, sources)
+    vocab = vocabulary_of(sources)
+    if vocab is not None:
+        cfg["vocab_size"] = vocab.size
     if recipe.dtype is not None:
         cfg["dtype"] = recipe.dtype
         if "torch_dtype" in cfg:  # older transformers' name for it
@@ -143,10 +148,12 @@ def _copy_tokenizer(recipe: Recipe, sources: Sources, out: Path) -> None:
     src = recipe.tokenizer_source or "base"
     if src in sources.dirs:
         folder = sources.dirs[src].path
-    elif src == "base":
+    elif src in ("base", "union"):
         folder = sources.reference.path
     else:
         folder = Path(src)
+    if write_tokenizer(recipe, sources, folder, out):  # a re-indexed vocabulary or a chat template
+        return
     for fname in TOKENIZER_FILES:
         if (folder / fname).is_file():
             shutil.copy2(folder / fname, out / fname)

@@ -2,35 +2,28 @@
 
 A slot ``(model, layer, scale)`` places block ``layer`` of ``model`` at the next position and
 multiplies the residual stream entering it by ``scale``. In a pre-norm transformer every block
-reads the stream through an RMSNorm (scale-invariant up to ε) and the final norm removes a global
-scale, so multiplying the stream by ``s_j`` before block ``j`` is equivalent to dividing the
-output projections (attention ``o_proj`` and MLP ``down_proj``) of block ``j`` and every later
-block by the cumulative scale ``S_j = s_0 · … · s_j``. evomerge stores the scaling that way:
-folded into those weights. The merged model is therefore a plain ``transformers`` model with a
-new ``num_hidden_layers`` — no custom code, and nothing a plain load could silently drop.
+reads the stream through a norm (RMSNorm or LayerNorm: scale-invariant up to ε) and the final
+norm removes a global scale, so multiplying the stream by ``s_j`` before block ``j`` is
+equivalent to dividing the output projections (attention-out and MLP-out: ``o_proj`` /
+``down_proj`` in Llama, per family in :mod:`evomerge.architecture`, which also says which
+families are pre-norm) of block ``j`` and every later block by the cumulative scale
+``S_j = s_0 · … · s_j``. evomerge stores the scaling that way: folded into those weights. The
+merged model is therefore a plain ``transformers`` model with a new ``num_hidden_layers`` — no
+custom code, and nothing a plain load could silently drop.
 Scales must be positive (a negative scale would flip the stream, which no norm undoes).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import torch
 
+from evomerge.architecture import FAMILIES, TensorRoles
 from evomerge.errors import ConfigError
-from evomerge.models import ModelDir, block_index, with_block_index
+from evomerge.merge.sources import OutputTensor, Sources
+from evomerge.models import ModelDir
 from evomerge.recipe import MERGED, Recipe
-
-if TYPE_CHECKING:  # pragma: no cover
-    from evomerge.merge.materialize import OutputTensor, Sources
-
-# Families whose blocks read the residual stream only through a norm and add un-normalised
-# outputs back (pre-norm): the scale-folding identity holds for them.
-PRE_NORM_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "internlm2", "granite"}
-# Name fragments of the linear layers that write into the residual stream.
-OUTPUT_PROJECTIONS = (".self_attn.o_proj.", ".mlp.down_proj.", ".attn.c_proj.", ".mlp.c_proj.",
-                      ".self_attn.dense.", ".mlp.fc2.", ".attention.wo.", ".feed_forward.w2.")
 
 
 def embed_source(recipe: Recipe) -> str:
@@ -42,7 +35,14 @@ def embed_source(recipe: Recipe) -> str:
     return "base" if recipe.base_model is not None else recipe.models[0].alias
 
 
-def _dir_for(sources: "Sources", alias: str) -> ModelDir:
+def head_source(recipe: Recipe) -> str:
+    flow = recipe.layer_flow
+    if flow is not None and flow.head_from is not None:
+        return flow.head_from
+    return embed_source(recipe)
+
+
+def _dir_for(sources: Sources, alias: str) -> ModelDir:
     return sources.reference if alias == MERGED else sources.dirs[alias]
 
 
@@ -52,7 +52,7 @@ def _blocks(d: ModelDir) -> tuple[tuple[str, ...], dict[int, tuple[str, ...]]]:
     outside: list[str] = []
     blocks: dict[int, list[str]] = {}
     for n in d.tensor_names:
-        b = block_index(n)
+        b = d.roles.block_index(n)
         if b is None:
             outside.append(n)
         else:
@@ -60,35 +60,30 @@ def _blocks(d: ModelDir) -> tuple[tuple[str, ...], dict[int, tuple[str, ...]]]:
     return tuple(outside), {b: tuple(v) for b, v in blocks.items()}
 
 
-def is_output_projection(name: str) -> bool:
-    return any(frag in name for frag in OUTPUT_PROJECTIONS)
-
-
-def output_num_blocks(recipe: Recipe, sources: "Sources") -> int:
+def output_num_blocks(recipe: Recipe, sources: Sources) -> int:
     if recipe.layer_flow is None:
         return sources.reference.num_blocks
     return len(recipe.layer_flow.slots)
 
 
-def layout(recipe: Recipe, sources: "Sources") -> list["OutputTensor"]:
+def layout(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
     """Output tensors of a layer-flow merge, with cumulative inverse scales folded in."""
-    from evomerge.merge.materialize import OutputTensor
-
     flow = recipe.layer_flow
     assert flow is not None
     scaled = any(s.scale != 1.0 for s in flow.slots)
-    family = sources.reference.model_type
-    if scaled and family not in PRE_NORM_FAMILIES:
+    ref = sources.reference
+    if scaled and not ref.roles.scale_foldable:
+        foldable = sorted(t for f in FAMILIES if f.scale_foldable for t in f.model_types)
         raise ConfigError(
-            f"layer_flow scales need a pre-norm architecture ({', '.join(sorted(PRE_NORM_FAMILIES))}); "
-            f"{family} is not known to be one — use scale 1.0 everywhere"
+            f"layer_flow scales need a pre-norm architecture ({', '.join(foldable)}); "
+            f"{ref.model_type} is not known to be one — use scale 1.0 everywhere"
         )
-    head_src = embed_source(recipe)
-    outside, _ = _blocks(_dir_for(sources, head_src))
+    embed_src, head_src = embed_source(recipe), head_source(recipe)
+    outside, _ = _blocks(_dir_for(sources, embed_src))
     out: list[OutputTensor] = []
-    embed = [n for n in outside if sources.reference.site(n).group == "embed"]
-    head = [n for n in outside if n not in embed]
-    out += [OutputTensor(n, head_src, n) for n in embed]
+    embed = [n for n in outside if ref.roles.group_of(n) == "embed"]
+    head = [n for n in _blocks(_dir_for(sources, head_src))[0] if ref.roles.group_of(n) != "embed"]
+    out += [OutputTensor(n, embed_src, n) for n in embed]
     cumulative = 1.0
     for j, slot in enumerate(flow.slots):
         d = _dir_for(sources, slot.model)
@@ -100,13 +95,26 @@ def layout(recipe: Recipe, sources: "Sources") -> list["OutputTensor"]:
             )
         cumulative *= slot.scale
         for n in blocks[slot.layer]:
-            fold = 1.0 / cumulative if is_output_projection(n) else 1.0
-            out.append(OutputTensor(with_block_index(n, j), slot.model, n, fold))
+            fold = 1.0 / cumulative if d.roles.is_output_projection(n) else 1.0
+            fold *= slot_tensor_scale(slot.tensor_scale, n)
+            out.append(OutputTensor(d.roles.with_block_index(n, j), slot.model, n, fold))
     out += [OutputTensor(n, head_src, n) for n in head]
     return out
 
 
-def layer_types_for(recipe: Recipe, sources: "Sources", n_blocks: int) -> list[str] | None:
+def slot_tensor_scale(value, name: str) -> float:
+    """A slot's ``tensor_scale`` for source tensor ``name`` (first matching filter; else 1)."""
+    if value is None:
+        return 1.0
+    if isinstance(value, (int, float)):
+        return float(value)
+    for cond in value:
+        if cond.filter in (None, "*") or cond.filter in name:
+            return float(cond.value)
+    return 1.0
+
+
+def layer_types_for(recipe: Recipe, sources: Sources, n_blocks: int) -> list[str] | None:
     """Per-block ``layer_types`` (sliding vs full attention) for configs that have them."""
     types = sources.reference.config.get("layer_types")
     if not types:
@@ -120,7 +128,7 @@ def layer_types_for(recipe: Recipe, sources: "Sources", n_blocks: int) -> list[s
     return result
 
 
-def output_config(recipe: Recipe, sources: "Sources") -> dict:
+def output_config(recipe: Recipe, sources: Sources) -> dict:
     """``config.json`` of the merged model."""
     cfg = dict(sources.reference.config)
     n = output_num_blocks(recipe, sources)
@@ -134,9 +142,13 @@ def output_config(recipe: Recipe, sources: "Sources") -> dict:
 
 
 def _block_list(model: torch.nn.Module) -> torch.nn.ModuleList:
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):
-            return module
+    roles = TensorRoles.for_config(model.config)
+    for name, _ in model.named_parameters():
+        path = roles.block_path(name)
+        if path is not None:
+            module = model.get_submodule(path)
+            if isinstance(module, torch.nn.ModuleList):
+                return module
     raise ConfigError(f"cannot find the block list of {type(model).__name__}")
 
 

@@ -7,10 +7,10 @@ materialising a merge consume it:
   worker does this thousands of times: no disk, no re-instantiation, no second copy of the model);
 * :func:`evomerge.merge.export.export_model` streams the tensors into a Hugging Face directory.
 
-Inputs come from :class:`Sources`: memory-mapped safetensors (export), or placed once for a
-search worker (:mod:`evomerge.merge.placement`: resident on its device, pinned host memory, or
-files read per candidate). Each tensor is merged on the device of its target parameter, so a
-model split over several GPUs is merged where it lives.
+Inputs come from :class:`~evomerge.merge.sources.Sources`: memory-mapped safetensors (export), or
+placed once for a search worker (:mod:`evomerge.merge.placement`: resident on its device, pinned
+host memory, or files read per candidate). Each tensor is merged on the device of its target
+parameter, so a model split over several GPUs is merged where it lives.
 """
 
 from __future__ import annotations
@@ -18,83 +18,19 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
+from evomerge.architecture import ParameterMap
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge import layer_flow as lf
-from evomerge.merge.operators import Operator, get_operator
-from evomerge.merge.placement import check_finite, place
-from evomerge.models import ModelDir, check_compatible
+from evomerge.merge.methods import Operator, get_operator
+from evomerge.merge.sources import OutputTensor, Sources
+from evomerge.merge.vocab import vocabulary_of
 from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
-
-
-# ---------------------------------------------------------------------- sources
-class Sources:
-    """A recipe's input models by alias (``base`` and each model's alias).
-
-    Lazily read from disk by default; :meth:`place` puts every input where a worker merges
-    from (:mod:`evomerge.merge.placement`: resident on the device, pinned host memory, or
-    memory-mapped files), :meth:`resident` being the first.
-    """
-
-    def __init__(self, dirs: dict[str, ModelDir], device: str | torch.device = "cpu", placed=None):
-        if not dirs:
-            raise ConfigError("a recipe needs at least one input model")
-        self.dirs = dirs
-        self.device = torch.device(device)
-        self.placed = placed  # a placement.Placed, or None: read lazily
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe, allow_pickle: bool = False) -> "Sources":
-        by_path: dict[str, ModelDir] = {}
-        dirs = {}
-        for alias, path in recipe.model_paths().items():
-            if path not in by_path:
-                by_path[path] = ModelDir(path, allow_pickle=allow_pickle)
-            dirs[alias] = by_path[path]
-        src = cls(dirs)
-        src.check(same_depth=recipe.layer_flow is None or recipe.merge_method != "passthrough")
-        return src
-
-    def check(self, same_depth: bool = True) -> None:
-        ref, *others = list(dict.fromkeys(self.dirs.values()))
-        check_compatible(ref, others, same_depth=same_depth)
-
-    @property
-    def reference(self) -> ModelDir:
-        """The model whose layout the output follows: the base, else the first input."""
-        return self.dirs.get("base") or next(iter(self.dirs.values()))
-
-    def place(self, kind: str, device: str | torch.device,
-              devices: dict[str, torch.device] | None = None) -> "Sources":
-        """These inputs placed as ``kind`` (resident, pinned, mmap) for merges on ``device``;
-        ``devices`` maps tensor names to the device of the parameter they feed (split models)."""
-        device = torch.device(device)
-        devices = devices or {}
-        return Sources(self.dirs, device, place(kind, self.dirs, lambda n: devices.get(n, device)))
-
-    def resident(self, device: str | torch.device) -> "Sources":
-        """Every tensor of every input, loaded once onto ``device`` (shared between aliases)."""
-        return self.place("resident", device)
-
-    def get(self, alias: str, name: str, device: torch.device | None = None) -> torch.Tensor:
-        device = self.device if device is None else device
-        if self.placed is not None:
-            return self.placed.get(alias, name, device)
-        d = self.dirs[alias]
-        return check_finite(d.get(name, device), d, name)
-
-    def expect(self, keys: list[tuple[str, str, torch.device]]) -> None:
-        """Announce the next merge's requests, in order (streamed placements stage ahead)."""
-        if self.placed is not None:
-            self.placed.expect(keys)
-
-    def close(self) -> None:
-        if self.placed is not None:
-            self.placed.close()
 
 
 # ---------------------------------------------------------------------- parameter resolution
@@ -144,13 +80,17 @@ def _seed(seed_key: str, recipe_seed: int, name: str) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+def _uses_base(recipe: Recipe, op: Operator) -> bool:
+    return op.needs_base or (op.optional_base and recipe.base_model is not None)
+
+
 def _merge_inputs(recipe: Recipe, plan: _Plan, sources: Sources, name: str) -> list[str]:
-    """The aliases a merged tensor reads, in order (base first when the operator needs it)."""
+    """The aliases a merged tensor reads, in order (the base first when the operator uses it)."""
     if name not in sources.reference:
         raise ModelError(f"{sources.reference.path}: no tensor named {name}")
     if not sources.reference.dtype(name).is_floating_point:  # copied from one model, not merged
         return ["base" if "base" in sources.dirs else recipe.models[0].alias]
-    return (["base"] if plan.op.needs_base else []) + [m.alias for m in recipe.models]
+    return (["base"] if _uses_base(recipe, plan.op) else []) + [m.alias for m in recipe.models]
 
 
 def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site: TensorSite,
@@ -165,9 +105,10 @@ def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site:
     params = [{p: _value(recipe, k, p, d, site, op) for p, d in op.model_params.items()}
               for k in range(len(recipe.models))]
     options = {p: _value(recipe, None, p, d, site, op) for p, d in op.global_params.items()}
-    inputs = [sources.get(a, name, device).float() for a in aliases]
-    base = inputs.pop(0) if op.needs_base else None
-    tensors = inputs
+    if op.wants_site:
+        options["site"] = site
+    tensors = [sources.get(a, name, device).float() for a in aliases]
+    base = tensors.pop(0) if _uses_base(recipe, op) else None
     gen = None
     if op.random:
         gen = torch.Generator(device=tensors[0].device)
@@ -176,21 +117,13 @@ def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site:
 
 
 # ---------------------------------------------------------------------- the merge as a stream
-@dataclass(frozen=True)
-class OutputTensor:
-    """One tensor of the merged model and where it comes from."""
-
-    name: str  # in the merged model
-    source: str  # alias, or "merge" for the recipe's parameter-space merge
-    source_name: str  # in the source model
-    scale: float = 1.0  # folded layer-flow scale (output projections only)
-
-
 def output_layout(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
     """The merged model's tensors in file order: embeddings, blocks, head."""
     ref = sources.reference
     if recipe.layer_flow is None:
-        src = MERGED if recipe.merge_method != "passthrough" else _first_alias(recipe)
+        copy = recipe.merge_method == "passthrough" and not recipe.parameters and not any(
+            m.parameters for m in recipe.models)  # a passthrough with a `scale` runs the operator
+        src = _first_alias(recipe) if copy else MERGED
         return [OutputTensor(n, src, n) for n in ref.tensor_names]
     return lf.layout(recipe, sources)
 
@@ -216,20 +149,23 @@ def validate(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
 
 
 def merged_tensors(recipe: Recipe, sources: Sources, layout: list[OutputTensor] | None = None,
-                   targets: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                   targets: dict[str, torch.Tensor] | None = None,
+                   devices: dict[str, torch.device] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of the merged model, one at a time (float32
     for floating tensors). Merged tensors are computed straight into ``targets[name]`` when that
-    is a float32 tensor on the right device (then the yielded tensor *is* the target)."""
+    is a float32 contiguous tensor (then the yielded tensor *is* the target). Each tensor is
+    merged on the device of its target, else ``devices[name]``, else the sources' device (a
+    model split over several GPUs is merged where it lives)."""
     layout = validate(recipe, sources) if layout is None else layout
     plan = _plan(recipe)
     ref = sources.reference
     targets = targets or {}
-    # each tensor is merged on the device of its target (a split model spans several)
-    devices = [targets[o.name].device if o.name in targets else sources.device for o in layout]
-    sources.expect([(a, o.source_name, dev) for o, dev in zip(layout, devices)
+    devices = devices or {}
+    where = [targets[o.name].device if o.name in targets else devices.get(o.name, sources.device) for o in layout]
+    sources.expect([(a, o.source_name, dev) for o, dev in zip(layout, where)
                     for a in (_merge_inputs(recipe, plan, sources, o.source_name) if o.source == MERGED
                               else [o.source])])
-    for out, device in zip(layout, devices):
+    for out, device in zip(layout, where):
         if out.source == MERGED:  # a fresh tensor (or the target): scale it in place
             dest = targets.get(out.name)
             if dest is not None and (dest.dtype != torch.float32 or not dest.is_contiguous()):
@@ -249,36 +185,72 @@ def merged_tensors(recipe: Recipe, sources: Sources, layout: list[OutputTensor] 
 def build_model(sources: Sources, device: str | torch.device | None = None,
                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                 devices: list[str] | None = None, split: bool = False):
-    """Instantiate the reference model's architecture once (weights are filled per candidate):
-    on ``device`` (default: the sources'), or split over ``devices`` (:mod:`evomerge.merge.devices`)."""
+    """Instantiate the reference model's architecture once, empty (weights are filled per
+    candidate): on ``device`` (default: the sources'), or split over ``devices``
+    (:mod:`evomerge.merge.devices`); with the output vocabulary's rows when the merge re-indexes
+    the vocabulary (``tokenizer_source``)."""
     from evomerge.merge.devices import build_model as build
 
     device = torch.device(device) if device is not None else sources.device
-    return build(sources.reference, devices or [str(device)], dtype, trust_remote_code, split=split)
+    vocab = vocabulary_of(sources)
+    return build(sources.reference, devices or [str(device)], dtype, trust_remote_code, split=split,
+                 vocab_size=vocab.size if vocab is not None else None)
 
 
 def apply_in_place(model: torch.nn.Module, recipe: Recipe, sources: Sources) -> dict[str, float]:
     """Overwrite ``model``'s parameters with the merge, tensor by tensor. Returns timings.
 
     Layer-flow recipes resize the model's block list first (spare blocks are kept for reuse).
+    Merged tensors carry checkpoint names; :class:`~evomerge.architecture.ParameterMap` (built from
+    ``transformers``' own loading rules) says which parameter each one is. A tensor that
+    ``transformers`` fuses with others (a MoE layer's per-expert weights → one 3-D parameter) is
+    held until its group is complete, then fused by ``transformers``' converter and copied in:
+    the extra memory is one fused parameter, never a model.
     """
     t0 = time.perf_counter()
     layout = validate(recipe, sources)
     n_blocks = lf.output_num_blocks(recipe, sources)
     lf.resize_blocks(model, n_blocks, lf.layer_types_for(recipe, sources, n_blocks))
     params = dict(model.named_parameters(remove_duplicate=False))
-    buffers = dict(model.named_buffers())
+    known = {**dict(model.named_buffers()), **params}
+    pmap = _parameter_map(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
+    where = {o.name: pmap.target(o.name, known) for o in layout}
+    group_size: dict[str, int] = {}
+    for param, pattern in where.values():
+        if pattern is not None:
+            group_size[param] = group_size.get(param, 0) + 1
+    pending: dict[str, list[tuple[str, str, torch.Tensor]]] = {}
     with torch.no_grad():
-        targets = {n: p.data for n, p in params.items()}
-        for name, tensor in merged_tensors(recipe, sources, layout, targets):
-            target = params.get(name)
-            if target is None:
-                target = buffers.get(name)
-            if target is None:
-                if tied and "lm_head" in name:
+        # merged straight into the parameter where the checkpoint tensor is the whole parameter
+        targets = {n: params[p].data for n, (p, pat) in where.items() if pat is None and p in params}
+        devices = {n: known[p].device for n, (p, _) in where.items() if p in known}  # fused parts too
+        for name, tensor in merged_tensors(recipe, sources, layout, targets, devices):
+            param, pattern = where[name]
+            if pattern is not None:
+                parts = pending.setdefault(param, [])
+                parts.append((name, pattern, tensor))
+                if len(parts) < group_size[param]:
                     continue
-                raise ModelError(f"the resident model has no parameter {name}")
+                tensor = pmap.assemble(param, pending.pop(param))
+            target = known.get(param)
+            if target is None:
+                if tied and sources.reference.roles.role(name).kind == "head":
+                    continue
+                raise ModelError(f"the resident model has no parameter {param} (checkpoint tensor {name})")
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ModelError(f"{param}: the merge gives shape {list(tensor.shape)}, the resident model "
+                                 f"has {list(target.shape)}")
             if tensor is not targets.get(name):
                 target.copy_(tensor)
     return {"merge_s": time.perf_counter() - t0}
+
+
+_PARAMETER_MAPS: "weakref.WeakKeyDictionary[torch.nn.Module, ParameterMap]" = weakref.WeakKeyDictionary()
+
+
+def _parameter_map(model: torch.nn.Module) -> ParameterMap:
+    pmap = _PARAMETER_MAPS.get(model)
+    if pmap is None:
+        pmap = _PARAMETER_MAPS[model] = ParameterMap.for_model(model)
+    return pmap

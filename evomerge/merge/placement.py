@@ -16,7 +16,13 @@
     merge in a background thread.
 
 Every placement hands the merge the same bytes, so the merged weights are identical whatever
-the placement (``tests/test_placement.py``). Which one a worker uses is chosen by the memory
+the placement (``tests/test_placement.py``). An input whose tensors are *computed* when read
+rather than stored — a LoRA adapter over its base (:mod:`evomerge.merge.lora`: the base's
+tensor plus the low-rank product), a vocabulary-aligned input (:mod:`evomerge.merge.vocab`), or
+pickled weights — has no bytes on disk to copy: every placement reads it through the model
+object (``ModelDir.get``), so ``resident`` and ``pinned`` hold the computed tensors and ``mmap``
+computes each one per candidate (through the base's safetensors memory map, whose pages are the
+OS page cache, reclaimable) in the same background thread, one step ahead of the merge. Which one a worker uses is chosen by the memory
 plan (:mod:`evomerge.memory`) before any worker starts.
 
 The merge asks for tensors in an order it announces first (:meth:`Placed.expect`: a list of
@@ -27,6 +33,7 @@ ahead. A request off the announced list is served synchronously (correct, just n
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -79,6 +86,33 @@ def read_mapped(h: TensorHeader) -> torch.Tensor:
     return _as_tensor(out, h)
 
 
+def stored_headers(d) -> dict[str, TensorHeader] | None:
+    """``d``'s safetensors headers when its tensors are exactly the stored bytes, else ``None``:
+    a model whose tensors are computed on read (a :class:`~evomerge.merge.lora.AdaptedModel`, an
+    :class:`~evomerge.merge.vocab.AlignedModel` — wrappers, not :class:`ModelDir` subclasses) or
+    pickled weights, which placements read through ``d.get``."""
+    return d.headers if isinstance(d, ModelDir) and not d.pickled else None
+
+
+_ALIGN = 16  # byte alignment of each tensor in a pinned buffer (any dtype can view its slice)
+
+
+def _nbytes(d, name: str) -> int:
+    return math.prod(d.shape(name)) * d.dtype(name).itemsize
+
+
+def read_computed(d, name: str, out: torch.Tensor) -> torch.Tensor:
+    """Tensor ``name`` read through the model object ``d`` and copied into ``out`` (a CPU uint8
+    buffer of its size); returns ``out`` viewed as the tensor."""
+    t = d.get(name)
+    if t.numel() * t.element_size() != out.numel():
+        raise ModelError(f"{d.path}: tensor {name} reads as {list(t.shape)} × {t.dtype}, "
+                         f"its header says {list(d.shape(name))} × {d.dtype(name)}")
+    view = out.view(t.dtype).view(t.shape) if out.numel() else torch.empty(t.shape, dtype=t.dtype)
+    view.copy_(t)
+    return view
+
+
 def check_finite(t: torch.Tensor, d: ModelDir, name: str) -> torch.Tensor:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise ModelError(f"{d.path}: tensor {name} contains NaN or Inf values")
@@ -95,13 +129,6 @@ class Placed(ABC):
         self.dirs = dirs
         self.device_of = device_of
         self._unique = list({id(d): d for d in dirs.values()}.values())
-
-    def _header(self, alias: str, name: str) -> TensorHeader:
-        d = self.dirs[alias]
-        h = d.headers.get(name)
-        if h is None:
-            raise ModelError(f"{d.path}: no tensor named {name}")
-        return h
 
     @abstractmethod
     def get(self, alias: str, name: str, device: torch.device) -> torch.Tensor:
@@ -123,11 +150,16 @@ class Resident(Placed):
         super().__init__(dirs, device_of)
         self._tensors: dict[int, dict[str, torch.Tensor]] = {}
         for d in self._unique:
+            heads = stored_headers(d)
             loaded = {}
-            for n, h in d.headers.items():
+            for n in d.tensor_names:
                 dev = device_of(n)
-                t = read_into(h, torch.empty(h.nbytes, dtype=torch.uint8))
-                loaded[n] = check_finite(t.to(dev) if dev.type != "cpu" else t, d, n)
+                if heads is None:  # computed on read (adapter, aligned vocabulary, pickle)
+                    t = d.get(n, dev)
+                else:
+                    t = read_into(heads[n], torch.empty(heads[n].nbytes, dtype=torch.uint8))
+                    t = t.to(dev) if dev.type != "cpu" else t
+                loaded[n] = check_finite(t, d, n)
             self._tensors[id(d)] = loaded
 
     def get(self, alias: str, name: str, device: torch.device) -> torch.Tensor:
@@ -233,14 +265,20 @@ class Pinned(Streamed):
         self._registered: list[int] = []
         self._tensors: dict[int, dict[str, torch.Tensor]] = {}
         for d in self._unique:
-            total = sum(h.nbytes for h in d.headers.values())
-            buf = torch.empty(total, dtype=torch.uint8)  # one buffer per model: no per-tensor rounding
+            heads = stored_headers(d)
+            sizes = {n: heads[n].nbytes if heads is not None else _nbytes(d, n) for n in d.tensor_names}
+            offsets, total = {}, 0
+            for n, nb in sizes.items():  # each tensor starts aligned, so its slice views as any dtype
+                offsets[n] = total
+                total += -(-nb // _ALIGN) * _ALIGN
+            buf = torch.empty(total, dtype=torch.uint8)  # one buffer per model: no power-of-two rounding
             self._pin(buf)
             self._buffers.append(buf)
-            views, at = {}, 0
-            for n, h in d.headers.items():
-                views[n] = check_finite(read_into(h, buf[at:at + h.nbytes]), d, n)
-                at += h.nbytes
+            views = {}
+            for n, at in offsets.items():
+                out = buf[at:at + sizes[n]]
+                t = read_into(heads[n], out) if heads is not None else read_computed(d, n, out)
+                views[n] = check_finite(t, d, n)
             self._tensors[id(d)] = views
 
     def _pin(self, buf: torch.Tensor) -> None:
@@ -278,7 +316,11 @@ class Mapped(Streamed):
     name = "mmap"
 
     def _host(self, alias: str, name: str) -> torch.Tensor:
-        return read_mapped(self._header(alias, name))
+        d = self.dirs[alias]
+        if name not in d:
+            raise ModelError(f"{d.path}: no tensor named {name}")
+        heads = stored_headers(d)  # stored bytes through a map of their range; else computed on read
+        return read_mapped(heads[name]) if heads is not None else d.get(name)
 
     def _check(self, t: torch.Tensor, alias: str, name: str) -> torch.Tensor:
         return check_finite(t, self.dirs[alias], name)

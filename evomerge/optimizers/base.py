@@ -7,7 +7,9 @@ Contract (docs/CONTRACTS.md, docs/optimizers.md):
   wait for outstanding tells (CMA-ES at its generation barrier);
 * ``tell(id, fitness, per_example=None, objectives=None)`` exactly once per asked id; a
   non-finite value raises (the search loop maps failures to a finite penalty first);
-* ``state_bytes()`` / ``from_state_bytes()``: exact resume, RNG included. Asks that were
+* ``state_bytes()`` / ``from_state_bytes()``: exact resume, RNG included, stored as DATA
+  (:mod:`evomerge.checkpoint`: JSON + numpy arrays, never a pickle; subclasses hold plain
+  values, arrays and numpy RNGs, or override ``_get_state``/``_set_state``). Asks that were
   outstanding when the state was taken are **re-issued first, with the same ids and genomes**,
   after a restore, so a loop that restores its last checkpoint and re-asks gets the candidates it
   had (served from its cache) and then exactly the asks an uninterrupted run would have made.
@@ -20,16 +22,18 @@ from __future__ import annotations
 
 import inspect
 import math
-import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from evomerge.errors import ConfigError
+from evomerge import checkpoint
+from evomerge.errors import ConfigError, EvomergeError
 
-_FORMAT = "evomerge-optimizer/1"
+_LEGACY_FORMAT = "evomerge-optimizer/1"  # the pickled checkpoints of evomerge < checkpoint v2
+# every Optimizer subclass, by "module:qualname": the classes a checkpoint may rebuild
+_CLASSES: dict[str, type] = {}
 
 
 @dataclass
@@ -79,6 +83,9 @@ class Optimizer(ABC):
     name: ClassVar[str] = ""
     #: whether the box may be unbounded (M2N2 on raw weights); others need finite bounds.
     allows_infinite_bounds: ClassVar[bool] = False
+    #: whether it asks a finite set of candidates and then stops (grid): a search config may then
+    #: leave out its budget and run until ``ask`` returns None with nothing outstanding.
+    finite: ClassVar[bool] = False
 
     def __init__(self, lower, upper, seed: int, x0=None):
         self.lower, self.upper = _as_bounds(
@@ -164,27 +171,49 @@ class Optimizer(ABC):
         return sorted(self._pending)
 
     def state_bytes(self) -> bytes:
-        """Everything needed to continue exactly (pickle; a run directory's own checkpoint)."""
-        return pickle.dumps({"format": _FORMAT, "name": self.name, "object": self}, protocol=4)
+        """Everything needed to continue exactly, as data (:mod:`evomerge.checkpoint`, no pickle)."""
+        return checkpoint.encode({"optimizer": self})
 
     @classmethod
-    def from_state_bytes(cls, blob: bytes) -> "Optimizer":
-        """Restore; outstanding asks are queued to be re-issued (same ids, same genomes) first."""
-        try:
-            data = pickle.loads(blob)
-        except Exception as exc:  # corrupt checkpoint: say so, not a pickle traceback
-            raise ConfigError(f"optimizer checkpoint is unreadable ({exc}); the run store may be damaged") from exc
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
-            raise ConfigError("optimizer checkpoint has an unknown format; it was not written by this evomerge")
-        obj = data["object"]
+    def from_state_bytes(cls, blob: bytes, *, allow_pickle: bool = False) -> "Optimizer":
+        """Restore; outstanding asks are queued to be re-issued (same ids, same genomes) first.
+
+        ``allow_pickle`` also reads an old pickled checkpoint (it can run code: trusted files only).
+        """
+        tree = checkpoint.decode(blob, allow_pickle=allow_pickle, where="optimizer checkpoint")
+        if checkpoint.is_pickle(blob):
+            if not isinstance(tree, dict) or tree.get("format") != _LEGACY_FORMAT:
+                raise ConfigError("optimizer checkpoint has an unknown format; it was not written by this evomerge")
+            obj = tree["object"]
+        elif not isinstance(tree, dict) or not isinstance(tree.get("optimizer"), Optimizer):
+            raise ConfigError("optimizer checkpoint holds no optimizer; it was not written by this evomerge")
+        else:
+            obj = tree["optimizer"]
         if not isinstance(obj, cls):
             raise ConfigError(
-                f"optimizer checkpoint holds {data.get('name')!r}, not {cls.name or cls.__name__!r}; "
+                f"optimizer checkpoint holds {obj.name!r}, not {cls.name or cls.__name__!r}; "
                 "restore it with load_optimizer()"
             )
         obj._reissue = sorted(obj._pending)
         obj._after_restore()
         return obj
+
+    #: attributes not stored in a checkpoint (rebuilt by ``_after_restore``; None until then)
+    _transient: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _CLASSES[f"{cls.__module__}:{cls.__qualname__}"] = cls
+
+    def _get_state(self) -> dict[str, Any]:
+        """The attributes to store (data: see :mod:`evomerge.checkpoint`)."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._transient}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        """Inverse of ``_get_state`` on an instance made without ``__init__``."""
+        self.__dict__.update(state)
+        for k in self._transient:
+            setattr(self, k, None)
 
     # ---------------------------------------------------------------- for subclasses
     @abstractmethod
@@ -248,21 +277,61 @@ def _option_names(cls: type[Optimizer]) -> list[str]:
     return [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY]
 
 
+#: entry-point group through which installed distributions add optimizers (name = the
+#: registry name, value = ``module:Class``, an :class:`Optimizer` subclass).
+ENTRY_POINT_GROUP = "evomerge.optimizers"
+
+
+def _load_plugin(family: str) -> type[Optimizer] | None:
+    """The optimizer ``family`` from an installed distribution's entry points, registered on first use."""
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == family]
+    if not found:
+        return None
+    ep = found[0]
+    try:
+        cls = ep.load()
+    except Exception as e:  # noqa: BLE001  (a broken plugin is the user's to fix: say which)
+        raise ConfigError(f"optimizer {family!r}: plugin entry point {ep.value!r} does not load "
+                          f"({type(e).__name__}: {e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
+        raise ConfigError(f"optimizer {family!r}: plugin entry point {ep.value!r} is not an Optimizer subclass")
+    if family not in OPTIMIZERS:
+        register(family)(cls)
+    return OPTIMIZERS[family]
+
+
+def _plugin_names() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)]
+
+
+def optimizer_class(name: str) -> type[Optimizer]:
+    """The class behind ``name`` (``family[:variant]``): built-in, or from a plugin's entry point.
+
+    The built-ins are registered: importing this module ran its package's ``__init__``, which
+    imports them."""
+    family = str(name).partition(":")[0]
+    cls = OPTIMIZERS.get(family) or _load_plugin(family)
+    if cls is None:
+        raise ConfigError(
+            f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(set(OPTIMIZERS) | set(_plugin_names())))} "
+            "(Optuna samplers as optuna:<sampler>)"
+        )
+    return cls
+
+
 def make_optimizer(name: str, lower, upper, seed: int, x0=None, **options: Any) -> Optimizer:
-    """Build an optimizer by name: ``cmaes``, ``cmaes:sep``, ``m2n2``, ``random``, ``optuna:tpe``...
+    """Build an optimizer by name: ``cmaes``, ``cmaes:sep``, ``m2n2``, ``random``, ``grid``,
+    ``optuna:tpe``..., or a name a plugin registers under the ``evomerge.optimizers`` entry points.
 
     The part after ``:`` is the optimizer's ``variant`` (CMA flavour, Optuna sampler).
     Unknown names or options raise ConfigError listing what is valid.
     """
-    from evomerge import optimizers as _pkg  # noqa: F401  (registers the built-ins)
-
     family, _, variant = str(name).partition(":")
-    cls = OPTIMIZERS.get(family)
-    if cls is None:
-        raise ConfigError(
-            f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(OPTIMIZERS))} "
-            "(Optuna samplers as optuna:<sampler>)"
-        )
+    cls = optimizer_class(name)
     valid = _option_names(cls)
     if variant:
         if "variant" not in valid:
@@ -276,9 +345,31 @@ def make_optimizer(name: str, lower, upper, seed: int, x0=None, **options: Any) 
     return cls(lower, upper, seed, x0=x0, **options)
 
 
-def load_optimizer(blob: bytes) -> Optimizer:
+def load_optimizer(blob: bytes, *, allow_pickle: bool = False) -> Optimizer:
     """Restore any optimizer from ``state_bytes()`` without knowing its class."""
-    return Optimizer.from_state_bytes(blob)
+    return Optimizer.from_state_bytes(blob, allow_pickle=allow_pickle)
+
+
+def _optimizer_data(o: Optimizer) -> dict:
+    return {"class": f"{type(o).__module__}:{type(o).__qualname__}", "state": o._get_state()}
+
+
+def _optimizer_from(d: dict) -> Optimizer:
+    cls = _CLASSES.get(d["class"])
+    if cls is None:
+        raise EvomergeError(f"optimizer checkpoint: unknown optimizer class {d['class']!r}")
+    obj = cls.__new__(cls)
+    try:
+        obj._set_state(d["state"])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ConfigError(f"optimizer checkpoint of {d['class']} is damaged ({type(exc).__name__}: {exc}); "
+                          "the run store may be damaged") from None
+    return obj
+
+
+checkpoint.register_type("ask", Ask, lambda a: {"id": a.id, "genome": a.genome, "info": a.info},
+                         lambda d: Ask(int(d["id"]), d["genome"], d["info"]))
+checkpoint.register_type("optimizer", Optimizer, _optimizer_data, _optimizer_from)
 
 
 def roulette(rng: np.random.Generator, weights: np.ndarray) -> int:

@@ -117,17 +117,31 @@ class CMAES(Optimizer):
             "tell it a (penalty) fitness instead"
         )
 
-    # The library's own pickling is lossy for an exact resume: it drops its RandomState and
-    # stores C as a symmetric triangle (C is only symmetric up to rounding). Carry its attributes
-    # and RNG state verbatim instead.
-    def __getstate__(self) -> dict:
-        d = self.__dict__.copy()
+    # Checkpoint: the library object is stored field by field (mean, C, sigma, p_sigma, p_c, B, D,
+    # generation, ... whatever its instance holds, all floats/arrays) plus its RandomState, so a
+    # restore continues bit for bit. (The library's own pickling is lossy: it drops the RNG and
+    # stores C as a symmetric triangle, while C is symmetric only up to rounding.)
+    _LIBS = {"full": CMA, "sep": SepCMA}
+
+    def _get_state(self) -> dict:
+        d = super()._get_state()
         lib = d.pop("_lib")
-        attrs = {k: v for k, v in lib.__dict__.items() if k != "_rng"}
-        d["_lib_state"] = (type(lib), attrs, lib._rng.get_state())
+        d["_lib_state"] = {"type": "sep" if isinstance(lib, SepCMA) else "full",
+                           "attrs": {k: v for k, v in lib.__dict__.items() if k != "_rng"}, "rng": lib._rng}
         return d
 
+    def _set_state(self, d: dict) -> None:
+        d = dict(d)
+        lib_state = d.pop("_lib_state")
+        lib_type = self._LIBS[lib_state["type"]]
+        lib = lib_type.__new__(lib_type)
+        lib.__dict__.update(lib_state["attrs"])
+        lib._rng = lib_state["rng"]
+        super()._set_state(d)
+        self._lib = lib
+
     def __setstate__(self, d: dict) -> None:
+        """Old pickled checkpoints (``resume --allow-pickle``) carried (type, attrs, rng state)."""
         lib_type, attrs, rng_state = d.pop("_lib_state")
         lib = lib_type.__new__(lib_type)
         lib.__dict__.update(attrs)

@@ -1,4 +1,4 @@
-"""M2N2 — Model Merging of Natural Niches (Abrantes, Lange, Tang 2025), ALGORITHMS.md §4.
+"""M2N2 — Model Merging of Natural Niches (Abrantes, Lange, Tang 2025), docs/ALGORITHMS.md §4.
 
 An archive of P members with a per-data-point score matrix S (P × N). Competition: each data
 point is a resource shared by the members that solve it, z_j = (Σ_k S_kj)^α (1 where the sum is
@@ -308,3 +308,30 @@ class M2N2(Optimizer):
         self._genomes.append(ask.genome.copy())
         self._fitness.append(fitness)
         self._rows.append(None if row is None else row.copy())
+
+
+# ----------------------------------------------------------------------------- on whole weights
+class ArchiveM2N2(M2N2):
+    """M2N2's selection and steady-state replacement, with children drawn as lineages.
+
+    The genome of a child is (parent_a id, parent_b id, split, w, mutation seed); the search
+    loop turns it into a :class:`Lineage` over the members' hashes. Initial members come first.
+    """
+
+    def __init__(self, sources: int, elements: int, seed: int, *, archive_size: int = 20, alpha: float = 1.0,
+                 attraction: bool = True, splitpoint: bool = True, mutation: float = 0.0):
+        init = [[-(k + 1), -(k + 1), 0, 0, 0] for k in range(sources)]
+        inf = np.full(5, np.inf)
+        super().__init__(-inf, inf, seed, archive_size=archive_size, alpha=alpha, attraction=attraction,
+                         splitpoint=splitpoint, mutation=mutation, init=init, init_size=sources)
+        if int(elements) < 1:
+            raise ConfigError("model_archive: the reference model has no floating-point tensors to cross")
+        self.elements = int(elements)
+
+    def _breed(self) -> Ask:
+        p1, p2 = select_parents(self.score_matrix(), self.alpha, self._rng, self.use_attraction)
+        split, w = draw_crossover(self._rng, self.elements, self.splitpoint)
+        seed = int(self._rng.integers(0, 2 ** 52)) if self.mutation > 0 else 0
+        a, b = self._ids[p1], self._ids[p2]
+        return self._new_ask(np.array([a, b, split, w, seed], dtype=np.float64), source="child",
+                             parents=(a, b), split=split, w=w, mutation=self.mutation, mutation_seed=seed)

@@ -1,12 +1,14 @@
 """Any Optuna sampler behind evomerge's ask/tell: ``optuna:tpe``, ``optuna:cmaes``, ``optuna:nsgaii``...
 
 Storage is Optuna's in-memory storage: the run store already records every trial, and Optuna's
-SQLite storage costs 80–450 ms per trial here. Resume: the state holds the sampler object
-(pickled, so its RNG state comes along) and every trial as a FrozenTrial (params, values,
-state, system attributes — where CmaEsSampler and NSGA-II keep their own state); restoring
-re-creates an in-memory study and adds the trials back in number order. With the same Optuna
-version this continues exactly as an uninterrupted study (tested for tpe, random, cmaes,
-nsgaii, qmc); trials' timestamps are kept but no sampler here reads them.
+SQLite storage costs 80–450 ms per trial here. Resume by REPLAY, as data: the checkpoint holds
+the constructor's options and the study's history as events (ask → the trial's params, tell →
+its values, fail); restoring builds a fresh study with the same seeded sampler and replays the
+events through ``study.ask``/``study.tell``, checking that every replayed ask draws exactly the
+stored params. Samplers are deterministic given their seed and history, so this continues exactly
+as an uninterrupted study (tested for tpe, random, cmaes, nsgaii, qmc) and never unpickles
+anything (Optuna's CmaEsSampler keeps pickled state in trial attributes; replay rebuilds it
+locally instead of reading it from a file). Replay costs one sampler call per past trial.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.extras import require_extra
 from evomerge.optimizers.base import Ask, Optimizer, register
 
 
 def _samplers() -> dict[str, Callable[..., Any]]:
+    require_extra("optuna", "optuna", "the optuna optimizer")
     import optuna.samplers as s
 
     table = {
@@ -65,6 +69,8 @@ class OptunaSearch(Optimizer):
         sampler_options: dict[str, Any] | None = None,
     ):
         super().__init__(lower, upper, seed, x0=x0)
+        self._options = {"variant": variant, "objectives": int(objectives), "sampler_options": sampler_options}
+        self._events: list[tuple] = []  # ("ask", params) | ("tell", trial, values) | ("fail", trial)
         table = _samplers()
         if variant not in table:
             raise ConfigError(f"optuna: unknown sampler {variant!r}; choose one of {', '.join(sorted(table))}")
@@ -100,6 +106,7 @@ class OptunaSearch(Optimizer):
             warnings.simplefilter("ignore")
             trial = self._study.ask(self._distributions())
         genome = np.array([trial.params[n] for n in self._names], dtype=np.float64)
+        self._events.append(("ask", genome.copy()))
         a = self._new_ask(np.clip(genome, self.lower, self.upper), trial=trial.number)
         self._trial_of[a.id] = trial.number
         return a
@@ -112,37 +119,56 @@ class OptunaSearch(Optimizer):
             values: Any = objectives.tolist()
         else:
             values = fitness
+        number = self._trial_of.pop(ask.id)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._study.tell(self._trial_of.pop(ask.id), values)
+            self._study.tell(number, values)
+        self._events.append(("tell", number, values))
 
     def _discard(self, ask) -> None:
         from optuna.trial import TrialState
 
+        number = self._trial_of.pop(ask.id)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._study.tell(self._trial_of.pop(ask.id), state=TrialState.FAIL)  # samplers skip FAIL
+            self._study.tell(number, state=TrialState.FAIL)  # samplers skip FAIL
+        self._events.append(("fail", number))
 
     @property
     def study(self):
         """The live Optuna study (read it; drive it only through ask/tell)."""
         return self._study
 
-    # Serialise the study as sampler + trials, re-create it in memory on load.
-    def __getstate__(self) -> dict:
-        d = self.__dict__.copy()
-        study = d.pop("_study")
-        d["_study_state"] = {
-            "sampler": study.sampler,
-            "trials": study.get_trials(deepcopy=True),
-            "system_attrs": study._storage.get_study_system_attrs(study._study_id),
-            "user_attrs": study.user_attrs,
-        }
-        return d
+    # Checkpoint: options + events (data); the study is rebuilt by replay.
+    _transient = ("_study",)
+
+    def _set_state(self, d: dict) -> None:
+        from optuna.trial import TrialState
+
+        fresh = type(self)(d["lower"], d["upper"], d["seed"], x0=d["x0"], **d["_options"])
+        study, dists = fresh._study, fresh._distributions()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for ev in d["_events"]:
+                if ev[0] == "ask":
+                    trial = study.ask(dists)
+                    got = np.array([trial.params[n] for n in fresh._names], dtype=np.float64)
+                    if not np.array_equal(got, ev[1]):
+                        raise EvomergeError(f"optuna:{fresh.variant}: trial {trial.number} does not replay "
+                                            "(another Optuna version?); cannot resume")
+                elif ev[0] == "tell":
+                    study.tell(int(ev[1]), ev[2])
+                else:
+                    study.tell(int(ev[1]), state=TrialState.FAIL)
+        super()._set_state(d)
+        self._study = study
 
     def __setstate__(self, d: dict) -> None:
+        """Old pickled checkpoints (``resume --allow-pickle``): sampler object + frozen trials."""
         st = d.pop("_study_state")
         self.__dict__.update(d)
+        self._options = {"variant": self.variant, "objectives": self.n_objectives, "sampler_options": None}
+        self._events = _events_of(st["trials"], self._names)
         _quiet_optuna()
         self._study = self._new_study(st["sampler"])
         storage, sid = self._study._storage, self._study._study_id
@@ -154,3 +180,18 @@ class OptunaSearch(Optimizer):
             warnings.simplefilter("ignore")
             for t in st["trials"]:
                 self._study.add_trial(t)
+
+
+def _events_of(trials, names: list[str]) -> list[tuple]:
+    """Events of an old checkpoint's frozen trials, ordered by their ask/tell timestamps (the next
+    checkpoint is then written as data; its replay checks every ask, so a wrong order cannot pass)."""
+    from optuna.trial import TrialState
+
+    timed = []
+    for t in trials:
+        timed.append((t.datetime_start, 0, t.number, ("ask", np.array([t.params[n] for n in names], dtype=np.float64))))
+        if t.state == TrialState.COMPLETE:
+            timed.append((t.datetime_complete, 1, t.number, ("tell", t.number, list(t.values))))
+        elif t.state == TrialState.FAIL:
+            timed.append((t.datetime_complete, 1, t.number, ("fail", t.number)))
+    return [e for *_, e in sorted(timed, key=lambda x: x[:3])]

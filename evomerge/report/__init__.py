@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evomerge.extras import require_extra
 from evomerge.report.data import (FAILED, OK, ModelInfo, ObjectiveInfo, PredictedFront, ReportData, RunFacts,
                                   TrialInfo)
 from evomerge.report.loader import load_report_data
@@ -17,6 +18,7 @@ __all__ = ["FAILED", "OK", "ModelInfo", "ObjectiveInfo", "PredictedFront", "Repo
 
 
 def render_html(data: ReportData) -> str:
+    require_extra("plotly", "report", "the HTML report")
     from evomerge.report.html import render_html as _render
 
     return _render(data)
@@ -32,6 +34,8 @@ def write_report(data: ReportData, out: str | Path) -> Path:
 
 
 def write_pngs(data: ReportData, out_dir: str | Path) -> list[Path]:
+    require_extra("plotly", "report", "PNG plots")
+    require_extra("matplotlib", "report", "PNG plots")
     from evomerge.report.static import write_pngs as _write
 
     return _write(data, out_dir)

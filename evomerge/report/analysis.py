@@ -12,7 +12,7 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.report.data import ReportData, TrialInfo
-from evomerge.surrogate.pareto import non_dominated_mask
+from evomerge.surrogate.pareto import pareto_front
 from evomerge.surrogate.front import preference_index
 
 
@@ -24,14 +24,12 @@ def objective_matrix(data: ReportData, trials: list[TrialInfo] | None = None, sp
 
 
 def pareto_trials(data: ReportData) -> list[TrialInfo]:
-    """The evaluated Pareto set on the search split, ordered by the first objective (best first)."""
-    trials = data.ok_trials
+    """The evaluated Pareto set on the search split, in :func:`~evomerge.surrogate.pareto.pareto_front`'s
+    order (first objective best first, then the next; exact ties by trial id)."""
+    trials = sorted(data.ok_trials, key=lambda t: t.id)
     if not trials:
         return []
-    Y = objective_matrix(data, trials)
-    idx = np.flatnonzero(non_dominated_mask(Y))
-    order = sorted(idx, key=lambda i: (tuple(-Y[i]), trials[i].id))
-    return [trials[i] for i in order]
+    return [trials[i] for i in pareto_front(objective_matrix(data, trials))]
 
 
 def best_trial(data: ReportData) -> TrialInfo:

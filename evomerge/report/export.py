@@ -126,14 +126,14 @@ def card_sections(data: ReportData, t: TrialInfo, how: str, mergekit_note: str |
 def mergekit_yaml(recipe: Recipe) -> tuple[str | None, str | None]:
     """(mergekit YAML, note): the YAML when mergekit can express the recipe, else a note saying why not."""
     try:
-        from evomerge.mergekit_compat import recipe_to_mergekit
+        from evomerge.merge.mergekit import recipe_to_mergekit
     except ImportError:  # pragma: no cover - the module ships with evomerge
         return None, "No mergekit config: this evomerge has no mergekit translation."
     try:
         config = recipe_to_mergekit(recipe)
     except (ConfigError, EvomergeError) as e:
         return None, f"No mergekit config: mergekit cannot express this recipe ({e})."
-    from evomerge.merge.operators import OPERATORS
+    from evomerge.merge.methods import OPERATORS
 
     note = None
     op = OPERATORS.get(recipe.merge_method)
@@ -147,11 +147,11 @@ def export_trial(data: ReportData, t: TrialInfo, out: str | Path, how: str = "",
                  progress: Callable[[int, int], None] | None = None, shard_bytes: int | None = None) -> ExportResult:
     """Materialise trial ``t`` into ``out`` with its card, evomerge recipe and (when possible) mergekit YAML."""
     from evomerge.merge.export import DEFAULT_SHARD_BYTES, export_model
-    from evomerge.merge.materialize import Sources
+    from evomerge.merge.sources import Sources
 
     if not t.recipe:
         raise EvomergeError(f"{data.run.run_dir}: trial {t.id} has no stored recipe")
-    from evomerge.archive import export_member, is_lineage
+    from evomerge.lineage import export_member, is_lineage
 
     if is_lineage(t.recipe):  # a model-archive child: its weights come from its lineage
         card = card_sections(data, t, how or f"trial {t.id}", None, False).split("\n## Reproduce")[0]

@@ -90,7 +90,7 @@ def _zrange(trials: dict) -> list[float] | None:
 def _recipe_payload(data: ReportData, recipe_dict: dict | None) -> dict:
     if not recipe_dict:
         return {"recipe": None}
-    from evomerge.archive import is_lineage
+    from evomerge.lineage import is_lineage
 
     if is_lineage(recipe_dict):  # a model-archive child: weights crossed directly, no recipe
         return {"recipe": None, "recipe_yaml": yaml.safe_dump(recipe_dict, sort_keys=False),

@@ -13,7 +13,7 @@ Mapping (see :mod:`evomerge.store` and :mod:`evomerge.search`):
 * run facts: ``meta.created`` (start), ``meta.updated`` (last status change), ``meta.elapsed``
   (search wall time over all sessions), ``meta.status``, ``meta.stopped``, ``meta.space``;
 * the surrogate's predicted front is the MAP summary in ``meta.map``
-  (:func:`evomerge.surrogate.map_search.save_map_summary`): ``front.M`` (raw metric values, in
+  (:func:`evomerge.search.map.save_map_summary`): ``front.M`` (raw metric values, in
   the order of ``objectives`` keys), ``front.C`` over ``genes``.
 """
 

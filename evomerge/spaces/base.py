@@ -23,9 +23,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError
-from evomerge.recipe import InputModel, Recipe, load_yaml, parse_model
+from evomerge.io import load_yaml, parse_model
+from evomerge.paths import search_spaces_dir
+from evomerge.recipe import InputModel, Recipe
 
-SEARCH_SPACES_DIR = Path(__file__).resolve().parent.parent.parent / "search_spaces"
+SEARCH_SPACES_DIR = search_spaces_dir()
 
 
 # ---------------------------------------------------------------------- the models a space combines
@@ -57,11 +59,12 @@ class ModelPool:
     @classmethod
     def from_paths(cls, base: str | None, experts: list[InputModel], check: bool = True) -> "ModelPool":
         """Open every model directory (lazily), check they can be merged, count their blocks."""
-        from evomerge.models import ModelDir, check_compatible
+        from evomerge.merge.lora import open_model
+        from evomerge.models import check_compatible
 
-        dirs = {e.alias: ModelDir(e.model) for e in experts}
+        dirs = {e.alias: open_model(e.model) for e in experts}
         if base is not None:
-            dirs = {"base": ModelDir(base), **dirs}
+            dirs = {"base": open_model(base), **dirs}
         if check:  # same architecture and block layout; equal depth is the PS space's requirement
             first, *rest = dirs.values()
             check_compatible(first, rest, same_depth=False)
@@ -213,29 +216,28 @@ def register_space(name: str, config: type[SpaceConfig]):
     return deco
 
 
-def _ensure_registered() -> None:
-    # Importing the package registers the shipped spaces.
-    import evomerge.spaces  # noqa: F401
+def space_defaults(kind: str) -> dict:
+    """The defaults of a space type, from its pydantic model: the one home of space defaults.
 
-
-def shipped_space_file(name: str) -> Path:
-    return SEARCH_SPACES_DIR / f"{name}.yaml"
+    ``search_spaces/<type>.yaml`` shows the same values with a banner explaining every key; it is
+    documentation (and a starting point to copy), not read for defaults, and a test fails when
+    the two drift apart.
+    """
+    return SPACES[kind].config.model_validate({"type": kind}).model_dump()
 
 
 def parse_space_config(value: Any, where: str = "space") -> SpaceConfig:
-    """A space config from a shipped name (``ps``), a YAML path, or a mapping with ``type``.
+    """A space config from a space name (``ps``), a YAML path, or a mapping with ``type``.
 
-    A mapping starts from the shipped file of its type (``search_spaces/<type>.yaml``), so a
-    config only names what it changes.
+    A name is the type's defaults; a mapping only names what it changes (merged, nested mappings
+    included, into the defaults of :func:`space_defaults`).
     """
-    _ensure_registered()
     if isinstance(value, SpaceConfig):
         return value
     if isinstance(value, (str, Path)):
         text = str(value)
         if text in SPACES:
-            path = shipped_space_file(text)
-            data = load_yaml(path) if path.is_file() else {"type": text}
+            data: Any = {"type": text}
         elif text.endswith((".yaml", ".yml")):
             data = load_yaml(text)
             where = text
@@ -254,10 +256,7 @@ def parse_space_config(value: Any, where: str = "space") -> SpaceConfig:
         raise ConfigError(
             f"{where}.type: {kind!r} is not a search space; use one of {', '.join(sorted(SPACES))}"
         )
-    shipped = shipped_space_file(kind)
-    base = load_yaml(shipped) if shipped.is_file() else {}
-    merged = _deep_merge(base if isinstance(base, dict) else {}, value)
-    return parse_model(SPACES[kind].config, merged, where)
+    return parse_model(SPACES[kind].config, _deep_merge(space_defaults(kind), value), where)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

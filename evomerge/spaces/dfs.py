@@ -1,6 +1,6 @@
 """Data-flow-space (DFS) search: which blocks the merged network runs, in which order, at what scale.
 
-After Akiba et al. 2024 (ALGORITHMS.md §3). The *pool* is every block of the pooled models
+After Akiba et al. 2024 (docs/ALGORITHMS.md §3). The *pool* is every block of the pooled models
 (model A first); the *slots* are the pool repeated ``repeats`` times. Gene ``I_t`` switches slot
 ``t`` on when it is positive; the path is the switched-on slots in order. Constraints, enforced
 by construction rather than penalties:

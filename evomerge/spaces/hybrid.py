@@ -1,6 +1,6 @@
 """Hybrid search: parameter space first, then data-flow space over a pool that holds the PS merge.
 
-After Akiba et al. 2024 (ALGORITHMS.md §3, "Hybrid PS+DFS"). The genome is the PS genome
+After Akiba et al. 2024 (docs/ALGORITHMS.md §3, "Hybrid PS+DFS"). The genome is the PS genome
 followed by the DFS genome, searched in two stages: stage ``ps`` moves the PS genes (the layer
 flow stays at its start, the merge's own blocks: the pure PS merge); stage ``dfs`` keeps the best
 PS genes and moves the DFS genes. The DFS pool contains ``merge`` — the recipe's own PS merge —

@@ -6,12 +6,12 @@ and the base with ``include_base``), written as the exact reproduction recipes o
 Every later member is a *child*: a split-point SLERP of two members' full parameter vectors
 (one ω over the whole vector, split point over the total element count, optional Gaussian
 mutation). A child has no merge recipe; its identity is its *lineage* (parents' hashes, split,
-w, mutation σ and seed), see :mod:`evomerge.archive`.
+w, mutation σ and seed), see :mod:`evomerge.lineage`.
 
 The genome of every candidate records that lineage as five numbers so the run store keeps it
 in the ``genome`` column: ``parent_a``, ``parent_b`` (M2N2 member ids, i.e. ask ids; an initial
 member k has −(k+1) in both), ``split``, ``w``, ``mutation_seed``. Only the initial members'
-genomes map to recipes; the search loop (:class:`evomerge.archive.ArchiveSearch`) turns
+genomes map to recipes; the search loop (:class:`evomerge.search.archive.ArchiveSearch`) turns
 children into lineages.
 """
 
@@ -66,7 +66,7 @@ class ModelArchiveSpace(Space):
         k = self.source_index(genome)
         if k is None:
             raise ConfigError("model_archive space: only initial members have a recipe; a child's weights are "
-                              "crossed from its parents (its lineage, evomerge.archive.Lineage)")
+                              "crossed from its parents (its lineage, evomerge.lineage.Lineage)")
         return self.recipes[self.members[k]]
 
     def from_recipe(self, recipe: Recipe) -> np.ndarray:

@@ -1,12 +1,18 @@
 """Parameter-space (PS) search: operator parameters per expert and per layer group.
 
-After Akiba et al. 2024 (ALGORITHMS.md §2): one merge operator (TIES with DARE by default), and
+After Akiba et al. 2024 (docs/ALGORITHMS.md §2): one merge operator (TIES with DARE by default), and
 for every expert ``k``, every searched parameter ``p`` (weight, density) and every *group* of
 tensors one gene. Groups come from the granularity:
 
 * ``global`` — one value for the whole model (a scalar in the recipe);
 * ``block`` — the embeddings, each run of ``block_size`` consecutive blocks, the head;
 * ``layer`` — the embeddings, every block, the head (``block`` with ``block_size: 1``).
+
+``embed_head: blocks`` drops the embedding and head genes: the embeddings take the first block
+group's values and the head (with the final norm) the last group's. That is mergekit-evolve's
+genome (``layer_granularity``: mergekit attributes the tensors before the first layer to the
+first slice and those after the last layer to the last slice), so a search here can be compared
+gene for gene with one run there. The default, ``own``, gives them genes of their own.
 
 With ``filters`` (e.g. ``[self_attn, mlp]``) each filter gets its own block genes and the other
 tensors (norms, embeddings, head) a "rest" set, written as mergekit-style ``{filter, value}``
@@ -21,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evomerge.errors import ConfigError
-from evomerge.merge.operators import get_operator
+from evomerge.merge.methods import get_operator
 from evomerge.recipe import FilteredValue, GroupValues, InputModel, Recipe, TensorSite, resolve
 from evomerge.spaces.base import ModelPool, Space, SpaceConfig, register_space
 
@@ -30,7 +36,15 @@ from evomerge.spaces.base import ModelPool, Space, SpaceConfig, register_space
 DEFAULT_PARAMS: dict[str, tuple[tuple[float, float], float]] = {
     "weight": ((0.0, 2.0), 0.5),
     "density": ((0.0, 1.0), 0.5),
+    "tall_lambda": ((0.0, 2.0), 1.0),  # consensus
+    # global (operator-wide) parameters: one gene per layer group, shared by the experts
+    "t": ((0.0, 1.0), 0.5),  # slerp, nearswap
+    "lambda": ((0.0, 2.0), 1.0),
+    "select_topk": ((0.0, 1.0), 0.5),  # sce
+    "alpha": ((0.0, 2.0), 0.5),  # LiNeS
+    "beta": ((0.0, 2.0), 0.5),
 }
+SHARED = "*"  # the "expert" of a global parameter's genes
 REST = None  # filter of the catch-all entry
 
 
@@ -50,6 +64,7 @@ class PSConfig(SpaceConfig):
     options: dict[str, Any] = Field(default_factory=dict)
     granularity: Literal["global", "block", "layer"] = "layer"
     block_size: int = Field(default=4, ge=1)
+    embed_head: Literal["own", "blocks"] = "own"  # blocks: mergekit-evolve's genome (no genes of their own)
     filters: list[str] = Field(default_factory=list)
     experts: list[str] | None = None
 
@@ -87,12 +102,13 @@ class Group:
         return {"embed": [embed], "head": [head], "blocks": blocks, "all": [embed, *blocks, head]}[self.kind]
 
 
-def make_groups(granularity: str, block_size: int, num_blocks: int) -> list[Group]:
+def make_groups(granularity: str, block_size: int, num_blocks: int, embed_head: str = "own") -> list[Group]:
+    """The gene groups; with ``embed_head="blocks"`` no embed/head groups (they follow the end blocks)."""
     if granularity == "global":
         return [Group("all")]
     k = 1 if granularity == "layer" else block_size
-    return [Group("embed"), *(Group("blocks", lo, min(lo + k, num_blocks)) for lo in range(0, num_blocks, k)),
-            Group("head")]
+    blocks = [Group("blocks", lo, min(lo + k, num_blocks)) for lo in range(0, num_blocks, k)]
+    return blocks if embed_head == "blocks" else [Group("embed"), *blocks, Group("head")]
 
 
 @register_space("ps", PSConfig)
@@ -122,19 +138,26 @@ class PSSpace(Space):
         for f in config.filters:
             if f in f"model.layers.0.{self.REST_SUFFIX}":
                 raise ConfigError(f"space.filters: {f!r} would match every block tensor; use a narrower filter")
-        self.groups = make_groups(config.granularity, config.block_size, self.num_blocks)
+        if config.embed_head == "blocks" and config.granularity == "global":
+            raise ConfigError("space.embed_head: blocks ties the embeddings and head to the end blocks; "
+                              "use it with granularity block or layer")
+        self.groups = make_groups(config.granularity, config.block_size, self.num_blocks, config.embed_head)
         self.filters: list[str | None] = [*config.filters, REST] if config.filters else [REST]
 
         lower, upper, x0, names, self._index = [], [], [], [], {}
         for p, ((lo, hi), init) in self.params.items():
-            for e in self.experts:
+            for e in self._owners(p):
                 for f in self.filters:
                     for g in self._groups_for(f):
                         self._index[(p, e, f, g.label)] = len(names)
                         lower.append(lo), upper.append(hi), x0.append(init)
                         fl = "" if f is REST and not config.filters else f".{f if f is not REST else 'rest'}"
-                        names.append(f"{p}[{e}]{fl}.{g.label}")
+                        names.append(f"{p}{'' if e == SHARED else f'[{e}]'}{fl}.{g.label}")
         self._finish(lower, upper, x0, names)
+
+    def _owners(self, p: str) -> list[str]:
+        """Whose genes parameter ``p`` has: every expert's, or one shared set for a global one."""
+        return self.experts if p in self.operator.model_params else [SHARED]
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -148,19 +171,23 @@ class PSSpace(Space):
 
     def _params(self, config: PSConfig) -> dict[str, tuple[tuple[float, float], float]]:
         op = self.operator
+        set_elsewhere = set(config.fixed) | set(config.options)
         names = list(config.parameters) if config.parameters is not None else [
-            p for p in op.model_params if p in DEFAULT_PARAMS and p not in config.fixed
-        ]
+            p for p in op.model_params if p in DEFAULT_PARAMS and p not in set_elsewhere
+        ] + [p for p, d in op.global_params.items() if d is None and p in DEFAULT_PARAMS and p not in set_elsewhere]
         if not names:
             raise ConfigError(f"space.parameters: operator {op.name!r} has nothing to search; list parameters")
         out = {}
+        numeric_globals = {p for p, d in op.global_params.items()
+                           if p not in op.choices and not isinstance(d, (bool, str))}
         for p in names:
-            if p not in op.model_params:
+            if p not in op.model_params and p not in numeric_globals:
                 raise ConfigError(
-                    f"space.parameters.{p}: not a parameter of {op.name!r} (it has {sorted(op.model_params)})"
+                    f"space.parameters.{p}: not a parameter of {op.name!r} that can be searched (it has "
+                    f"{sorted(set(op.model_params) | numeric_globals)})"
                 )
-            if p in config.fixed:
-                raise ConfigError(f"space.parameters.{p}: also listed under `fixed`; choose one")
+            if p in set_elsewhere:
+                raise ConfigError(f"space.parameters.{p}: also listed under `fixed` or `options`; choose one")
             spec = (config.parameters or {}).get(p) or ParamSpec()
             default = DEFAULT_PARAMS.get(p)
             bounds = spec.bounds or (default[0] if default else None)
@@ -174,6 +201,7 @@ class PSSpace(Space):
             init = spec.init if spec.init is not None else (default[1] if default else (lo + hi) / 2)
             out[p] = ((lo, hi), float(min(max(init, lo), hi)))
         missing = [p for p, d in op.model_params.items() if d is None and p not in out and p not in config.fixed]
+        missing += [p for p, d in op.global_params.items() if d is None and p not in out and p not in config.options]
         if missing:
             raise ConfigError(f"space: operator {op.name!r} needs {missing}; search them or set them under `fixed`")
         return out
@@ -199,12 +227,15 @@ class PSSpace(Space):
         return GroupValues(embed=embed, layers=layers, head=head)
 
     def param_values(self, genome: np.ndarray) -> dict[str, dict[str, Any]]:
-        """Expert alias → its parameter values (fixed ones included)."""
+        """Expert alias → its parameter values (fixed ones included); ``"*"`` → the searched
+        global parameters (one set shared by all experts)."""
         g = self.check_genome(genome)
         out = {}
-        for e in self.experts:
-            params: dict[str, Any] = dict(self.config.fixed)
+        for e in [*self.experts, SHARED]:
+            params: dict[str, Any] = dict(self.config.fixed) if e != SHARED else {}
             for p in self.params:
+                if e not in self._owners(p):
+                    continue
                 if self.config.filters:
                     params[p] = [FilteredValue(filter=f, value=self._value(g, p, e, f)) for f in self.filters]
                 else:
@@ -220,7 +251,7 @@ class PSSpace(Space):
             merge_method=self.operator.name,
             base_model=self.pool.base,
             models=models,
-            parameters=dict(self.config.options),
+            parameters={**self.config.options, **values[SHARED]},
         )
 
     # ------------------------------------------------------------------ recipe -> genome
@@ -235,7 +266,7 @@ class PSSpace(Space):
             raise ConfigError(f"recipe lacks the experts {missing} of this space")
         g = self.x0.copy()
         for (p, e, f, label), i in self._index.items():
-            value = by_alias[e].parameters.get(p)
+            value = recipe.parameters.get(p) if e == SHARED else by_alias[e].parameters.get(p)
             if value is None:
                 continue  # absent: keep the space's start value
             grp = next(x for x in self._groups_for(f) if x.label == label)
@@ -252,6 +283,7 @@ class PSSpace(Space):
     def describe(self) -> str:
         c = self.config
         gran = c.granularity if c.granularity != "block" else f"blocks of {c.block_size}"
+        gran += ", embed/head follow the end blocks" if c.embed_head == "blocks" else ""
         filt = f", filters {c.filters}" if c.filters else ""
         return (f"ps space: {self.operator.name}, {list(self.params)} × {len(self.experts)} experts × "
                 f"{len(self.groups)} groups ({gran}{filt}) = {self.dim} genes")

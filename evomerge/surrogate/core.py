@@ -6,7 +6,7 @@ A program (``plain_program``, :func:`evomerge.surrogate.bayesian.bayesian_progra
 fit) until it returns its result. The same program runs
 
 - synchronously over an ``evaluate(C) -> Y`` callable (:func:`drive`: tests, benchmarks), and
-- inside the search loop as the ``map`` optimizer (:mod:`evomerge.surrogate.map_search`), which
+- inside the search loop as the ``map`` optimizer (:mod:`evomerge.optimizers.map`), which
   feeds it told results through the executors and the run store and resumes by replaying them.
 
 Programs are deterministic functions of their arguments and of the metrics sent to them.

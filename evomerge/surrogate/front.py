@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from evomerge.errors import EvomergeError
+from evomerge.extras import require_extra
 from evomerge.surrogate.design import validate_box
 from evomerge.surrogate.pareto import non_dominated_mask
 
@@ -116,6 +117,7 @@ def surrogate_front(
     "nsga2", "nsga3", or "auto" (NSGA-II up to three objectives, NSGA-III beyond). Deterministic
     under ``seed``. Returned points are non-dominated under ``predict`` and lie inside the box.
     """
+    require_extra("pymoo", "map", "the MAP Pareto front (pymoo)")
     from pymoo.config import Config
     from pymoo.core.problem import Problem
     from pymoo.optimize import minimize

@@ -59,7 +59,10 @@ def non_dominated_mask(Y) -> np.ndarray:
 
 
 def pareto_front(Y) -> np.ndarray:
-    """Indices of the non-dominated points, sorted by the first objective (descending)."""
+    """Indices of the non-dominated points in THE Pareto-set order every caller shares (the run
+    store, the report, export, ``evomerge pareto``): by the first objective, best first, ties by
+    the second, and so on; exact ties keep their input order (the run store passes trials in
+    ask order, so the earlier trial comes first)."""
     Y = _as_objectives(Y)
     idx = np.flatnonzero(non_dominated_mask(Y))
     return idx[np.lexsort((*(-Y[idx].T[::-1]),))]

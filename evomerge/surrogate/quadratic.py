@@ -1,4 +1,4 @@
-"""Quadratic surrogates of a task metric as a function of merge coefficients (MAP, ALGORITHMS §5).
+"""Quadratic surrogates of a task metric as a function of merge coefficients (MAP, docs/ALGORITHMS.md §5).
 
 A metric M(c) over coefficients c ∈ ℝ^N is modelled as a full quadratic — features c_i²,
 c_i c_j (i<j), c_i, 1, i.e. (N+1)(N+2)/2 coefficients — fitted by ridge-regularised least squares,

@@ -7,10 +7,10 @@ that score them. See ``docs/zoo.md`` and ``evals/README.md``.
 
 from evomerge.zoo.build import ZooInfo, build_zoo, default_cache_root, zoo_dir
 from evomerge.zoo.presets import PRESETS, ExpertSpec, Preset, get_preset
-from evomerge.zoo.tasks import EVAL_TASKS, SPLITS, eval_docs
+from evomerge.zoo.tasks import EVAL_TASKS, SPLIT_SIZES, eval_docs
 from evomerge.zoo.tokenizer import build_tokenizer
 
 __all__ = [
-    "EVAL_TASKS", "PRESETS", "SPLITS", "ExpertSpec", "Preset", "ZooInfo", "build_tokenizer", "build_zoo",
+    "EVAL_TASKS", "PRESETS", "SPLIT_SIZES", "ExpertSpec", "Preset", "ZooInfo", "build_tokenizer", "build_zoo",
     "default_cache_root", "eval_docs", "get_preset", "zoo_dir",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evomerge.io import atomic_write_text
+from evomerge.paths import evals_dir
 from evomerge.zoo.tasks import EVAL_TASKS, write_eval_data
 
 # The answer alphabet of every zoo task (both scripts): the regex keeps the first run of it.
@@ -88,10 +89,6 @@ test_split: {split}
 """
 
 
-def default_evals_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "evals"
-
-
 def write_evals(out_dir: str | Path) -> list[Path]:
     """Write every task's YAMLs and data under ``out_dir``; returns the written paths."""
     out = Path(out_dir)
@@ -110,4 +107,4 @@ def write_evals(out_dir: str | Path) -> list[Path]:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    print(len(write_evals(default_evals_dir())), "files written")
+    print(len(write_evals(evals_dir())), "files written")

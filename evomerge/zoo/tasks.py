@@ -24,8 +24,8 @@ from typing import Callable, Iterator
 from evomerge.errors import ConfigError
 from evomerge.zoo.tokenizer import L1_DIGITS, MARKERS, SCRIPTS
 
-SPLITS = {"search": 200, "validation": 200, "test": 400}  # held-out sizes, in this order
-HELDOUT_PER_OP = sum(SPLITS.values())
+SPLIT_SIZES = {"search": 200, "validation": 200, "test": 400}  # held-out sizes, in this order
+HELDOUT_PER_OP = sum(SPLIT_SIZES.values())
 _L1_TO = {name: str.maketrans(L1_DIGITS, digits) for name, digits in SCRIPTS.items()}
 
 
@@ -183,7 +183,7 @@ def heldout_keys(op: str) -> dict[str, tuple[tuple, ...]]:
         seen.setdefault(OPS[op].draw(rng), None)
     keys = list(seen)
     out, start = {}, 0
-    for split, n in SPLITS.items():
+    for split, n in SPLIT_SIZES.items():
         out[split] = tuple(keys[start : start + n])
         start += n
     return out
@@ -197,8 +197,8 @@ def _heldout_set(op: str) -> frozenset:
 def eval_docs(task: str, split: str) -> list[dict]:
     """The documents of one evaluated task and split (what ``evals/`` stores as JSONL)."""
     spec = get_task(task)
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if split not in SPLIT_SIZES:
+        raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLIT_SIZES)}")
     rng = random.Random(f"evomerge-zoo-docs-{task}-{split}")
     docs = []
     for i, key in enumerate(heldout_keys(spec.op)[split]):
@@ -226,7 +226,7 @@ def write_eval_data(out_dir: str | Path, tasks: list[str] | None = None) -> list
 
     written = []
     for task in tasks or list(EVAL_TASKS):
-        for split in SPLITS:
+        for split in SPLIT_SIZES:
             path = Path(out_dir) / task / f"{split}.jsonl"
             atomic_write_text(path, "".join(json.dumps(d, ensure_ascii=True) + "\n" for d in eval_docs(task, split)))
             written.append(path)

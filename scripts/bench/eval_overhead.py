@@ -26,7 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from evomerge.evaluation import Evaluator, Objective
-from evomerge.merge.materialize import Sources, apply_in_place, build_model
+from evomerge.merge.materialize import apply_in_place, build_model
+from evomerge.merge.sources import Sources
 from evomerge.recipe import InputModel, Recipe
 from evomerge.zoo import build_zoo, get_preset, zoo_dir
 

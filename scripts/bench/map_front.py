@@ -60,7 +60,8 @@ class ZooObjective:
         from transformers import AutoTokenizer
 
         from evomerge.evaluation import Evaluator, Objective
-        from evomerge.merge.materialize import Sources, build_model
+        from evomerge.merge.materialize import build_model
+        from evomerge.merge.sources import Sources
         from evomerge.recipe import InputModel, Recipe
 
         self.Recipe, self.InputModel = Recipe, InputModel
@@ -169,7 +170,7 @@ def run_setting(obj: ZooObjective, lo: float, hi: float, grid: int, budgets: dic
         methods.append(("random", b, None))
     if budgets.get("nested"):
         from evomerge.surrogate import nested_map
-        from evomerge.surrogate.map_search import task_vector_gram
+        from evomerge.search.map import task_vector_gram
 
         gram = task_vector_gram(obj.base, [obj.paths[k] for k in obj.experts])
         info["gram_cosine"] = (gram / np.sqrt(np.outer(np.diag(gram), np.diag(gram)))).tolist()

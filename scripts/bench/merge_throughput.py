@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from evomerge.merge.export import export_model  # noqa: E402
-from evomerge.merge.materialize import Sources, apply_in_place, build_model  # noqa: E402
+from evomerge.merge.materialize import apply_in_place, build_model  # noqa: E402
+from evomerge.merge.sources import Sources  # noqa: E402
 from evomerge.paths import cache_root  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
 
@@ -82,7 +83,7 @@ def mergekit_yaml_seconds(recipe: Recipe, venv: Path) -> float | None:
     exe = venv / "bin" / "mergekit-yaml"
     if not exe.is_file():
         return None
-    from evomerge.mergekit_compat import recipe_to_mergekit
+    from evomerge.merge.mergekit import recipe_to_mergekit
     import yaml
 
     with tempfile.TemporaryDirectory() as tmp:

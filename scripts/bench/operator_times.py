@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from evomerge.merge.operators import OPERATORS
+from evomerge.merge.methods import OPERATORS
 
 DENSITY = 0.5
 

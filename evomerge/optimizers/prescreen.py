@@ -176,6 +176,8 @@ class Prescreen(Optimizer):
                     self.inner.tell(rid, p - shift)
             del self._batches[batch]
 
+    _transient = ("last_surrogate",)  # a diagnostic of the last batch; not needed to continue
+
     def _after_restore(self) -> None:
         self.inner._after_restore()
 

@@ -16,6 +16,10 @@ Guarantees (docs/search.md):
 * **failures never stop a run** — a failed or NaN evaluation is recorded with its reason and told
   as a finite penalty (``search.failure_penalty``, default: worst fitness so far − 1).
 
+Checkpoints are DATA (:mod:`evomerge.checkpoint`: JSON + numpy arrays, versioned): the typed
+:class:`LoopState` and the optimizer's own state. A run directory written by evomerge before that
+format holds pickles, which are read only with ``resume --allow-pickle``.
+
 Staged spaces (hybrid) run one optimizer per stage over that stage's genes; the others stay at
 the best genome found so far. Validation objectives are scored for every new best (``best``),
 only for the final best (``final``), or with every candidate (``all``).
@@ -23,25 +27,76 @@ only for the final best (``final``), or with every candidate (``all``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import pickle
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from evomerge import checkpoint
 from evomerge.config import SearchConfig
-from evomerge.errors import ConfigError, EvomergeError
-from evomerge.executors import Executor, Outcome, Task, WorkerSpec, make_executor
+from evomerge.errors import EvomergeError
+from evomerge.executors import Executor, Outcome, Task, make_executor
 from evomerge.executors.worker import SEARCH, VALIDATION
-from evomerge.recipe import InputModel, Recipe
-from evomerge.spaces import ModelPool, Space, make_space, parent_recipes
+from evomerge.recipe import Recipe
+from evomerge.search.kinds import DEFAULT, register_kind
+from evomerge.search.setup import check_optimizer, resolve_models, stage_bounds, stored_models, worker_spec
+from evomerge.spaces import ModelPool, make_space, parent_recipes
 from evomerge.store import RunStore, Scores, Trial, quantize
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: the pickled dict of evomerge before checkpoints became data
+
+
+@dataclass
+class LoopState:
+    """What the loop checkpoints besides the optimizer (per stage counters restart at a new stage).
+
+    ``best`` is ``{"fitness", "seq", "hash", "genome", "trial_id", "validation"}`` of the best told
+    candidate; ``worst``/``worst_obj`` feed the failure penalty; ``seen`` holds the recipe hashes
+    asked (the budget counts them); ``pending_ids`` the asks outstanding at the checkpoint.
+    """
+
+    fixed: np.ndarray  # the full genome the current stage's genes are written into
+    stage: int = 0
+    seq0: int = 0  # sequence number of the stage's first ask
+    n_evals: int = 0
+    seen: set = field(default_factory=set)
+    n_told: int = 0
+    n_asked: int = 0
+    pending_ids: list = field(default_factory=list)
+    best: dict | None = None
+    worst: float | None = None
+    worst_obj: list | None = None
+    n_examples: int | None = None
+    dup_streak: int = 0
+    elapsed: float = 0.0
+    failures: int = 0
+    version: int = STATE_VERSION
+
+    legacy_keys: ClassVar[dict[str, str]] = {"elapsed_total": "elapsed"}  # pickled (v1) state -> fields
+
+    def to_data(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_data(cls, d: dict, where: str) -> "LoopState":
+        d = dict(d)
+        for old, new in cls.legacy_keys.items():
+            if old in d:
+                d[new] = d.pop(old)
+        if d.get("version") not in (1, STATE_VERSION):
+            raise EvomergeError(f"{where}: checkpoint from another evomerge version; cannot resume")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise EvomergeError(f"{where}: checkpoint has unknown loop state {unknown[0]!r}; cannot resume")
+        d["seen"] = set(d.get("seen", ()))
+        d["version"] = STATE_VERSION
+        return cls(**d)
 
 
 # ---------------------------------------------------------------------- public data
@@ -81,73 +136,6 @@ class SearchSummary:
     references: dict[str, Trial] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------- setup helpers
-def resolve_models(cfg: SearchConfig) -> ModelPool:
-    """The base and experts of a config (building or reusing the zoo for ``models.zoo``)."""
-    if cfg.models.zoo is not None:
-        from evomerge.zoo import build_zoo
-
-        info = build_zoo(cfg.models.zoo)
-        chosen = list(cfg.models.experts) or list(info.experts)
-        unknown = [n for n in chosen if n not in info.experts]
-        if unknown:
-            raise ConfigError(f"models.experts: {unknown[0]!r} is not an expert of zoo {cfg.models.zoo!r} "
-                              f"(it has {', '.join(info.experts)})")
-        experts = [InputModel(model=str(info.experts[n]), name=n) for n in chosen]
-        return ModelPool.from_paths(str(info.base), experts)
-    return ModelPool.from_paths(cfg.models.base, cfg.models.input_models())
-
-
-def stored_models(store: RunStore) -> ModelPool | None:
-    """The models a run started with (a resumed zoo run keeps its zoo even if the preset changed)."""
-    m = store.meta("models")
-    if not m or not all(Path(p).is_dir() for p in [m["base"] or ".", *(e["model"] for e in m["experts"])]):
-        return None
-    return ModelPool.from_paths(m["base"], [InputModel(**e) for e in m["experts"]])
-
-
-def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
-    """The workers' spec; for the model worker, placed by the memory plan (refused if nothing fits)."""
-    models = pool.paths
-    spec = WorkerSpec(
-        models=models,
-        objectives=[o.model_dump() for o in cfg.objectives],
-        validation=[o.model_dump() for o in cfg.validation.objectives] if cfg.validation.when != "none" else [],
-        evals_dir=cfg.evaluation.evals_dir, batch_size=cfg.evaluation.batch_size, dtype=cfg.evaluation.dtype,
-        device=cfg.executor.device, threads=cfg.executor.threads, factory=cfg.executor.worker,
-        options=dict(cfg.executor.worker_options),
-    )
-    if spec.factory is None:  # a custom worker sizes its own memory
-        from evomerge.memory import plan_worker
-
-        plan = plan_worker(cfg, models)
-        plan.require_fit()
-        spec.placement, spec.devices = plan.placement or "resident", plan.split_devices
-    return spec
-
-
-def stage_bounds(cfg: SearchConfig, space: Space) -> list[tuple[int | None, float | None]]:
-    """Cumulative (evaluations, seconds) at which each stage ends."""
-    fr = np.cumsum([s.fraction for s in space.stages])
-    fr[-1] = 1.0
-    n, t = cfg.budget.evaluations, cfg.budget.wall_time
-    return [(None if n is None else max(1, int(round(n * f))), None if t is None else t * f) for f in fr]
-
-
-def check_optimizer(cfg: SearchConfig, space: Space):
-    """Build the first stage's optimizer once: bad names, options or objective counts fail here."""
-    from evomerge.optimizers import make_optimizer
-
-    g = space.stages[0].genes
-    opt = make_optimizer(cfg.optimizer.name, space.lower[g], space.upper[g], cfg.seed, x0=space.x0[g],
-                         **cfg.optimizer.options)
-    n = getattr(opt, "n_objectives", 1)
-    if n > 1 and n != len(cfg.objectives):
-        raise ConfigError(f"optimizer {cfg.optimizer.name!r} expects {n} objectives but the config lists "
-                          f"{len(cfg.objectives)}; set optimizer.options.objectives: {len(cfg.objectives)}")
-    return opt
-
-
 @dataclass
 class _Pending:
     ask: Any  # optimizer Ask
@@ -172,11 +160,20 @@ class _TaskInfo:
 
 
 # ---------------------------------------------------------------------- the loop
+@register_kind(DEFAULT)
 class Search:
-    """One search run over a run directory (new or resumed). Use :func:`run_search`."""
+    """One search run over a run directory (new or resumed). Use :func:`run_search`.
+
+    The default search kind; others (:mod:`evomerge.search.kinds`) subclass it and override the
+    documented hooks: ``state_type``, ``_check_optimizer``, ``_new_optimizer``, ``_recipe_for``,
+    ``_tell``, ``_checkpoint`` and ``run``.
+    """
+
+    state_type: ClassVar[type[LoopState]] = LoopState
 
     def __init__(self, cfg: SearchConfig, store: RunStore, *, executor: Executor | None = None,
-                 on_progress: Callable[[Progress], None] | None = None, pool: ModelPool | None = None):
+                 on_progress: Callable[[Progress], None] | None = None, pool: ModelPool | None = None,
+                 allow_pickle: bool = False):
         self.cfg, self.store = cfg, store
         self.pool = pool or stored_models(store) or resolve_models(cfg)
         store.set_meta(models={"base": self.pool.base, "experts": [e.model_dump() for e in self.pool.experts]})
@@ -191,6 +188,7 @@ class Search:
         self.window = cfg.window
         self.dtype = cfg.search.per_example_dtype
         self.on_progress = on_progress
+        self.allow_pickle = allow_pickle  # read an old (pickled) checkpoint: the user's explicit opt-in
         self._own_executor = executor is None  # a caller's executor stays open (benchmarks reuse workers)
         self.executor = executor or make_executor(cfg.executor, worker_spec(cfg, self.pool))
         self._check_optimizer()
@@ -222,57 +220,57 @@ class Search:
         return make_optimizer(self.cfg.optimizer.name, self.space.lower[g], self.space.upper[g],
                               self.cfg.seed + stage, x0=fixed[g], **self.cfg.optimizer.options)
 
-    def _fresh_state(self) -> dict:
-        return {
-            "version": STATE_VERSION, "stage": 0, "seq0": 0, "fixed": self.space.x0.copy(), "n_evals": 0,
-            "seen": set(), "n_told": 0, "n_asked": 0, "pending_ids": [], "best": None, "worst": None,
-            "worst_obj": None, "n_examples": None, "dup_streak": 0, "elapsed": 0.0, "failures": 0,
-        }
+    def _fresh_state(self) -> LoopState:
+        return self.state_type(fixed=self.space.x0.copy())
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> None:
         st = self.state
-        st["pending_ids"] = sorted(self.pending)
-        st["elapsed_total"] = self.elapsed
-        blob = pickle.dumps({"state": {**st, "seen": sorted(st["seen"])}, "optimizer": self.opt.state_bytes()},
-                            protocol=4)
-        best = st["best"]
-        self.store.save_checkpoint(st["stage"], st["n_told"], blob, evaluations=st["n_evals"], elapsed=self.elapsed,
-                                   failures=st["failures"], updated=time.time(),
+        st.pending_ids = sorted(self.pending)
+        blob = checkpoint.encode({"state": {**st.to_data(), "elapsed": self.elapsed}, "optimizer": self.opt})
+        best = st.best
+        self.store.save_checkpoint(st.stage, st.n_told, blob, evaluations=st.n_evals, elapsed=self.elapsed,
+                                   failures=st.failures, updated=time.time(),
                                    best_fitness=None if best is None else best["fitness"])
 
     def _restore(self) -> bool:
-        from evomerge.optimizers import load_optimizer
+        from evomerge.optimizers import Optimizer, load_optimizer
 
         ck = self.store.last_checkpoint()
         if ck is None:
             return False
-        data = pickle.loads(ck[2])
-        st = data["state"]
-        if st.get("version") != STATE_VERSION:
-            raise EvomergeError(f"{self.store.path}: checkpoint from another evomerge version; cannot resume")
-        st["seen"] = set(st["seen"])
-        st["elapsed"] = st.pop("elapsed_total", st["elapsed"])
-        self.state = st
-        self.opt = load_optimizer(data["optimizer"])
-        self._reissue_left = len(st["pending_ids"])
+        where = f"{self.store.run_dir}: the last checkpoint"
+        data = checkpoint.decode(ck[2], allow_pickle=self.allow_pickle, where=where)
+        if not isinstance(data, dict) or not isinstance(data.get("state"), dict):
+            raise EvomergeError(f"{where} holds no loop state; cannot resume")
+        opt = data.get("optimizer")
+        if isinstance(opt, bytes):  # a pickled (v1) checkpoint: its optimizer is a pickle too
+            opt = load_optimizer(opt, allow_pickle=self.allow_pickle)
+        elif isinstance(opt, Optimizer):
+            opt._reissue = sorted(opt._pending)
+            opt._after_restore()
+        else:
+            raise EvomergeError(f"{where} holds no optimizer; cannot resume")
+        self.state = self.state_type.from_data(data["state"], where)
+        self.opt = opt
+        self._reissue_left = len(self.state.pending_ids)
         return True
 
     @property
     def elapsed(self) -> float:
-        return self.state["elapsed"] + (time.monotonic() - self.t_start)
+        return self.state.elapsed + (time.monotonic() - self.t_start)
 
     # ------------------------------------------------------------------ budget
     def _budget_left(self) -> bool:
-        n_end, t_end = self.bounds[self.state["stage"]]
-        if n_end is not None and self.state["n_evals"] >= n_end:
+        n_end, t_end = self.bounds[self.state.stage]
+        if n_end is not None and self.state.n_evals >= n_end:
             self.stopped = self.stopped or "evaluation budget"
             return False
         if t_end is not None and self.elapsed >= t_end:
             self.stopped = "wall time"
             return False
-        if self.state["dup_streak"] >= self.cfg.search.max_duplicate_asks:
-            self.stopped = f"optimizer repeated itself {self.state['dup_streak']} times"
+        if self.state.dup_streak >= self.cfg.search.max_duplicate_asks:
+            self.stopped = f"optimizer repeated itself {self.state.dup_streak} times"
             return False
         return True
 
@@ -281,7 +279,7 @@ class Search:
         st = self.state
         while self._reissue_left > 0:  # asks outstanding at the checkpoint, re-issued as they were
             a = self.opt.ask()
-            if a is None or a.id not in st["pending_ids"]:
+            if a is None or a.id not in st.pending_ids:
                 raise EvomergeError("optimizer did not re-issue its outstanding asks after restore; cannot resume")
             self._reissue_left -= 1
             self._add_ask(a, counted=False)
@@ -293,20 +291,20 @@ class Search:
 
     def _add_ask(self, a, counted: bool) -> None:
         st = self.state
-        stage = self.stages[st["stage"]]
-        genome = st["fixed"].copy()
+        stage = self.stages[st.stage]
+        genome = st.fixed.copy()
         genome[stage.genes] = a.genome
         recipe = self._recipe_for(a, genome)
         rjson, h = recipe.canonical_json(), recipe.hash()
-        p = _Pending(ask=a, seq=st["seq0"] + a.id, genome=genome, recipe_json=rjson, hash=h)
-        st["n_asked"] = max(st["n_asked"], a.id + 1)
+        p = _Pending(ask=a, seq=st.seq0 + a.id, genome=genome, recipe_json=rjson, hash=h)
+        st.n_asked = max(st.n_asked, a.id + 1)
         if counted:
-            if h in st["seen"]:
-                st["dup_streak"] += 1
+            if h in st.seen:
+                st.dup_streak += 1
             else:
-                st["seen"].add(h)
-                st["n_evals"] += 1
-                st["dup_streak"] = 0
+                st.seen.add(h)
+                st.n_evals += 1
+                st.dup_streak = 0
         self.pending[a.id] = p
         stored = self.store.get(h, with_scores=True)
         if stored is not None:
@@ -316,13 +314,13 @@ class Search:
             self.inflight[h].append(p)
         else:
             splits = (SEARCH, VALIDATION) if self.cfg.validation.when == "all" and self.val_keys else (SEARCH,)
-            self._submit(_TaskInfo("search", h, rjson, seq=p.seq, stage=st["stage"], genome=genome,
+            self._submit(_TaskInfo("search", h, rjson, seq=p.seq, stage=st.stage, genome=genome,
                                    info=dict(a.info)), splits)
             self.inflight[h] = [p]
 
     def _recipe_for(self, a, genome: np.ndarray) -> Recipe:
         """The candidate of an ask (anything with ``canonical_json()`` and ``hash()``; a model-archive
-        search returns a weight lineage here, see :mod:`evomerge.archive`)."""
+        search returns a weight lineage here, see :mod:`evomerge.search.archive`)."""
         return self.space.to_recipe(genome)
 
     def _submit(self, info: _TaskInfo, splits: tuple[str, ...]) -> None:
@@ -367,7 +365,7 @@ class Search:
             else:
                 metrics, scores = {"error": o.error or "failed"}, {}
             self.store.set_validation(info.trial_id, metrics, scores, self.dtype)
-            best = self.state["best"]
+            best = self.state.best
             if best is not None and best["trial_id"] == info.trial_id and o.ok:
                 best["validation"] = self._val_fitness(metrics)
             return
@@ -402,9 +400,9 @@ class Search:
         st = self.state
         fit = self.cfg.search.failure_penalty
         if fit is None:
-            fit = -1.0 if st["worst"] is None else st["worst"] - 1.0
-        obj = np.array(st["worst_obj"]) - 1.0 if st["worst_obj"] is not None else np.full(len(self.search_keys), fit)
-        per = None if st["n_examples"] is None else np.zeros(st["n_examples"])
+            fit = -1.0 if st.worst is None else st.worst - 1.0
+        obj = np.array(st.worst_obj) - 1.0 if st.worst_obj is not None else np.full(len(self.search_keys), fit)
+        per = None if st.n_examples is None else np.zeros(st.n_examples)
         return float(fit), per, obj
 
     def _tell(self, p: _Pending) -> None:
@@ -417,20 +415,20 @@ class Search:
             obj = np.array([t.metrics[k] * s for k, s in zip(self.search_keys, self.signs)])
         else:
             fitness, per, obj = self._penalty()
-            st["failures"] += 1
-        if per is not None and st["n_examples"] is not None and per.size != st["n_examples"]:
+            st.failures += 1
+        if per is not None and st.n_examples is not None and per.size != st.n_examples:
             per = None
         self.opt.tell(p.ask.id, fitness, per_example=per, objectives=obj)
         del self.pending[p.ask.id]
-        st["n_told"] += 1
+        st.n_told += 1
         if t.ok:
-            if st["n_examples"] is None and per is not None:
-                st["n_examples"] = int(per.size)
-            st["worst"] = fitness if st["worst"] is None else min(st["worst"], fitness)
-            st["worst_obj"] = obj.tolist() if st["worst_obj"] is None else np.minimum(st["worst_obj"], obj).tolist()
-            best = st["best"]
+            if st.n_examples is None and per is not None:
+                st.n_examples = int(per.size)
+            st.worst = fitness if st.worst is None else min(st.worst, fitness)
+            st.worst_obj = obj.tolist() if st.worst_obj is None else np.minimum(st.worst_obj, obj).tolist()
+            best = st.best
             if best is None or fitness > best["fitness"]:
-                st["best"] = {"fitness": fitness, "seq": p.seq, "hash": p.hash, "genome": p.genome.copy(),
+                st.best = {"fitness": fitness, "seq": p.seq, "hash": p.hash, "genome": p.genome.copy(),
                               "trial_id": t.id, "validation": self._val_fitness(t.validation)}
                 if self.cfg.validation.when == "best":
                     self._request_validation(t)
@@ -465,19 +463,19 @@ class Search:
         if self.on_progress is None:
             return
         st = self.state
-        best = st["best"]
+        best = st.best
         run_s = max(1e-9, time.monotonic() - self.t_start)
         if self._refs is None or len(self._refs) < self._n_refs:
             self._refs = {name: t.fitness for name, t in self.store.references().items()}
         refs = self._refs
         n_end, t_end = self.bounds[-1]
         self.on_progress(Progress(
-            stage=self.stages[min(st["stage"], len(self.stages) - 1)].name, stage_index=st["stage"],
-            stages=len(self.stages), evaluations=st["n_evals"], budget=n_end, wall_time=t_end,
+            stage=self.stages[min(st.stage, len(self.stages) - 1)].name, stage_index=st.stage,
+            stages=len(self.stages), evaluations=st.n_evals, budget=n_end, wall_time=t_end,
             elapsed=self.elapsed, best_fitness=None if best is None else best["fitness"],
             best_validation=None if best is None else best.get("validation"), evaluated_here=self.evaluated_here,
             rate_per_min=60.0 * self.evaluated_here / run_s, busy=self.executor.busy, workers=self.executor.workers,
-            queued=self.executor.queued, failures=st["failures"], cached=self.cached, references=refs,
+            queued=self.executor.queued, failures=st.failures, cached=self.cached, references=refs,
             message=self.message,
         ))
 
@@ -501,19 +499,19 @@ class Search:
 
     def _next_stage(self) -> bool:
         st = self.state
-        if st["stage"] + 1 >= len(self.stages):
+        if st.stage + 1 >= len(self.stages):
             return False
-        best = st["best"]
-        fixed = best["genome"].copy() if best is not None else st["fixed"]
-        st.update(stage=st["stage"] + 1, seq0=st["seq0"] + st["n_asked"], fixed=fixed, n_told=0, n_asked=0,
-                  pending_ids=[], dup_streak=0)
+        best = st.best
+        fixed = best["genome"].copy() if best is not None else st.fixed
+        st.seq0, st.stage, st.fixed = st.seq0 + st.n_asked, st.stage + 1, fixed
+        st.n_told, st.n_asked, st.pending_ids, st.dup_streak = 0, 0, [], 0
         self.stopped = ""
-        self.opt = self._new_optimizer(st["stage"], fixed)
-        self.message = f"stage {st['stage'] + 1}/{len(self.stages)}: {self.stages[st['stage']].name}"
+        self.opt = self._new_optimizer(st.stage, fixed)
+        self.message = f"stage {st.stage + 1}/{len(self.stages)}: {self.stages[st.stage].name}"
         return True
 
     def _finish_validation(self) -> None:
-        best = self.state["best"]
+        best = self.state.best
         if best is not None and self.cfg.validation.when in ("best", "final"):
             t = self.store.get(best["hash"])
             if t is not None:
@@ -524,11 +522,9 @@ class Search:
             self._report()
 
     def run(self, resume: bool = False) -> SearchSummary:
-        if resume and self._restore():
-            pass
-        else:
+        if not (resume and self._restore()):
             self.state = self._fresh_state()
-            self.opt = self._new_optimizer(0, self.state["fixed"])
+            self.opt = self._new_optimizer(0, self.state.fixed)
         self.store.set_meta(status="running", pid=os.getpid(), host=socket.gethostname(), space=self.space.describe(),
                             genes=self.space.names, stages=[s.name for s in self.stages])
         self.executor.start()
@@ -543,80 +539,24 @@ class Search:
             self._finish_validation()
             status = "finished"
         finally:
-            self.store.set_meta(status=status, elapsed=self.elapsed, evaluations=self.state["n_evals"],
-                                failures=self.state["failures"], updated=time.time(),
+            self.store.set_meta(status=status, elapsed=self.elapsed, evaluations=self.state.n_evals,
+                                failures=self.state.failures, updated=time.time(),
                                 stopped=self.stopped or "all stages done",
-                                best_fitness=None if self.state["best"] is None else self.state["best"]["fitness"])
+                                best_fitness=None if self.state.best is None else self.state.best["fitness"])
             if self._own_executor:
                 self.executor.close()
         return self.summary()
 
+    @classmethod
+    def after_run(cls, run_dir: Path) -> None:
+        """Called by :func:`~evomerge.search.run_search` once the run store is closed (a kind's
+        post-processing of the finished run; nothing for the default kind)."""
+
     def summary(self) -> SearchSummary:
-        best = self.state["best"]
+        best = self.state.best
         trial = self.store.get(best["hash"]) if best is not None else None
-        return SearchSummary(run_dir=self.store.run_dir, best=trial, evaluations=self.state["n_evals"],
-                             failures=self.state["failures"], cached=self.cached, elapsed=self.elapsed,
+        return SearchSummary(run_dir=self.store.run_dir, best=trial, evaluations=self.state.n_evals,
+                             failures=self.state.failures, cached=self.cached, elapsed=self.elapsed,
                              stopped=self.stopped or "all stages done", references=self.store.references())
 
 
-# ---------------------------------------------------------------------- entry points
-def _refuse_if_running(store: RunStore) -> None:
-    """Two processes must never drive one run directory."""
-    pid, host = store.meta("pid"), store.meta("host")
-    if store.meta("status") != "running" or pid is None or host != socket.gethostname() or pid == os.getpid():
-        return
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return  # it died (kill -9, crash): resuming is exactly what is needed
-    except PermissionError:
-        pass
-    raise EvomergeError(f"{store.run_dir}: a search (pid {pid}) is still running here; stop it before resuming")
-
-
-def run_search(config: SearchConfig | str | Path, run_dir: str | Path, *, resume: bool = False,
-               executor: Executor | None = None, on_progress: Callable[[Progress], None] | None = None,
-               budget: dict | None = None, executor_overrides: dict | None = None) -> SearchSummary:
-    """Run (or resume, with ``resume=True`` and ``config=None``) a search in ``run_dir``.
-
-    ``budget`` / ``executor_overrides`` change the stored config on resume (e.g. more
-    evaluations, another Ray address).
-    """
-    run_dir = Path(run_dir)
-    if resume:
-        store = RunStore(run_dir)
-        _refuse_if_running(store)
-        cfg = SearchConfig.from_dict(store.meta("config"), where=f"{run_dir} (stored config)")
-        updates = {}
-        if budget:
-            updates["budget"] = cfg.budget.model_copy(update=budget)
-        if executor_overrides:
-            updates["executor"] = cfg.executor.model_copy(update=executor_overrides)
-        if updates:
-            cfg = SearchConfig.from_dict({**cfg.to_dict(), **{k: v.model_dump() for k, v in updates.items()}},
-                                         where="resume options")
-            store.set_meta(config=cfg.to_dict())
-    else:
-        if not isinstance(config, SearchConfig):
-            config = SearchConfig.load(config)
-        cfg = config.resolved()
-        if executor_overrides:
-            cfg = SearchConfig.from_dict({**cfg.to_dict(), "executor": {**cfg.executor.model_dump(), **executor_overrides}},
-                                         where="command-line options")
-        if RunStore.exists(run_dir):
-            raise ConfigError(f"{run_dir}: already holds a run; continue it with `evomerge resume {run_dir}` "
-                              "or choose another --run-dir")
-        if executor is None and cfg.executor.worker is None:  # refuse before the run directory exists
-            from evomerge.memory import plan_worker
-
-            plan_worker(cfg, resolve_models(cfg).paths).require_fit()
-        store = RunStore(run_dir, create=True)
-        store.set_meta(config=cfg.to_dict(), name=cfg.name or run_dir.name, created=time.time(), status="new")
-    try:
-        cls = Search
-        if getattr(cfg.space, "type", None) == "model_archive":  # M2N2 on weights: evomerge/archive.py
-            from evomerge.archive import ArchiveSearch as cls
-        search = cls(cfg, store, executor=executor, on_progress=on_progress)
-        return search.run(resume=resume)
-    finally:
-        store.close()

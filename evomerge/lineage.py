@@ -1,24 +1,21 @@
-"""M2N2 on weights: a "model archive" search (the paper's setting) inside ``evomerge search``.
+"""Lineage of model-archive members (M2N2 on weights): identity, weights, ancestry, export.
 
-Selected by ``space: model_archive`` with ``optimizer: m2n2`` (docs/search.md). Members of the
-archive are whole models. The initial members are the parents (see
-:mod:`evomerge.spaces.model_archive`); a child is :func:`split_slerp_parts` over two members'
-float tensors in the reference model's tensor order (one ω over the whole vector, the split over
-the total element count, ratio ``w``), plus optional N(0, σ²) mutation drawn from a CPU
-generator seeded per child (device-independent noise).
+What report, export and the CLI need about the children of a ``space: model_archive`` search
+(the search kind itself is :mod:`evomerge.search.archive`). A child is
+:func:`~evomerge.optimizers.m2n2.split_slerp_parts` over two members' float tensors in the
+reference model's tensor order (one ω over the whole vector, the split over the total element
+count, ratio ``w``), plus optional N(0, σ²) mutation drawn from a CPU generator seeded per child
+(device-independent noise).
 
 A child has no merge recipe. Its identity is its :class:`Lineage` — the parents' hashes, split,
 w, σ and seed — stored as the trial's ``recipe`` (canonical JSON) and hashed like a recipe, so
 everything the loop guarantees (commit before tell, one evaluation per candidate, deterministic
-resume) holds unchanged. The trial's ``info`` adds the parents' trial ids.
+resume) holds unchanged.
 
 Weights: a child is a pure function of its parents' weights, so every trial can be recomputed
 from the lineage of stored members down to the parents (:class:`ArchiveWeights`). Files are the
-fast path: the worker writes each child it computes to ``RUN_DIR/archive/<hash>.safetensors``
-(atomic rename) before evaluating it, and after each checkpoint the loop deletes the files no
-longer needed (not a member, not a pending candidate, not a pending candidate's parent). After a
-kill -9 the members' files are there; anything missing is recomputed, bit for bit on the same
-device and thread count.
+fast path: ``RUN_DIR/archive/<hash>.safetensors`` (atomic rename); anything missing is
+recomputed, bit for bit on the same device and thread count.
 """
 
 from __future__ import annotations
@@ -28,23 +25,16 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
-from evomerge.errors import ConfigError, EvomergeError
-from evomerge.executors.worker import ModelWorker
-from evomerge.optimizers.base import Ask
-from evomerge.optimizers.m2n2 import M2N2, draw_crossover, select_parents, split_slerp_parts
-from evomerge.search import Search, resolve_models, stored_models, worker_spec
+from evomerge.errors import EvomergeError
+from evomerge.optimizers.m2n2 import split_slerp_parts
 
 ARCHIVE_DIR = "archive"
 LINEAGE_KEY = "model_archive"
-M2N2_OPTIONS = ("archive_size", "alpha", "attraction", "splitpoint", "mutation")
 
 
 # ---------------------------------------------------------------------- lineage
@@ -237,156 +227,6 @@ def load_into(model, names: list[str], tensors: list) -> None:
                     continue
                 raise EvomergeError(f"the resident model has no parameter {name}")
             target.copy_(t)
-
-
-# ---------------------------------------------------------------------- worker
-class ArchiveWorker(ModelWorker):
-    """:class:`~evomerge.executors.worker.ModelWorker` that also materialises lineages.
-
-    ``spec.options``: ``run_dir``, ``sources`` (initial member hash → alias), ``cache``.
-    """
-
-    def __init__(self, spec, name):
-        super().__init__(spec, name)
-        o = spec.options
-        self.names = float_names(self.sources.reference)
-        self._store = None
-        self.archive = ArchiveWeights(o["run_dir"], self.names, o["sources"], self.sources.get,
-                                      self._lineage_of, self.device, o.get("cache") or 8)
-
-    def _lineage_of(self, h: str) -> Lineage | None:
-        from evomerge.store import RunStore
-
-        if self._store is None:
-            self._store = RunStore(self.archive.dir.parent)
-        return store_lineage(self._store)(h)
-
-    def materialize(self, task) -> float:
-        lin = parse_lineage(task.recipe_json)
-        if lin is None:
-            return super().materialize(task)
-        t0 = time.perf_counter()
-        tensors = self.archive.get(lin.hash(), lineage=lin, save=True)
-        load_into(self.model, self.names, tensors)
-        return time.perf_counter() - t0
-
-
-# ---------------------------------------------------------------------- optimizer
-class ArchiveM2N2(M2N2):
-    """M2N2's selection and steady-state replacement, with children drawn as lineages.
-
-    The genome of a child is (parent_a id, parent_b id, split, w, mutation seed); the search
-    loop turns it into a :class:`Lineage` over the members' hashes. Initial members come first.
-    """
-
-    def __init__(self, sources: int, elements: int, seed: int, *, archive_size: int = 20, alpha: float = 1.0,
-                 attraction: bool = True, splitpoint: bool = True, mutation: float = 0.0):
-        init = [[-(k + 1), -(k + 1), 0, 0, 0] for k in range(sources)]
-        inf = np.full(5, np.inf)
-        super().__init__(-inf, inf, seed, archive_size=archive_size, alpha=alpha, attraction=attraction,
-                         splitpoint=splitpoint, mutation=mutation, init=init, init_size=sources)
-        if int(elements) < 1:
-            raise ConfigError("model_archive: the reference model has no floating-point tensors to cross")
-        self.elements = int(elements)
-
-    def _breed(self) -> Ask:
-        p1, p2 = select_parents(self.score_matrix(), self.alpha, self._rng, self.use_attraction)
-        split, w = draw_crossover(self._rng, self.elements, self.splitpoint)
-        seed = int(self._rng.integers(0, 2 ** 52)) if self.mutation > 0 else 0
-        a, b = self._ids[p1], self._ids[p2]
-        return self._new_ask(np.array([a, b, split, w, seed], dtype=np.float64), source="child",
-                             parents=(a, b), split=split, w=w, mutation=self.mutation, mutation_seed=seed)
-
-
-def archive_optimizer(cfg, sources: int, elements: int, seed: int) -> ArchiveM2N2:
-    unknown = sorted(set(cfg.optimizer.options) - set(M2N2_OPTIONS))
-    if unknown:
-        raise ConfigError(f"optimizer.options: {', '.join(unknown)} not used by a model_archive search; "
-                          f"valid: {', '.join(M2N2_OPTIONS)}")
-    return ArchiveM2N2(sources, elements, seed, **cfg.optimizer.options)
-
-
-# ---------------------------------------------------------------------- the search
-class ArchiveSearch(Search):
-    """:class:`~evomerge.search.Search` with children as weight lineages (see module docstring)."""
-
-    def __init__(self, cfg, store, *, executor=None, on_progress=None, pool=None):
-        from evomerge.executors import make_executor
-        from evomerge.models import ModelDir
-        from evomerge.spaces import make_space
-
-        pool = pool or stored_models(store) or resolve_models(cfg)
-        space = make_space(cfg.space, pool)
-        self.source_hashes = {space.recipes[a].hash(): a for a in space.members}
-        ref = ModelDir(pool.base if pool.base is not None else pool.experts[0].model)
-        self.elements = sum(int(np.prod(ref.shape(n))) for n in float_names(ref))
-        self.archive_size = int(cfg.optimizer.options.get("archive_size", 20))
-        spec = worker_spec(cfg, pool)
-        spec.factory = "evomerge.archive:ArchiveWorker"
-        spec.options = {"run_dir": str(Path(store.run_dir).resolve()), "sources": self.source_hashes,
-                        "cache": space.config.cache or self.archive_size + 2}
-        own = executor is None
-        if executor is not None and getattr(executor.spec, "factory", None) != spec.factory:
-            raise ConfigError("model_archive: a caller's executor must run evomerge.archive:ArchiveWorker "
-                              "(build it from evomerge.archive's worker spec) or pass none")
-        super().__init__(cfg, store, executor=executor or make_executor(cfg.executor, spec),
-                         on_progress=on_progress, pool=pool)
-        self._own_executor = own
-        self.files = ArchiveWeights(store.run_dir, [], self.source_hashes, None, store_lineage(store))
-        store.set_meta(archive={"sources": self.source_hashes, "elements": self.elements,
-                                "members": list(space.members)})
-
-    def _check_optimizer(self) -> None:
-        archive_optimizer(self.cfg, len(self.space.members), self.elements, self.cfg.seed)
-
-    def _new_optimizer(self, stage: int, fixed: np.ndarray):
-        return archive_optimizer(self.cfg, len(self.space.members), self.elements, self.cfg.seed + stage)
-
-    def _fresh_state(self) -> dict:
-        return {**super()._fresh_state(), "members": {}, "child_parents": {}, "events": []}
-
-    def _recipe_for(self, a, genome: np.ndarray):
-        if a.info.get("source") != "child":
-            return self.space.to_recipe(genome)
-        members, known = self.state["members"], self.state["child_parents"]
-        # a re-issued ask (after resume) keeps the parents it had, even if they left the archive since
-        parents = tuple(known.get(a.id) or (members[i] for i in a.info["parents"]))
-        known[a.id] = parents
-        lin = Lineage(parents=parents, split=int(a.info["split"]), w=float(a.info["w"]),
-                      mutation=float(a.info.get("mutation", 0.0)), seed=int(a.info.get("mutation_seed", 0)))
-        a.info["parent_hashes"] = list(parents)
-        a.info["parent_trials"] = [getattr(self.store.get(h), "id", None) for h in parents]
-        return lin
-
-    def _tell(self, p) -> None:
-        super()._tell(p)
-        self.state["child_parents"].pop(p.ask.id, None)
-        ev, members = self.opt.last_event, self.state["members"]
-        if ev.get("id") != p.ask.id:
-            return
-        if ev.get("action") in ("added", "replaced"):
-            if ev["action"] == "replaced":
-                members.pop(ev["dropped"], None)
-            members[p.ask.id] = p.hash
-        self.state["events"].append({"seq": p.seq, "hash": p.hash, "action": ev.get("action"),
-                                     "dropped_ask": ev.get("dropped")})
-
-    def _checkpoint(self) -> None:
-        super()._checkpoint()  # durable first: only then may files of the old state go
-        members = [{"ask": i, "hash": h, "trial": getattr(self.store.get(h), "id", None)}
-                   for i, h in sorted(self.state["members"].items())]
-        self.store.set_meta(archive_members=members, archive_events=self.state["events"])
-        keep = set(self.state["members"].values())
-        for p in self.pending.values():
-            keep.add(p.hash)
-            lin = parse_lineage(p.recipe_json)
-            if lin is not None:
-                keep.update(lin.parents)
-        self.files.collect(keep)
-
-    def archive_members(self) -> dict[int, str]:
-        """Current members: ask id → hash (a parent's recipe hash for an initial member)."""
-        return dict(self.state["members"])
 
 
 # ---------------------------------------------------------------------- export

@@ -1,0 +1,52 @@
+"""Check a search's objectives before anything runs: tasks, splits, metrics and data, in one pass.
+
+``check_objectives`` builds every lm-eval objective's task once in the calling process, so an
+unknown task, a split the task does not have, an unknown metric, a missing data file or a Hub
+dataset that is not cached fails with one line *before* a run directory is created (the
+workers would otherwise fail on every candidate). It returns which dataset split each objective
+scores (a role such as ``search`` may stand for the task's ``validation_split``; see
+:mod:`evomerge.evaluation.tasks`), and refuses a validation objective that scores the very
+split a search objective of the same task scores: validation must be held out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from evomerge.errors import ConfigError
+from evomerge.evaluation.objective import Objective
+
+
+def check_objectives(
+    search: Sequence[Objective],
+    validation: Sequence[Objective] = (),
+    *,
+    evals_dir: str | Path | Sequence[str | Path] | None = None,
+    builtin_tasks: bool = False,
+) -> dict[str, str]:
+    """Objective key → the dataset split it scores (validation keys prefixed ``validation/``).
+
+    Python objectives are not built here (they are imported by the workers).
+    """
+    from evomerge.evaluation.scoring import resolve_metric
+    from evomerge.evaluation.tasks import TaskCatalog
+
+    lm = [("", o) for o in search if not o.is_python] + [("validation/", o) for o in validation if not o.is_python]
+    if not lm:
+        return {}
+    catalog = TaskCatalog(evals_dir, builtin_tasks=builtin_tasks)
+    chosen: dict[str, str] = {}
+    for prefix, o in lm:
+        task = catalog.build(o.task, o.split, key=o.key)
+        resolve_metric(task, o.key, o.metric)
+        chosen[prefix + o.key] = task.config.test_split
+    searched = {(o.task, chosen[o.key]): o.key for prefix, o in lm if not prefix}
+    for o in validation:
+        hit = searched.get((o.task, chosen.get("validation/" + o.key)))
+        if hit is not None:
+            raise ConfigError(
+                f"validation objective {o.key} scores the same split ({chosen['validation/' + o.key]!r}) as the "
+                f"search objective {hit}; validation must be held out: give it another of the task's splits"
+            )
+    return chosen
