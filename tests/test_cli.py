@@ -86,7 +86,7 @@ def test_each_short_flag_has_one_meaning_everywhere():
     assert {k: sorted(v) for k, v in meaning.items()} == {
         "-o": ["out"], "-r": ["run_dir"], "-t": ["task"], "-q": ["quiet"], "-p": ["preset"], "-k": ["kind"]}
     assert where["-o"] == {"merge", "export", "report", "recipe import-mergekit", "recipe export-mergekit",
-                           "zoo build", "zoo evals"}
+                           "recipe add-fisher", "recipe add-scores", "zoo build", "zoo evals"}
     assert where["-r"] == {"search", "demo", "map"}
     assert where["-t"] == {"eval"}
 

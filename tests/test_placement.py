@@ -115,6 +115,65 @@ def test_streamed_placements_serve_requests_off_the_announced_order(families):
         src.close()
 
 
+def test_every_placement_reads_a_lora_adapter_as_peft_merges_it(tmp_path):
+    """An adapter's tensors are computed on read (base + low-rank product): no placement may copy
+    the base's stored bytes instead. Through the adapter directory and ``base+adapter``, every
+    placement serves exactly PEFT's merge_and_unload() checkpoint."""
+    pytest.importorskip("peft")
+    from evomerge.merge.lora import open_model
+    from test_lora import build as build_lora
+
+    base, adapter, merged = build_lora("llama", tmp_path)
+    cpu = torch.device("cpu")
+    for ref in (str(adapter), f"{base}+{adapter}"):
+        d = open_model(ref)
+        names = d.tensor_names
+        changed = [n for n in names if not torch.equal(merged[n], ModelDir(base).get(n))]
+        assert changed  # the adapter changes some tensors: the test can fail
+        for kind in PLACEMENTS:
+            src = Sources({"a": d}).place(kind, "cpu")
+            try:
+                src.expect([("a", n, cpu) for n in names])
+                for n in names:
+                    assert torch.equal(src.get("a", n), merged[n]), (ref, kind, n)
+            finally:
+                src.close()
+
+
+def test_placements_fill_fused_moe_experts_on_the_device_map_path(tmp_path):
+    """Mixtral's per-expert checkpoint tensors feed one fused parameter (ParameterMap): every
+    placement, with and without the device-map path, gives the weights transformers loads from
+    the exported merge."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.export import export_model
+    from test_families import build_family
+
+    paths = build_family("mixtral", tmp_path)
+    recipe = Recipe.model_validate({
+        "merge_method": "ties", "base_model": paths["base"],
+        "models": [{"model": paths["e0"], "parameters": {"weight": 0.6, "density": 0.5}},
+                   {"model": paths["e1"], "parameters": {"weight": 0.4, "density": 0.7}}],
+    })
+    lazy = Sources.from_recipe(recipe)
+    export_model(recipe, tmp_path / "out", lazy)
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert any(t.dim() == 3 for t in want.values())  # fused experts are there
+    for kind in PLACEMENTS:
+        for split in (False, True):
+            model = build_model(lazy, "cpu", devices=["cpu"], split=split)
+            devices = tensor_devices(model, lazy.reference.tensor_names)
+            assert set(devices) == set(lazy.reference.tensor_names)  # fused parts have a device too
+            src = lazy.place(kind, "cpu", devices if split else None)
+            try:
+                apply_in_place(model, recipe, src)
+            finally:
+                src.close()
+            got = model.state_dict()
+            for n, t in want.items():
+                assert torch.equal(got[n], t), (kind, split, n)
+
+
 # ---------------------------------------------------------------------- the plan chooses, the worker obeys
 def config(models: dict[str, Path], **memory) -> SearchConfig:
     return SearchConfig.from_dict({

@@ -22,8 +22,10 @@ tensor plus the low-rank product), a vocabulary-aligned input (:mod:`evomerge.me
 pickled weights — has no bytes on disk to copy: every placement reads it through the model
 object (``ModelDir.get``), so ``resident`` and ``pinned`` hold the computed tensors and ``mmap``
 computes each one per candidate (through the base's safetensors memory map, whose pages are the
-OS page cache, reclaimable) in the same background thread, one step ahead of the merge. Which one a worker uses is chosen by the memory
-plan (:mod:`evomerge.memory`) before any worker starts.
+OS page cache, reclaimable) in the same background thread, one step ahead of the merge.
+
+Which placement a worker uses is chosen by the memory plan (:mod:`evomerge.memory`) before any
+worker starts.
 
 The merge asks for tensors in an order it announces first (:meth:`Placed.expect`: a list of
 ``(alias, tensor name, device)``); streamed placements stage that list ``lookahead`` entries

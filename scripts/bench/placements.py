@@ -119,7 +119,8 @@ def child(spec: dict) -> dict:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from evomerge.merge.materialize import Sources, apply_in_place, build_model
+    from evomerge.merge.materialize import apply_in_place, build_model
+    from evomerge.merge.sources import Sources
     from evomerge.models import ModelDir
     from evomerge.recipe import Recipe
 
