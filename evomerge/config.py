@@ -137,7 +137,7 @@ class BudgetConfig(_Strict):
 
 
 class ExecutorConfig(_Strict):
-    type: Literal["local", "ray"] = "local"
+    type: str = "local"  # a registered executor (evomerge.executors: local, ray, and any @register_executor)
     workers: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=1.0, gt=0)  # per worker, always explicit for Ray actors
     num_gpus: float = Field(default=0.0, ge=0)  # per worker; 1 on a GPU cluster
@@ -148,6 +148,15 @@ class ExecutorConfig(_Strict):
     max_restarts: int = Field(default=10, ge=0)  # worker restarts in a whole run before giving up
     worker: str | None = None  # advanced: "module:factory" building a custom worker (tests, benchmarks)
     worker_options: dict[str, Any] = Field(default_factory=dict)  # passed to a custom worker
+
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from evomerge.executors import EXECUTORS
+
+        if v not in EXECUTORS:
+            raise ValueError(f"unknown executor {v!r}; choose one of {', '.join(sorted(EXECUTORS))}")
+        return v
 
     @model_validator(mode="after")
     def _local_one(self) -> "ExecutorConfig":

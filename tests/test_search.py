@@ -181,7 +181,7 @@ CONFIG_ERRORS = [
     ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\nexecutor: {type: local, workers: 2}\n",
      "exactly one in-process worker"),
     ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\nexecutor: {type: slurm}\n",
-     "executor.type: Input should be 'local' or 'ray'"),
+     "executor.type: unknown executor 'slurm'; choose one of local, ray"),
     ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\nbudgett: 1\n", "budgett: unknown key"),
     ("models: {experts: [a]}\nobjectives: [{task: x}]\nbudget: {evaluations: 3}\nvalidation: {when: sometimes}\n",
      "validation.when"),
