@@ -98,7 +98,7 @@ def test_boolean_options_are_plain_flags():
         assert p.is_flag and not p.secondary_opts and p.default is False, (path, p.name)
     res = runner.invoke(app, ["merge", "--help"], env={"COLUMNS": "200"})
     line = next(ln for ln in res.stdout.splitlines() if "--force" in ln)
-    assert "<bool>" not in res.stdout and "Replace a non-empty output directory." in line
+    assert "<bool>" not in res.stdout and "Replace a non-empty output directory" in line
     res = runner.invoke(app, ["merge", "r.yaml", "-o", "out", "--force", "true"])
     assert res.exit_code == 2 and "unexpected extra argument" in res.stderr.lower()
 
