@@ -3,9 +3,9 @@
 The architecture is instantiated from ``config.json`` with empty (uninitialised) parameters on
 the device each one will live on — no weights are read, because the first candidate's merge
 overwrites every parameter anyway (:func:`build_model` checks that the reference's checkpoint
-feeds every parameter — by ``transformers``' own loading rules, :class:`~evomerge.architecture.ParameterMap`:
-renamed tensors and per-expert tensors fused into one parameter count — so none can stay
-uninitialised). Buffers computed at construction (rotary frequencies) are real. A merge that
+feeds every parameter — by ``transformers``' own loading rules,
+:class:`~evomerge.architecture.ParameterMap`: renamed tensors and per-expert tensors fused into
+one parameter count — so none can stay uninitialised). Buffers computed at construction (rotary frequencies) are real. A merge that
 re-indexes the vocabulary (``tokenizer_source``) gets embeddings with the output vocabulary's rows.
 
 A worker that owns several GPUs (``executor.num_gpus: k``) holds the model split across them
@@ -81,10 +81,10 @@ def build_model(ref: ModelDir, devices: list[str], dtype: torch.dtype, trust_rem
     ``split`` routes even a single device through the device-map path (tests exercise it on CPU);
     ``vocab_size`` resizes the token embeddings (a merge that re-indexes the vocabulary).
     """
-    from evomerge.architecture import ParameterMap
-
     from accelerate import dispatch_model, init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from evomerge.architecture import ParameterMap
 
     config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
