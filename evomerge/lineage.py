@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -254,13 +253,19 @@ def ancestry(store, h: str, sources: dict[str, str]) -> list[dict]:
 def export_member(run_dir: str | Path, h: str, out: str | Path, *, card_extra: str = "",
                   overwrite: bool = False) -> Path:
     """Write archive member / child ``h`` of a run as a Hugging Face directory (float32 weights,
-    the reference model's config and tokenizer, the lineage as ``evomerge_lineage.yaml`` and a card)."""
+    the reference model's config and tokenizer, the lineage as ``evomerge_lineage.yaml`` and a card).
+
+    ``out`` may not equal, contain or lie inside the run directory or a parent model; the copied
+    tokenizer and generation-config files must stay inside the reference model's directory."""
     import yaml
     from safetensors.torch import save_file
 
     from evomerge.io import atomic_directory
-    from evomerge.merge.export import TOKENIZER_FILES
+    from evomerge.merge.export import copy_files
+    from evomerge.merge.vocab import TOKENIZER_FILES
     from evomerge.models import ModelDir
+    from evomerge.outputs import check_output_dir
+    from evomerge.safety import contained_files
     from evomerge.store import RunStore
 
     run_dir = Path(run_dir)
@@ -281,23 +286,24 @@ def export_member(run_dir: str | Path, h: str, out: str | Path, *, card_extra: s
                                 "they were during the search")
         dirs = {a: ModelDir(p) for a, p in paths.items()}
         ref = dirs.get("base") or dirs[next(iter(paths))]
+        protect = [("run directory", run_dir), *(("input model", d.path) for d in dict.fromkeys(dirs.values()))]
+        check_output_dir(Path(out), overwrite=overwrite, protect=protect)  # before the weights are rebuilt
+        copies = contained_files(ref.path, (*TOKENIZER_FILES, "generation_config.json"), "tokenizer or generation file")
         names = float_names(ref)
         weights = ArchiveWeights(run_dir, names, sources, lambda a, n: dirs[a].get(n), store_lineage(store), "cpu")
         tensors = weights.get(h)
         steps = ancestry(store, h, sources)
     out = Path(out)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp:
         state = {n: t.detach().contiguous().cpu() for n, t in zip(names, tensors)}
         state.update({n: ref.get(n).contiguous() for n in ref.tensor_names if n not in state})
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg = json.loads((ref.path / "config.json").read_text())
+        cfg = dict(ref.config)  # read and checked by ModelDir; only top-level keys change
         for key in ("torch_dtype", "dtype"):
             if key in cfg or key == "torch_dtype":
                 cfg[key] = "float32"
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        for fname in (*TOKENIZER_FILES, "generation_config.json"):
-            if (ref.path / fname).is_file():
-                shutil.copy2(ref.path / fname, tmp / fname)
+        copy_files(copies, tmp)
         (tmp / "evomerge_lineage.yaml").write_text(yaml.safe_dump({"member": h, "models": paths, "steps": steps},
                                                                  sort_keys=False))
         (tmp / "README.md").write_text(member_card(h, steps, paths, run_dir, card_extra))
@@ -305,11 +311,13 @@ def export_member(run_dir: str | Path, h: str, out: str | Path, *, card_extra: s
 
 
 def member_card(h: str, steps: list[dict], paths: dict[str, str], run_dir: Path, extra: str = "") -> str:
+    from evomerge.markdown import md_cell, md_code, md_fence
+
     rows = ["| member | trial | made from | split | w | mutation σ (seed) |", "|---|---|---|---|---|---|"]
     for s in steps:
         if "model" in s:
             rows.append(f"| `{s['hash']}` | {s['trial'] if s['trial'] is not None else '—'} | parent model "
-                        f"`{s['model']}` | — | — | — |")
+                        f"{md_cell(s['model'])} | — | — | — |")
         else:
             rows.append(f"| `{s['hash']}` | {s['trial']} | `{s['parents'][0]}` × `{s['parents'][1]}` | {s['split']} "
                         f"| {s['w']:.6g} | {s['mutation']:g} ({s['seed']}) |")
@@ -317,11 +325,11 @@ def member_card(h: str, steps: list[dict], paths: dict[str, str], run_dir: Path,
              "# Model-archive member (M2N2 on weights)", "",
              f"Evolved with evomerge's model-archive search: weights crossed directly by split-point SLERP "
              f"(one angle over the whole parameter vector), no merge recipe. Member `{h}`.", "",
-             "## Parents", "", *(f"- `{a}`: `{p}`" for a, p in paths.items()), "",
+             "## Parents", "", *(f"- {md_code(a)}: {md_code(p)}" for a, p in paths.items()), "",
              "## Lineage", "", "Child = SLERP(a, b) with t = w before the split (flattened tensor order) and "
              "1 − w after it, plus N(0, σ²) noise from a CPU generator with the given seed.", "", *rows]
     if extra:
         lines += ["", extra.strip()]
-    lines += ["", "## Reproduce", "", "```bash", f"evomerge export {run_dir} --trial N -o OUT   # recomputes "
-              "the weights from this lineage (or reads the archive file)", "```", ""]
+    lines += ["", "## Reproduce", "", *md_fence(f"evomerge export {run_dir} --trial N -o OUT   # recomputes "
+                                                "the weights from this lineage (or reads the archive file)", "bash"), ""]
     return "\n".join(lines)

@@ -8,7 +8,6 @@ then they are loaded with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 
@@ -18,6 +17,15 @@ from safetensors import safe_open
 from evomerge.architecture import TensorRoles
 from evomerge.errors import ModelError
 from evomerge.recipe import TensorSite
+from evomerge.safety import check_weight_dtypes, contained, read_json_object, read_safetensors_header
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
 
 class ModelDir:
     """A lazily read HF model directory (``config.json`` + safetensors weights)."""
@@ -29,32 +37,44 @@ class ModelDir:
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise ModelError(f"{self.path}: no config.json; is this a Hugging Face model directory?")
-        try:
-            self.config: dict = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"{cfg}: malformed JSON ({e.msg}, line {e.lineno})") from None
+        self.config: dict = read_json_object(contained(self.path, "config.json", "config file"), "config.json")
         self.allow_pickle = allow_pickle
         self._handles: dict[str, object] = {}
         self._pickle_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._dtypes: dict[str, str] = {}  # tensor → safetensors dtype name, validated
         self._weight_map, self._pickled = self._find_weights()
 
     # ------------------------------------------------------------------ discovery
     def _find_weights(self) -> tuple[dict[str, str], bool]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
-            if missing:
-                raise ModelError(f"{self.path}: shard {missing[0]} listed in the index is missing")
+            weight_map = read_json_object(contained(self.path, index.name, "shard index"),
+                                          "the shard index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise ModelError(f"{index}: the shard index has no `weight_map` object of tensor → file names; "
+                                 "fix or re-download it")
+            headers = {}
+            for f in sorted(set(weight_map.values())):
+                shard = contained(self.path, f, "shard")
+                if not shard.is_file():
+                    raise ModelError(f"{self.path}: shard {f} listed in the index is missing")
+                headers[f] = read_safetensors_header(shard)
+            for name, f in weight_map.items():
+                if name not in headers[f]:
+                    raise ModelError(f"{index}: tensor {name} is mapped to {f}, which does not hold it; "
+                                     "fix or re-download the index")
+                self._dtypes[name] = headers[f][name]["dtype"]
+            check_weight_dtypes(self.path, self._dtypes)
             return dict(weight_map), False
         files = sorted(self.path.glob("*.safetensors"))
         if files:
-            from evomerge.merge.headers import read_header
-
             weight_map = {}
-            for f in files:  # headers only: a file is never mapped just to list its tensors
-                for k in sorted(read_header(f)):
+            for f in files:
+                for k, info in read_safetensors_header(contained(self.path, f.name, "weights file")).items():
                     weight_map[k] = f.name
+                    self._dtypes[k] = info["dtype"]
+            check_weight_dtypes(self.path, self._dtypes)
             return weight_map, False
         pickles = sorted(self.path.glob("*.bin")) + sorted(self.path.glob("*.pt"))
         if pickles:
@@ -65,21 +85,35 @@ class ModelDir:
                 )
             weight_map = {}
             for f in pickles:
-                for k in self._load_pickle(f.name):
+                for k, t in self._load_pickle(contained(self.path, f.name, "weights file").name).items():
                     weight_map[k] = f.name
+                    self._dtypes[k] = _ST_NAMES.get(t.dtype, str(t.dtype)) if isinstance(t, torch.Tensor) else "?"
+            check_weight_dtypes(self.path, self._dtypes)
             return weight_map, True
         raise ModelError(f"{self.path}: no *.safetensors weights found")
 
     def _load_pickle(self, fname: str) -> dict[str, torch.Tensor]:
         if fname not in self._pickle_cache:
-            sd = torch.load(self.path / fname, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                sd = torch.load(self.path / fname, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001  (pickle/zip errors of every kind, incl. blocked globals)
+                first = " ".join(str(e).split())[:160]
+                raise ModelError(f"{self.path / fname}: refused to unpickle ({type(e).__name__}: {first}); "
+                                 "it is corrupt or wants to run code. Convert trusted weights to safetensors"
+                                 ) from None
+            if not isinstance(sd, dict):
+                raise ModelError(f"{self.path / fname}: not a state dict (a {type(sd).__name__}); "
+                                 "convert the weights to safetensors")
             self._pickle_cache[fname] = sd
         return self._pickle_cache[fname]
 
     def _handle(self, fname: str):
         h = self._handles.get(fname)
         if h is None:
-            h = safe_open(str(self.path / fname), framework="pt")
+            try:
+                h = safe_open(str(self.path / fname), framework="pt")
+            except Exception as e:  # noqa: BLE001  (the header was validated; this is a backstop)
+                raise ModelError(f"{self.path / fname}: cannot open ({e})") from None
             self._handles[fname] = h
         return h
 

@@ -41,7 +41,7 @@ Scalar = Union[float, int, bool, str]
 class GroupValues(BaseModel):
     """One value per layer group. ``layers`` has one entry per block, or is a gradient."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     embed: float
     layers: list[float] = Field(min_length=1)
     head: float
@@ -50,7 +50,7 @@ class GroupValues(BaseModel):
 class FilteredValue(BaseModel):
     """A value that applies to tensors whose name contains ``filter`` (mergekit's shape)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     filter: str | None = None
     value: Union[Scalar, list[float], GroupValues]
 
@@ -58,13 +58,35 @@ class FilteredValue(BaseModel):
 ParamValue = Union[Scalar, list[float], GroupValues, list[FilteredValue]]
 
 
+def _finite_parameters(params: Any) -> Any:
+    """Refuse NaN / ±inf anywhere in a parameters mapping: they would merge into NaN weights."""
+    def walk(v: Any, where: str) -> None:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{where} = {v}: parameter values must be finite numbers")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, f"{where}.{k}")
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                walk(x, f"{where}[{i}]")
+    if isinstance(params, dict):
+        for name, value in params.items():
+            walk(value, str(name))
+    return params
+
+
 class InputModel(BaseModel):
     """An expert (or any input model) and its per-model parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str
     name: str | None = None  # alias used by layer flows; default: the directory's name
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        return _finite_parameters(v)
 
     @property
     def alias(self) -> str:
@@ -80,7 +102,7 @@ class LayerSlot(BaseModel):
     means 1, and 1 is stored as unset, so recipes without it keep their hash.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str
     layer: int = Field(ge=0)
     scale: float = 1.0
@@ -110,7 +132,7 @@ class LayerFlow(BaseModel):
     :mod:`evomerge.merge.layer_flow`), so the exported model is a plain ``transformers`` model.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     embed_from: str | None = None  # default: "merge" when the recipe merges, else the base
     head_from: str | None = None  # final norm and lm_head; default: embed_from
     slots: list[LayerSlot] = Field(min_length=1)
@@ -119,7 +141,7 @@ class LayerFlow(BaseModel):
 class Recipe(BaseModel):
     """A complete merge: inputs, operator, parameters, optional layer flow."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     version: int = RECIPE_VERSION
     merge_method: str
     base_model: str | None = None
@@ -132,6 +154,11 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = None
     chat_template: str | None = None  # "auto", a built-in name, a model alias or a Jinja template
     seed: int = 0  # mixed with the recipe hash to seed random operators (DARE, DELLA)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        return _finite_parameters(v)
 
     @field_validator("version")
     @classmethod

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.errors import ModelError
+from evomerge.errors import EvomergeError, ModelError
 from evomerge.merge.export import export_model
 from evomerge.merge.lora import AdaptedModel, open_model, split_reference
 from evomerge.models import ModelDir
@@ -135,6 +135,62 @@ def test_refusals(tmp_path):
     AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", **TINY)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ModelError, match=r"targets model\.layers\.0\.\S+\.weight, which .*gpt2 does not have"):
         open_model(f"{tmp_path / 'gpt2'}+{adapter}")
+
+
+def _corrupt_weights(d):
+    p = d / "adapter_model.safetensors"
+    p.write_bytes(p.read_bytes()[:-40])
+
+
+def _int8_weights(d):
+    from safetensors.torch import save_file
+
+    p = d / "adapter_model.safetensors"
+    save_file({k: (v * 100).round().to(torch.int8) for k, v in load_file(str(p)).items()}, str(p))
+
+
+def _linked(d, fname):
+    secret = d.parent / f"secret-{fname}"
+    (d / fname).rename(secret)
+    (d / fname).symlink_to(secret)
+
+
+BAD_ADAPTERS = {
+    "truncated weights": (_corrupt_weights, r"adapter_model\.safetensors: corrupt safetensors file .*re-download"),
+    "int8 weights": (_int8_weights, r"adapter_model\.safetensors: tensor \S+ is i8 .*dequantize"),
+    "config not json": (lambda d: (d / "adapter_config.json").write_text("{peft_type: LORA"),
+                        r"adapter_config\.json: malformed JSON in adapter_config\.json"),
+    "config is a list": (lambda d: (d / "adapter_config.json").write_text("[1]"),
+                         r"adapter_config\.json must be a JSON object, not a list"),
+    "config links outside": (lambda d: _linked(d, "adapter_config.json"),
+                             r"adapter config 'adapter_config\.json' leads outside the model directory"),
+    "weights link outside": (lambda d: _linked(d, "adapter_model.safetensors"),
+                             r"adapter weights 'adapter_model\.safetensors' leads outside the model directory"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_ADAPTERS))
+def test_bad_adapter_files_are_one_clear_error(kind, tmp_path):
+    """An adapter is read with the same guards as a model directory (evomerge.safety)."""
+    base, adapter, _ = build("llama", tmp_path)
+    damage, message = BAD_ADAPTERS[kind]
+    damage(adapter)
+    for ref in (adapter, f"{base}+{adapter}"):
+        with pytest.raises(ModelError, match=message) as e:
+            open_model(ref)
+        assert "\n" not in str(e.value)
+
+
+def test_merge_out_inside_an_adapter_is_refused(tmp_path):
+    base, adapter, _ = build("llama", tmp_path)
+    before = sorted((p.name, p.read_bytes()) for p in adapter.iterdir())
+    recipe = Recipe.from_dict({"merge_method": "task_arithmetic", "base_model": str(base),
+                               "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(EvomergeError, match="input model"):
+        export_model(recipe, adapter / "out", overwrite=True)
+    with pytest.raises(EvomergeError, match="input model"):
+        export_model(recipe, adapter, overwrite=True)
+    assert sorted((p.name, p.read_bytes()) for p in adapter.iterdir()) == before
 
 
 def test_search_with_an_adapter_expert(tmp_path):

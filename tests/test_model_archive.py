@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -209,6 +210,73 @@ def test_lost_member_files_are_recomputed_bit_for_bit(archive_run, tmp_path):
         shutil.rmtree(copy / "archive")
         fresh, _ = _weights(copy)
         assert all(torch.equal(x, y) for x, y in zip(fresh.get(h), saved))
+
+
+def _relocated(archive_run, tmp_path):
+    """A copy of the run whose parent models are private copies (so a test may change them)."""
+    import shutil
+
+    run, _ = archive_run
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    with RunStore(copy) as s:
+        models = s.meta("models")
+        moved = {m: str(shutil.copytree(m, tmp_path / "in" / Path(m).name))
+                 for m in [models["base"], *(e["model"] for e in models["experts"])]}
+        s.set_meta(models={"base": moved[models["base"]],
+                           "experts": [{**e, "model": moved[e["model"]]} for e in models["experts"]]})
+        h = s.meta("archive_members")[-1]["hash"]
+    return copy, h, Path(moved[models["base"]])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_member_export_copies_tokenizer_files_with_umask_modes(umask, archive_run, tmp_path):
+    from evomerge.lineage import export_member
+
+    run, h, base = _relocated(archive_run, tmp_path)
+    (base / "tokenizer.json").chmod(0o600)  # a source mode is not carried over
+    (base / "tokenizer_config.json").chmod(0o755)
+    old = os.umask(umask)
+    try:
+        out = export_member(run, h, tmp_path / "out")
+    finally:
+        os.umask(old)
+    from evomerge.merge.vocab import TOKENIZER_FILES
+
+    copied = sorted(p.name for p in base.iterdir() if p.name in (*TOKENIZER_FILES, "generation_config.json"))
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(copied)
+    for name in copied:
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+    for p in out.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("fname", ["tokenizer.json", "generation_config.json"])
+def test_member_export_refuses_a_linked_tokenizer_file(fname, archive_run, tmp_path):
+    from evomerge.errors import ModelError
+    from evomerge.lineage import export_member
+
+    run, h, base = _relocated(archive_run, tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET")
+    (base / fname).unlink()
+    (base / fname).symlink_to(secret)
+    with pytest.raises(ModelError, match=f"'{fname}' leads outside the model directory"):
+        export_member(run, h, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_member_export_never_writes_into_the_run_or_a_parent(archive_run, tmp_path):
+    from evomerge.errors import EvomergeError
+    from evomerge.lineage import export_member
+
+    run, h, base = _relocated(archive_run, tmp_path)
+    before = sorted(p.name for p in run.rglob("*"))
+    for out, what in ((run / "best", "run directory"), (base, "input model"), (tmp_path, "run directory")):
+        with pytest.raises(EvomergeError, match=what):
+            export_member(run, h, out, overwrite=True)
+    assert sorted(p.name for p in run.rglob("*")) == before and (base / "config.json").is_file()
 
 
 @pytest.mark.parametrize("over,message", [

@@ -16,7 +16,9 @@ Conventions every command follows (tests/test_cli.py checks them):
 
 from __future__ import annotations
 
+import errno
 import importlib
+import sqlite3
 import sys
 
 import click
@@ -74,8 +76,38 @@ def _load_commands() -> None:
         importlib.import_module(f"evomerge.cli.{mod}")
 
 
+def _click_classes(name: str) -> tuple[type, ...]:
+    """``name`` from click and from the click that typer bundles (``typer._click``), whichever exist:
+    typer ≥ 0.20 raises its own copy's exceptions, which plain ``click``'s classes never catch."""
+    mods = [click.exceptions]
+    try:
+        from typer._click import exceptions as bundled  # typer's vendored click
+
+        mods.append(bundled)
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        pass
+    extra = {"Exit": [typer.Exit], "Abort": [typer.Abort]}.get(name, [])
+    return tuple(dict.fromkeys([*(getattr(m, name) for m in mods if hasattr(m, name)), *extra]))
+
+
+def _environment_error(e: BaseException) -> EvomergeError | None:
+    """A full disk, a read-only file system, a denied permission, ... as one line; None for a bug."""
+    from evomerge.outputs import _ADVICE, os_error, sqlite_error
+
+    if isinstance(e, sqlite3.Error):
+        return sqlite_error(e)
+    if isinstance(e, OSError) and e.errno in _ADVICE and e.errno != errno.ENOENT:
+        return os_error(e, e.filename or "a file", "write" if e.errno in (errno.ENOSPC, errno.EROFS) else "access")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI and turn user errors into one clear line and exit code 2."""
+    """Entry point: run the CLI and turn user errors into one clear line and exit code 2.
+
+    Usage errors (a missing option, a bad flag value) print click's usual usage message and exit
+    with click's code 2. All user text is escaped before it reaches rich, so a path such as
+    ``[/x]`` is printed, not parsed as markup.
+    """
     _load_commands()
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -84,14 +116,23 @@ def main(argv: list[str] | None = None) -> int:
     except EvomergeError as e:
         if _state["debug"] or "--debug" in args:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(' '.join(str(e).split()))}", highlight=False,
+                          soft_wrap=True)
         return e.exit_code
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
+    except (OSError, sqlite3.Error) as e:  # the environment refused a write (disk full, read-only, ...)
+        mapped = _environment_error(e)
+        if mapped is None or _state["debug"] or "--debug" in args:
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(str(mapped))}", highlight=False, soft_wrap=True)
+        return mapped.exit_code
+    except _click_classes("Exit") as e:
+        return getattr(e, "exit_code", 0)
+    except _click_classes("Abort"):
         err_console.print("aborted")
         return 130
-    except click.ClickException as e:
+    except _click_classes("ClickException") as e:
+        if _state["debug"] or "--debug" in args:
+            raise
         e.show()
         return e.exit_code
 

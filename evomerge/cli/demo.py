@@ -18,6 +18,7 @@ from rich.text import Text
 from evomerge.cli import app, console
 from evomerge.cli.progress import StageProgress
 from evomerge.errors import ConfigError
+from evomerge.outputs import check_run_dir
 from evomerge.paths import EXAMPLE_PREFIX, resolve_config
 
 DEMO_CONFIG = f"{EXAMPLE_PREFIX}demo"
@@ -72,14 +73,14 @@ def demo(
     cfg = load_search_config(path, evaluations=evaluations, zoo=zoo)
     if cfg.models.zoo is None:
         raise ConfigError(f"{path}: the demo needs `models: {{zoo: <preset>}}`")
-    console.print(f"[bold]1/3[/] zoo [bold]{cfg.models.zoo}[/] (built once, then reused from the cache)")
+    console.print(f"[bold]1/3[/] zoo [bold]{escape(str(cfg.models.zoo))}[/] (built once, then reused from the cache)", highlight=False)
     info = build_demo_zoo(cfg.models.zoo)
     how = "reused from the cache" if info.cached else f"built in {info.seconds:.0f} s"
     console.print(f"    {how}: base + {', '.join(info.experts)} at {escape(str(info.root))}", highlight=False)
-    run_dir = run_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = check_run_dir(run_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}")
     console.print(f"[bold]2/3[/] search: {cfg.optimizer.name} over the {cfg.space.type} space, "
                   f"{cfg.budget.evaluations or '∞'} evaluations, objective "
-                  f"{', '.join(o.key for o in cfg.objectives)} → {escape(str(run_dir))}", highlight=False)
+                  f"{escape(', '.join(o.key for o in cfg.objectives))} → {escape(str(run_dir))}", highlight=False)
     summary = run_with_display("evomerge demo", quiet, lambda cb: run_search(cfg, run_dir, on_progress=cb))
     console.print("[bold]3/3[/] result")
     print_summary(summary, table=validation_table(summary, cfg) if cfg.validation.objectives else None)

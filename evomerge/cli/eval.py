@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from evomerge.cli import app, console
 from evomerge.cli.output import emit_json, finite
@@ -26,6 +27,7 @@ def load_model_dir(path: Path, device: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.models import ModelDir
+    from evomerge.safety import check_loading_info
 
     ModelDir(path)  # clear errors for a missing directory, no config, or pickled weights only
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -34,11 +36,13 @@ def load_model_dir(path: Path, device: str | None = None):
     except Exception as e:  # noqa: BLE001  (transformers raises many types for a bad tokenizer)
         raise ModelError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=False, use_safetensors=True, local_files_only=True, dtype=torch.float32,
+            output_loading_info=True,
         )
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
+        raise ModelError(f"{path}: cannot load the model ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    check_loading_info(path, info)
     return model.to(dev).eval(), tokenizer
 
 
@@ -97,7 +101,7 @@ def eval_command(
         emit_json(eval_json(model_dir, objectives, result))
         return
 
-    table = Table(title=f"{model_dir}", title_justify="left")
+    table = Table(title=Text(str(model_dir)), title_justify="left")
     for col, kw in (("task", {}), ("split", {}), ("metric", {}), ("value", {"justify": "right"}),
                     ("docs", {"justify": "right"})):
         table.add_column(col, **kw)
@@ -106,8 +110,8 @@ def eval_command(
         for name, value in score.metrics.items():
             chosen = name == score.metric
             split = evaluator.splits.get(o.key, o.split)
-            table.add_row(o.task, o.split if split == o.split else f"{o.split} → {split}",
-                          name + (" *" if chosen else ""), f"{value:.4f}", str(len(score.doc_ids)),
+            table.add_row(Text(o.task), Text(o.split if split == o.split else f"{o.split} → {split}"),
+                          Text(name + (" *" if chosen else "")), f"{value:.4f}", str(len(score.doc_ids)),
                           style="bold" if chosen else None)
     console.print(table)
     s = result.seconds

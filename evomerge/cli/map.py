@@ -19,11 +19,13 @@ from typing import Optional
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from evomerge.cli import app, console
 from evomerge.cli.output import emit_json, finite
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.outputs import check_run_dir
 from evomerge.paths import resolve_config
 
 
@@ -52,7 +54,7 @@ def map_command(
     if kind is not None and kind not in KINDS:
         raise ConfigError(f"--kind: choose one of {', '.join(KINDS)}, got {kind!r}")
     path = Path(config) if resume else resolve_config(config)
-    out_dir = run_dir or Path("runs") / f"{path.stem}-map"
+    out_dir = check_run_dir(run_dir or Path("runs") / f"{path.stem}-map")
     last = {"n": -1}
 
     def progress(p) -> None:
@@ -64,7 +66,7 @@ def map_command(
 
     run = run_map(None if resume else path, out_dir, kind=kind, prefer=_parse_prefer(prefer), verify=verify,
                   on_progress=progress, resume=resume)
-    console.print(f"MAP ({run.kind}) finished in [bold]{out_dir}[/]: {run.evaluations} evaluations")
+    console.print(f"MAP ({run.kind}) finished in [bold]{escape(str(out_dir))}[/]: {run.evaluations} evaluations")
     _print_summary(run.summary, out_dir)
 
 

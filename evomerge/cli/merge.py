@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 
 import typer
+from rich.markup import escape
+
 from evomerge.cli import app, console, err_console
 from evomerge.cli.progress import StageProgress
 from evomerge.errors import ConfigError
@@ -52,13 +54,14 @@ def merge(
         where = f"{recipe}" + (f" ({step.name})" if step.name else "")
         r = recipe_from_mergekit(step.config, base_dir=base_dir, where=where, warn=_warn)
         if not step.final and not force and (step.out / "config.json").is_file():
-            console.print(f"reusing {step.out}  ({step.name}; --force rebuilds it)")
+            console.print(f"reusing {escape(str(step.out))}  ({escape(str(step.name))}; --force rebuilds it)",
+                          highlight=False)
             continue
         _export(r, step.out, force or not step.final, shard_bytes, allow_pickle)
 
 
 def _warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _export(r, out: Path, force: bool, shard_bytes: int, allow_pickle: bool) -> None:
@@ -69,4 +72,4 @@ def _export(r, out: Path, force: bool, shard_bytes: int, allow_pickle: bool) -> 
     with StageProgress("tensors") as progress:
         export_model(r, out, sources, shard_bytes=shard_bytes, overwrite=force,
                      progress=lambda done, total: progress("merge", done, total))
-    console.print(f"[green]wrote[/] {out}  ({r.merge_method}, recipe {r.hash()})")
+    console.print(f"[green]wrote[/] {escape(str(out))}  ({r.merge_method}, recipe {r.hash()})", highlight=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from evomerge.cli import app, err_console
 
@@ -20,7 +21,7 @@ def _emit(text: str, out: Path | None, what: str) -> None:
     from evomerge.io import atomic_write_text
 
     atomic_write_text(out, text)
-    err_console.print(f"[green]wrote[/] {out}  ({what})", highlight=False)
+    err_console.print(f"[green]wrote[/] {escape(str(out))}  ({escape(what)})", highlight=False)
 
 
 @recipe_app.command("import-mergekit")

@@ -35,6 +35,7 @@ from rich.text import Text
 from evomerge.cli import app, console
 from evomerge.cli.output import emit_json, finite
 from evomerge.extras import require_extra
+from evomerge.outputs import check_run_dir
 from evomerge.paths import resolve_config
 
 
@@ -236,7 +237,7 @@ def search(
     if overrides.get("type", cfg.executor.type) == "ray":  # before the run directory exists
         require_extra("ray", "ray", "the Ray executor")
     name = cfg.name or path.stem
-    run_dir = run_dir or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = check_run_dir(run_dir or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}")
     summary = run_with_display(f"evomerge search · {name}", quiet, lambda cb: run_search(
         cfg, run_dir, on_progress=cb, executor_overrides=overrides or None))
     print_summary(summary)
@@ -310,8 +311,8 @@ def runs_list(
         table.add_column(col, no_wrap=True, justify="right" if col in ("evaluations", "best", "elapsed") else "left")
     for r in rows:
         n = f"{r['evaluations']}" + (f"/{r['budget']}" if r["budget"] else "")
-        table.add_row(Text(r["run"]), r["status"] or "?", r["space"] or "?", r["optimizer"] or "?", n,
-                      _num(r["best_fitness"]), _dur(r["elapsed_s"]))
+        table.add_row(Text(r["run"]), Text(r["status"] or "?"), Text(r["space"] or "?"), Text(r["optimizer"] or "?"),
+                      n, _num(r["best_fitness"]), _dur(r["elapsed_s"]))
     console.print(table)
 
 
@@ -380,18 +381,17 @@ def runs_show(
                  ("time split", _time_split(doc["seconds"])),
                  ("best fitness", _num(None if doc["best"] is None else doc["best"]["fitness"]))):
         facts.add_row(k, Text(str(v)))
-    console.print(Panel(facts, title=str(run_dir), title_align="left"))
+    console.print(Panel(facts, title=Text(str(run_dir)), title_align="left"))
     table = Table(title=f"top {len(doc['top'])} trials", title_justify="left")
     for col in ("trial", "seq", "stage", "fitness", "validation", "worker", "merge s", "eval s"):
         table.add_column(col, justify="right")
     for t in doc["top"]:
         val = ", ".join(f"{v:.4f}" for v in (t["validation"] or {}).values()) or "—"
-        table.add_row(str(t["id"]), str(t["seq"]), str(t["stage"]), _num(t["fitness"]), val, t["worker"] or "—",
+        table.add_row(str(t["id"]), str(t["seq"]), str(t["stage"]), _num(t["fitness"]), val, Text(t["worker"] or "—"),
                       _num(t["merge_s"], ".2f"), _num(t["eval_s"], ".2f"))
     console.print(table)
     if doc["parents"]:
-        console.print("parents: " + " · ".join(f"{n} {_num(t['fitness'])}" for n, t in doc["parents"].items()),
-                      highlight=False)
+        console.print(Text("parents: " + " · ".join(f"{n} {_num(t['fitness'])}" for n, t in doc["parents"].items())))
     for t in doc["failures"][:5]:
         console.print(Text(f"failed trial {t['id']} (seq {t['seq']}): {t['error']}", style="red"))
     if doc["best"] is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from evomerge.cli import app, console
 from evomerge.cli.progress import StageProgress
@@ -27,16 +28,16 @@ def build(
 
     with StageProgress("steps", transient=False) as report:
         info = build_zoo(preset, out=out, family=family, workers=workers, force=force, progress=report)
-    table = Table(title=f"zoo {info.preset} ({info.family}) · {info.root}", show_lines=False)
+    table = Table(title=Text(f"zoo {info.preset} ({info.family}) · {info.root}"), show_lines=False)
     table.add_column("model")
     table.add_column("path")
     table.add_column("expert on")
-    table.add_row("base", str(info.base), "")
+    table.add_row("base", Text(str(info.base)), "")
     for name, path in info.experts.items():
-        table.add_row(name, str(path), ", ".join(info.expert_tasks[name]))
+        table.add_row(Text(name), Text(str(path)), Text(", ".join(info.expert_tasks[name])))
     console.print(table)
     how = "cached" if info.cached else f"built in {info.seconds:.0f} s"
-    console.print(f"{how}; cross-skill tasks: {', '.join(info.cross_tasks) or '-'}; all tasks: {', '.join(info.tasks)}")
+    console.print(Text(f"{how}; cross-skill tasks: {', '.join(info.cross_tasks) or '-'}; all tasks: {', '.join(info.tasks)}"))
 
 
 @zoo_app.command("presets")
@@ -63,7 +64,7 @@ def evals(
     from evomerge.zoo.evals import write_evals
 
     paths = write_evals(out or evals_dir())
-    console.print(f"wrote {len(paths)} files under {out or evals_dir()}")
+    console.print(Text(f"wrote {len(paths)} files under {out or evals_dir()}"))
 
 
 @zoo_app.command("path")

@@ -122,7 +122,8 @@ class TaskCatalog:
         try:
             cfg = copy.deepcopy(load_yaml(entry.yaml_path, resolve_func=True))
         except Exception as e:  # a broken YAML or a missing !function module
-            raise EvomergeError(f"{entry.yaml_path}: cannot load task {name!r}: {_first_line(e)}") from None
+            raise EvomergeError(f"{entry.yaml_path}: cannot load task {name!r}: {' '.join(str(e).split())}; "
+                                 "fix the task file") from None
         for key in ("tag", "group", "task_list"):
             cfg.pop(key, None)
         meta = cfg.get("metadata")

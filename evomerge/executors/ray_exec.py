@@ -7,7 +7,14 @@ is free (``ray.wait`` on the running calls), so no worker idles while tasks are 
 
 Cluster: ``address`` (``executor.ray_address`` / ``--ray-address``), else ``RAY_ADDRESS`` (set
 by ``ray job submit``), else a private local cluster started here with exactly the CPUs the
-workers need, no dashboard and a small object store.
+workers need, no dashboard and a small object store. The private cluster binds to the loopback
+interface only (nothing on the network can reach it) and keeps its sockets and logs in a fresh
+per-run temporary directory (``mkdtemp``, mode 0700), removed when the executor closes.
+
+An address is probed before ``ray.init`` (:func:`probe_address`): ``auto`` needs a cluster
+started on this machine, ``host:port`` / ``ray://host:port`` must accept a TCP connection within
+:data:`PROBE_TIMEOUT_S`; otherwise the search stops at once with one line, instead of Ray's
+minutes of retries and a long traceback.
 
 Dead workers: when an actor dies (process exit, OOM kill), evomerge kills what is left of it,
 starts a fresh actor in its slot and re-runs the candidate, up to ``max_retries`` times per
@@ -18,11 +25,16 @@ stops with the last reason.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
+import socket
 import tempfile
 import time
 from collections import deque
+from contextlib import contextmanager
+from typing import Iterator
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.extras import require_extra
@@ -30,6 +42,95 @@ from evomerge.executors.base import Executor, register_executor
 from evomerge.executors.worker import Outcome, Task, WorkerSpec, make_worker
 
 STARTUP_TIMEOUT_S = 600.0
+PROBE_TIMEOUT_S = 5.0
+LOOPBACK = "127.0.0.1"
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Make a private cluster started inside the block listen on 127.0.0.1 only.
+
+    Ray (2.60, measured) binds its GCS, raylet and agents to every interface and replaces a
+    loopback ``_node_ip_address`` by the machine's address, unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` ("no multi-node cluster"): then every listener uses
+    the loopback address. The variable reaches the processes Ray starts (they inherit the
+    environment) and the driver's already-imported constant; both are restored afterwards.
+    """
+    from ray._private import ray_constants
+
+    old_env = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    old_const = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_const
+        if old_env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = old_env
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]\s/]+?)\]?:(\d+)/?", address.strip())
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise one line unless a Ray cluster can be reached at ``address`` (fast, bounded)."""
+    hint = ("start one with `ray start --head`, fix --ray-address / executor.ray_address / $RAY_ADDRESS, "
+            "or leave them unset for a private local cluster")
+    if address.strip() == "auto":
+        from ray._private.services import find_gcs_addresses
+
+        found = find_gcs_addresses()
+        if not found:
+            raise ConfigError(f"Ray address 'auto': no Ray cluster is running on this machine; {hint}")
+        address = sorted(found)[0]
+    if address.strip() in ("local", "localhost"):
+        return
+    hp = _host_port(address)
+    if hp is None:
+        raise ConfigError(f"Ray address {address!r}: expected host:port, ray://host:port or auto; {hint}")
+    kind = "ray_client" if address.strip().startswith("ray://") else "gcs"
+    try:
+        with socket.create_connection(hp, timeout=timeout):
+            pass
+        if os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true"):
+            _grpc_probe(hp, kind, timeout)
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e) or type(e).__name__)
+        raise ConfigError(f"Ray address {address!r}: no Ray cluster answers at {hp[0]}:{hp[1]} within "
+                          f"{timeout:g} s ({reason}); {hint}") from None
+
+
+# One harmless RPC per kind of Ray endpoint (an empty request message is valid for both).
+_PROBE_METHOD = {"gcs": "/ray.rpc.NodeInfoGcsService/GetClusterId", "ray_client": "/ray.rpc.RayletDriver/ClusterInfo"}
+
+
+def _grpc_probe(hp: tuple[str, int], kind: str, timeout: float) -> None:
+    """Ask the endpoint one Ray RPC with a deadline. A Ray GCS / Ray Client server answers it
+    (or refuses it for want of a token); a port that accepts connections but is not Ray (a
+    proxy, a firewall, another service) does not, and would otherwise hang ``ray.init`` for
+    minutes."""
+    import grpc
+
+    host = f"[{hp[0]}]" if ":" in hp[0] else hp[0]
+    with grpc.insecure_channel(f"{host}:{hp[1]}") as channel:
+        call = channel.unary_unary(_PROBE_METHOD[kind], request_serializer=None, response_deserializer=None)
+        try:
+            call(b"", timeout=timeout, wait_for_ready=False)
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else None
+            if code not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAVAILABLE,
+                            grpc.StatusCode.DEADLINE_EXCEEDED, None):
+                return  # the method exists and the server answered (maybe: token needed): Ray is there
+            detail = e.details() if hasattr(e, "details") else str(e)
+            what = "timed out" if code == grpc.StatusCode.DEADLINE_EXCEEDED else (
+                f"not a Ray {'client server' if kind == 'ray_client' else 'GCS'}: {code.name if code else ''} "
+                f"{' '.join(str(detail or '').split())[:120]}".strip())
+            raise ConnectionError(errno.EPROTO, what) from None
 
 
 class _Actor:
@@ -71,7 +172,8 @@ class RayExecutor(Executor):
         self.num_cpus, self.num_gpus = float(num_cpus), float(num_gpus)
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.max_retries, self.max_restarts = max_retries, max_restarts
-        self.temp_dir = temp_dir or os.path.join(tempfile.gettempdir(), f"evomerge-ray-{os.getuid()}")
+        self.temp_dir = temp_dir  # None: a fresh private directory per local cluster
+        self._own_temp: str | None = None
         self._owns_ray = False
         self._actors: list = []
         self._idle: deque[int] = deque()
@@ -86,11 +188,23 @@ class RayExecutor(Executor):
         if ray.is_initialized():
             return
         if self.address:
-            ray.init(address=self.address, log_to_driver=True)
+            probe_address(self.address)
+            try:
+                ray.init(address=self.address, log_to_driver=True)
+            except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
+                raise EvomergeError(f"Ray address {self.address!r}: cannot join the cluster ({_short(e)}); "
+                                    "for a token-authenticated cluster set RAY_AUTH_MODE=token and the token "
+                                    "(RAY_AUTH_TOKEN or ~/.ray/auth_token), see docs/search.md") from None
         else:
             need = max(1, int(round(self.workers * self.num_cpus + 0.4999)))
-            ray.init(address="local", num_cpus=need, include_dashboard=False, _temp_dir=self.temp_dir,
-                     object_store_memory=128 * 1024 ** 2, log_to_driver=True, configure_logging=False)
+            temp = self.temp_dir
+            if temp is None:  # private (0700) and unpredictable; Ray makes its own "ray" inside 0777
+                self._own_temp = tempfile.mkdtemp(prefix="evomerge-ray-")
+                temp = os.path.join(self._own_temp, "ray")
+            with _loopback_only():
+                ray.init(address="local", num_cpus=need, include_dashboard=False, _temp_dir=temp,
+                         _node_ip_address=LOOPBACK, object_store_memory=128 * 1024 ** 2, log_to_driver=True,
+                         configure_logging=False)
         self._owns_ray = True
 
     def _check_resources(self) -> None:
@@ -155,6 +269,9 @@ class RayExecutor(Executor):
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False
+        if self._own_temp is not None:
+            shutil.rmtree(self._own_temp, ignore_errors=True)
+            self._own_temp = None
 
     # ------------------------------------------------------------------ scheduling
     def submit(self, task: Task) -> None:

@@ -84,21 +84,12 @@ def build_model(ref: ModelDir, devices: list[str], dtype: torch.dtype, trust_rem
     from accelerate import dispatch_model, init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from evomerge.architecture import ParameterMap
-
     config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if tied:
         model.tie_weights()
-    known = _known(model)
-    pmap = ParameterMap.for_model(model)
-    fed = {pmap.target(n, known)[0] for n in ref.tensor_names}
-    missing = [n for n, _ in model.named_parameters() if n not in fed]
-    if missing:
-        raise ModelError(f"{ref.path}: the model's parameter {missing[0]} is not in its weights; evomerge "
-                         "fills every parameter from the merge and cannot leave one uninitialised")
     dmap = device_map(model, devices, dtype)
     for module_name, module in model.named_modules():
         for pname, p in list(module._parameters.items()):
@@ -115,10 +106,30 @@ def build_model(ref: ModelDir, devices: list[str], dtype: torch.dtype, trust_rem
         model.tie_weights()
     if vocab_size is not None:  # new rows are overwritten by the merge like every other
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    _check_checkpoint(ref, model)
     if split or len(devices) > 1:
         model = dispatch_model(model, device_map=dmap)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _check_checkpoint(ref: ModelDir, model: torch.nn.Module) -> None:
+    """The checkpoint feeds every parameter, only parameters, at their shapes (as
+    ``from_pretrained``'s loading info would say): evomerge fills every parameter from the merge
+    and cannot leave one uninitialised. One line otherwise (:func:`evomerge.safety.check_loading_info`)."""
+    from evomerge.architecture import ParameterMap
+    from evomerge.safety import check_loading_info
+
+    known = _known(model)
+    pmap = ParameterMap.for_model(model)
+    targets = {n: pmap.target(n, known) for n in ref.tensor_names}
+    fed = {p for p, _ in targets.values()}
+    check_loading_info(ref.path, {
+        "missing_keys": [n for n, _ in model.named_parameters() if n not in fed],
+        "unexpected_keys": [n for n, (p, _) in targets.items() if p not in known],
+        "mismatched_keys": [n for n, (p, pattern) in targets.items()
+                            if pattern is None and p in known and tuple(known[p].shape) != tuple(ref.shape(n))],
+    })
 
 
 def tensor_devices(model: torch.nn.Module, names: list[str]) -> dict[str, torch.device]:

@@ -17,18 +17,18 @@ import torch
 
 from evomerge import __version__
 from evomerge.io import atomic_directory
+from evomerge.markdown import md_code, md_fence
 from evomerge.merge import layer_flow as lf
 from evomerge.merge.materialize import merged_tensors, validate
 from evomerge.merge.sources import OutputTensor, Sources
-from evomerge.merge.vocab import vocabulary_of, write_tokenizer
+from evomerge.merge.vocab import TOKENIZER_FILES, vocabulary_of, write_tokenizer
 from evomerge.recipe import MERGED, Recipe
+from evomerge.safety import contained_files
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
              torch.uint8: "U8", torch.bool: "BOOL"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "vocab.txt", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 Progress = Callable[[int, int], None]  # (tensors done, tensors total)
@@ -77,14 +77,19 @@ def _write_tensor(f: BinaryIO, t: torch.Tensor, dtype: torch.dtype, size: int, n
 def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = None, *,
                  shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
                  progress: Progress | None = None, card_extra: str = "",
-                 extra_files: dict[str, str] | None = None) -> Path:
+                 extra_files: dict[str, str] | None = None,
+                 protect: list[tuple[str, Path | str]] | None = None) -> Path:
     """Merge ``recipe`` and write it to ``out_dir`` as a Hugging Face model directory.
 
     ``extra_files`` (file name → text) are written into the directory before it appears, so
-    they are part of the same atomic result.
+    they are part of the same atomic result. ``out_dir`` may not equal, contain or lie inside
+    an input model directory or any ``protect`` path (``(what, path)``), even with ``overwrite``.
     """
     sources = sources or Sources.from_recipe(recipe)
     layout = validate(recipe, sources)  # every error surfaces before anything is written
+    tokenizer_folder = _tokenizer_folder(recipe, sources)
+    generation = contained_files(sources.reference.path, ["generation_config.json"], "generation config")
+    tokenizer = contained_files(tokenizer_folder, TOKENIZER_FILES, "tokenizer file")
     entries = [(o.name, _shape(sources, o), _out_dtype(recipe, sources, o)) for o in layout]
 
     shards: list[list[int]] = [[]]
@@ -100,7 +105,10 @@ def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = 
     names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    inputs = [("input model", p) for d in dict.fromkeys(sources.dirs.values())
+              for p in (d.path, getattr(d, "adapter_path", None)) if p is not None]  # a LoRA adapter too
+    inputs.append(("tokenizer source", tokenizer_folder))
+    with atomic_directory(out_dir, overwrite=overwrite, protect=[*inputs, *(protect or [])]) as tmp:
         stream = merged_tensors(recipe, sources, layout)
         done, weight_map, total = 0, {}, 0
         for fname, idx in zip(names, shards):
@@ -121,7 +129,9 @@ def export_model(recipe: Recipe, out_dir: str | Path, sources: Sources | None = 
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         _write_config(recipe, sources, tmp)
-        _copy_tokenizer(recipe, sources, tmp)
+        copy_files(generation, tmp)
+        if not write_tokenizer(recipe, sources, tokenizer_folder, tmp):  # a re-indexed vocabulary or a chat template
+            copy_files(tokenizer, tmp)
         (tmp / "evomerge_recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "README.md").write_text(model_card(recipe, card_extra))
         for fname, text in (extra_files or {}).items():
@@ -139,24 +149,23 @@ def _write_config(recipe: Recipe, sources: Sources, out: Path) -> None:
         if "torch_dtype" in cfg:  # older transformers' name for it
             cfg["torch_dtype"] = recipe.dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    gen = sources.reference.path / "generation_config.json"
-    if gen.is_file():
-        shutil.copy2(gen, out / gen.name)
 
 
-def _copy_tokenizer(recipe: Recipe, sources: Sources, out: Path) -> None:
+def _tokenizer_folder(recipe: Recipe, sources: Sources) -> Path:
+    """Where the output's tokenizer comes from (``tokenizer_source``; the reference model by default)."""
     src = recipe.tokenizer_source or "base"
     if src in sources.dirs:
-        folder = sources.dirs[src].path
-    elif src in ("base", "union"):
-        folder = sources.reference.path
-    else:
-        folder = Path(src)
-    if write_tokenizer(recipe, sources, folder, out):  # a re-indexed vocabulary or a chat template
-        return
-    for fname in TOKENIZER_FILES:
-        if (folder / fname).is_file():
-            shutil.copy2(folder / fname, out / fname)
+        return sources.dirs[src].path
+    if src in ("base", "union"):
+        return sources.reference.path
+    return Path(src)
+
+
+def copy_files(files: list[Path], out: Path) -> None:
+    """Copy checked input files (:func:`~evomerge.safety.contained_files`) into output directory
+    ``out``: contents only, so their modes follow the umask like every other output file."""
+    for src in files:
+        shutil.copyfile(src, out / src.name)
 
 
 def model_card(recipe: Recipe, extra: str = "") -> str:
@@ -172,12 +181,12 @@ def model_card(recipe: Recipe, extra: str = "") -> str:
         f"`{recipe.merge_method}` merge method"
         + (f" and a layer flow of {len(recipe.layer_flow.slots)} blocks" if recipe.layer_flow else "") + ".",
         "", "## Parents", "",
-        *(f"- `{p}`" + (" (base)" if p == recipe.base_model else "") for p in dict.fromkeys(parents)),
+        *(f"- {md_code(p)}" + (" (base)" if p == recipe.base_model else "") for p in dict.fromkeys(parents)),
     ]
     if recipe.layer_flow is not None:
         lines += ["", "Layer-flow input scales are folded into each block's output projections, so this "
                   "is a standard checkpoint; the exact scales are in the recipe below."]
     if extra:
         lines += ["", extra.strip()]
-    lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    lines += ["", "## Recipe", "", *md_fence(recipe.to_yaml(), "yaml"), ""]
     return "\n".join(lines)

@@ -31,7 +31,6 @@ reaches the checkpoint's ``embed_out``.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -42,6 +41,7 @@ from safetensors import safe_open
 from evomerge.architecture import ParameterMap
 from evomerge.errors import ModelError
 from evomerge.models import ModelDir
+from evomerge.safety import check_weight_dtypes, contained, read_json_object, read_safetensors_header
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -83,13 +83,7 @@ def open_model(ref: str | Path, allow_pickle: bool = False) -> "ModelDir | Adapt
 
 
 def _read_config(adapter: Path) -> dict:
-    try:
-        config = json.loads((adapter / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{adapter / ADAPTER_CONFIG}: malformed JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{adapter / ADAPTER_CONFIG}: expected a JSON object")
-    return config
+    return read_json_object(contained(adapter, ADAPTER_CONFIG, "adapter config"), ADAPTER_CONFIG)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -123,7 +117,12 @@ class AdaptedModel:
             raise ModelError(f"{where}: no {ADAPTER_WEIGHTS}" + (
                 " (only a pickled adapter_model.bin, which is refused: convert it to safetensors)"
                 if pickled.is_file() else ""))
-        self._file = safe_open(str(weights), framework="pt")
+        weights = contained(self.adapter_path, ADAPTER_WEIGHTS, "adapter weights")
+        check_weight_dtypes(weights, {k: v["dtype"] for k, v in read_safetensors_header(weights).items()})
+        try:
+            self._file = safe_open(str(weights), framework="pt")
+        except Exception as e:  # noqa: BLE001  (the header was validated; this is a backstop)
+            raise ModelError(f"{weights}: cannot open ({e})") from None
         self.fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
         r, alpha, rslora = config.get("r", 8), config.get("lora_alpha", 8), bool(config.get("use_rslora", False))
 

@@ -28,6 +28,7 @@ from evomerge.architecture import ParameterMap
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge import layer_flow as lf
 from evomerge.merge.methods import Operator, get_operator
+from evomerge.merge.methods.sparsify import converted_from
 from evomerge.merge.sources import OutputTensor, Sources
 from evomerge.merge.vocab import vocabulary_of
 from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
@@ -107,13 +108,15 @@ def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site:
     options = {p: _value(recipe, None, p, d, site, op) for p, d in op.global_params.items()}
     if op.wants_site:
         options["site"] = site
-    tensors = [sources.get(a, name, device).float() for a in aliases]
-    base = tensors.pop(0) if _uses_base(recipe, op) else None
+    raw = [sources.get(a, name, device) for a in aliases]
+    floats = [t.float() for t in raw]
+    base, tensors = (floats[0], floats[1:]) if _uses_base(recipe, op) else (None, floats)
     gen = None
     if op.random:
         gen = torch.Generator(device=tensors[0].device)
         gen.manual_seed(_seed(plan.seed_key, recipe.seed, name))
-    return op.fn(base, tensors, params, options, gen, out=out)
+    with converted_from(list(zip(floats, raw))):  # cached orders follow the resident tensors
+        return op.fn(base, tensors, params, options, gen, out=out)
 
 
 # ---------------------------------------------------------------------- the merge as a stream

@@ -42,10 +42,15 @@ import torch
 
 from evomerge.architecture import ParameterMap
 from evomerge.errors import ConfigError, ModelError
+from evomerge.safety import contained_files
 
 UNION = "union"
 BASE = "base"
 _TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+#: Every file a Hugging Face tokenizer may read: copied verbatim into a merged model, and checked
+#: to stay inside its model directory before a tokenizer is loaded from them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "vocab.txt", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
 # Built-in chat templates (written for evomerge; same conversation formats as mergekit's names).
 TEMPLATES = {
@@ -70,6 +75,7 @@ def has_tokenizer(path: Path) -> bool:
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    contained_files(path, TOKENIZER_FILES, "tokenizer file")  # a link out of the directory is refused
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:

@@ -22,6 +22,8 @@ from typing import Callable
 import yaml
 
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.markdown import md_cell as _md, md_code
+from evomerge.outputs import check_output_dir
 from evomerge.recipe import Recipe
 from evomerge.report.analysis import best_trial, pareto_trials, prefer_trial
 from evomerge.report.data import ReportData, TrialInfo
@@ -74,22 +76,17 @@ def choose_trial(data: ReportData, trial: int | None = None, best: bool = False,
     return t, f"the Pareto-set member maximising the weighted objectives {w} (`--prefer`)"
 
 
-def _md(s: object) -> str:
-    """Text for a markdown table cell or inline code: no pipes, no newlines, no backticks."""
-    return str(s).replace("|", "\\|").replace("\n", " ").replace("`", "'")
-
-
 def card_sections(data: ReportData, t: TrialInfo, how: str, mergekit_note: str | None, has_mergekit: bool) -> str:
     """Run-specific model-card sections: how the merge was found, metrics against the parents, reproduce."""
     on_front = any(x.id == t.id for x in pareto_trials(data))
     n_done = len(data.ok_trials) + len(data.failed_trials)
-    found = [f"Trial **{t.id}** of run `{_md(data.run.name or data.run.run_dir)}` "
+    found = [f"Trial **{t.id}** of run {md_code(data.run.name or data.run.run_dir)} "
              f"({n_done} evaluations, {len(data.objectives)} objective(s)), {how}."]
     facts = []
     if t.optimizer:
-        facts.append(f"optimizer `{_md(t.optimizer)}`" + (f", generation {t.generation}" if t.generation is not None else ""))
+        facts.append(f"optimizer {md_code(t.optimizer)}" + (f", generation {t.generation}" if t.generation is not None else ""))
     if data.run.space:
-        facts.append(f"search space `{_md(data.run.space)}`")
+        facts.append(f"search space {md_code(data.run.space)}")
     if data.run.seed is not None:
         facts.append(f"seed {data.run.seed}")
     if t.finished is not None:
@@ -151,6 +148,8 @@ def export_trial(data: ReportData, t: TrialInfo, out: str | Path, how: str = "",
 
     if not t.recipe:
         raise EvomergeError(f"{data.run.run_dir}: trial {t.id} has no stored recipe")
+    run_dir = [("run directory", data.run.run_dir)]
+    check_output_dir(out, overwrite=overwrite, protect=run_dir)
     from evomerge.lineage import export_member, is_lineage
 
     if is_lineage(t.recipe):  # a model-archive child: its weights come from its lineage
@@ -167,6 +166,6 @@ def export_trial(data: ReportData, t: TrialInfo, out: str | Path, how: str = "",
     card = card_sections(data, t, how or f"trial {t.id}", note, text is not None)
     path = export_model(recipe, out, Sources.from_recipe(recipe), overwrite=overwrite, progress=progress,
                         shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES, card_extra=card,
-                        extra_files={MERGEKIT_FILE: text} if text is not None else None)
+                        extra_files={MERGEKIT_FILE: text} if text is not None else None, protect=run_dir)
     mk = path / MERGEKIT_FILE if text is not None else None
     return ExportResult(path=path, trial=t, how=how, mergekit=mk, mergekit_note=note)

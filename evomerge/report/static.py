@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from evomerge.io import atomic_file
+from evomerge.outputs import check_run_dir
 from evomerge.report.analysis import objective_matrix, pareto_trials, progress_series, staircase
 from evomerge.report.data import ReportData
 from evomerge.report.figures import PALETTE, PARENT_COLOR, PARETO_COLOR, PREDICTED_COLOR
@@ -143,11 +145,12 @@ PNGS = {"pareto.png": pareto_png, "progress.png": progress_png}
 
 def write_pngs(data: ReportData, out_dir: str | Path) -> list[Path]:
     """Write every static plot that has something to show into ``out_dir``; returns the paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_run_dir(out_dir, "--png-dir")
     written = []
     for name, draw in PNGS.items():
-        p = draw(data, out_dir / name)
-        if p is not None:
-            written.append(p)
+        with atomic_file(out_dir / name) as tmp:
+            if draw(data, tmp) is None:
+                tmp.unlink()  # nothing to show: write nothing
+            else:
+                written.append(out_dir / name)
     return written

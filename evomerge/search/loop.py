@@ -527,9 +527,14 @@ class Search:
             self.opt = self._new_optimizer(0, self.state.fixed)
         self.store.set_meta(status="running", pid=os.getpid(), host=socket.gethostname(), space=self.space.describe(),
                             genes=self.space.names, stages=[s.name for s in self.stages])
-        self.executor.start()
-        status = "interrupted"
+        status = "failed"  # until the workers are up: an executor that cannot start fails the run
         try:
+            try:
+                self.executor.start()
+            except BaseException as e:
+                self.stopped = f"the executor did not start: {' '.join(str(e).split()) or type(e).__name__}"
+                raise
+            status = "interrupted"
             self._submit_references()
             while True:
                 self._run_stage()

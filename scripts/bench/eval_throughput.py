@@ -4,7 +4,7 @@ Runs the same short random search (PS space, global granularity, DARE-TIES) on t
 cross-skill task with the in-process executor and with the Ray executor at 1 and 2 workers, and
 prints, per setting: steady-state candidates/min (first to last finished evaluation), wall time
 including worker start-up, and the shares of a candidate's worker time spent merging (in place)
-and evaluating. With ``--gpu`` the Ray workers get one GPU each (scripts/gpu_check.sh).
+and evaluating. With ``--gpu`` the workers (Ray's or the in-process one) use the GPU (scripts/gpu_check.sh).
 
     python scripts/bench/eval_throughput.py                 # demo zoo, 30 candidates per setting
     python scripts/bench/eval_throughput.py --quick         # tiny zoo, 10 candidates
@@ -34,7 +34,8 @@ from evomerge.search import run_search  # noqa: E402
 from evomerge.store import RunStore  # noqa: E402
 
 
-def config(preset: str, setting: str, evaluations: int, limit: int, gpu: bool, task: str) -> SearchConfig:
+def config(preset: str, setting: str, evaluations: int, limit: int, gpu: bool, task: str,
+           dtype: str = "float32") -> SearchConfig:
     kind, _, n = setting.partition(":")
     executor = {"type": "local"} if kind == "local" else {
         "type": "ray", "workers": int(n or 1), "num_cpus": 1, "num_gpus": 1 if gpu else 0}
@@ -48,6 +49,7 @@ def config(preset: str, setting: str, evaluations: int, limit: int, gpu: bool, t
         "objectives": [{"task": task, "limit": limit}],
         "budget": {"evaluations": evaluations},
         "executor": executor,
+        "evaluation": {"dtype": dtype},
         "search": {"references": False, "window": 2 * max(1, int(n or 1))},
         "seed": 0,
     })
@@ -79,6 +81,8 @@ def main() -> None:
     ap.add_argument("--settings", default="local,ray:1,ray:2", help="comma list of local | ray:N")
     ap.add_argument("--gpu", action="store_true", help="Ray workers with one GPU each")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the evaluated model's dtype")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -87,7 +91,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="evomerge-throughput-") as tmp:
         for setting in args.settings.split(","):
-            cfg = config(preset, setting, n, args.limit, args.gpu, args.task)
+            cfg = config(preset, setting, n, args.limit, args.gpu, args.task, args.dtype)
             t0 = time.perf_counter()
             run_search(cfg, Path(tmp) / setting.replace(":", "-"))
             results[setting] = measure(Path(tmp) / setting.replace(":", "-"), time.perf_counter() - t0)

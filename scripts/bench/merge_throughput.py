@@ -1,22 +1,36 @@
-"""Merge throughput against the machine's memory bandwidth (and mergekit, when available).
+"""Merge throughput and working memory of every operator, against the machine's copy bandwidth.
 
-Builds (once, cached) a ~110M-parameter Llama-shaped base and 3 experts, then in one run prints:
-* the measured memory-copy bandwidth (a large torch tensor copy: bytes read + written per second),
-* bytes read+written per second of in-place TIES and DARE-TIES merges into a resident model
-  (inputs: base + 3 experts resident in memory; output: the model's parameters), and the ratio
-  to the copy bandwidth,
-* the streaming export of the same merge to disk,
-* mergekit-yaml on the same inputs and parameters, when a mergekit venv exists
-  (``scripts/mergekit_venv.sh``), as a ratio.
+For each operator, in its own subprocess (so that memory high-water marks don't mix):
 
-    python scripts/bench/merge_throughput.py [--hidden 768 --layers 12 --vocab 16000] [--reps 3]
+* one tensor of ``--rows × --cols`` float32 entries, a base and ``--experts`` experts, resident;
+* the operator merges into a preallocated output (as a search worker does) ``--reps`` times after
+  two warm-up calls (the first call is the pass path an export takes, the second builds the
+  order cache, later ones use it); ``first`` is the first call, ``steady`` the fastest later one;
+* bytes moved per merge = (inputs read + output written) × tensor bytes, against a plain torch
+  copy of the same number of bytes measured in the same subprocess (``of copy``);
+* working memory = the RSS high-water mark (CPU; CUDA: the allocator's peak) minus the resident
+  inputs and output, as a multiple of one tensor (``peak/T``, including the order cache and
+  the scratch buffers and the transient of building the cache), and the order cache alone
+  (``cache/T``, kept between candidates); operators with a cache run a second time with it off
+  (``EVOMERGE_ORDER_CACHE_MB=0``): the pass path's time and peak, as an export sees them.
+
+    python scripts/bench/merge_throughput.py [--rows 65536 --cols 640] [--threads 2] [--device cpu]
+    python scripts/bench/merge_throughput.py --model      # also: in-place merges of a 110M Llama + export
+    python scripts/bench/merge_throughput.py --model-only --device cuda --dtype bfloat16
+
+``--model`` builds (once, cached, in ``--dtype``) a Llama-shaped base and 3 experts (by default
+~110M parameters: ``--hidden 768 --layers 12 --vocab 16000``) and times
+in-place merges into a resident model on ``--device`` (inputs resident there
+too), against a copy of the same bytes; on CPU also the streaming export and mergekit-yaml when a
+mergekit venv exists (``scripts/mergekit_venv.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
+import resource
 import subprocess
 import sys
 import tempfile
@@ -28,14 +42,114 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from evomerge.merge.export import export_model  # noqa: E402
-from evomerge.merge.materialize import apply_in_place, build_model  # noqa: E402
-from evomerge.merge.sources import Sources  # noqa: E402
-from evomerge.paths import cache_root  # noqa: E402
-from evomerge.recipe import Recipe  # noqa: E402
+from evomerge.merge.methods import OPERATORS  # noqa: E402
+
+PARAMS = [(0.5, 0.6), (0.3, 0.5), (0.7, 0.7), (0.4, 0.4), (0.6, 0.3), (0.2, 0.8)]  # (weight, density)
 
 
-def build_models(root: Path, hidden: int, layers: int, vocab: int) -> dict[str, Path]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _rss_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def copy_bandwidth(nbytes: int, device: str, reps: int = 5) -> float:
+    """Read+write bytes per second of ``dst.copy_(src)`` moving ``nbytes`` in all."""
+    src = torch.rand(max(1, nbytes // 8), device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src), device) for _ in range(reps))
+    return 2 * src.numel() * 4 / best
+
+
+def worker(name: str, rows: int, cols: int, experts: int, reps: int, device: str) -> dict:
+    """One operator's numbers (run in a fresh process)."""
+    from evomerge.merge.methods.sparsify import order_cache_bytes
+
+    op = OPERATORS[name]
+    k = max(op.min_models, min(experts, op.max_models or experts))
+    g = torch.Generator(device=device).manual_seed(0)
+    base = torch.randn(rows, cols, device=device, generator=g)
+    tensors = [base + 0.01 * torch.randn(rows, cols, device=device, generator=g) for _ in range(k)]
+    out = torch.empty_like(base)
+    params = [{p: v for p, v in {**op.model_params, "weight": w, "density": d}.items() if p in op.model_params}
+              for w, d in PARAMS[:k]]
+    opts = {**op.global_params, **({"t": 0.3} if "t" in op.global_params or name == "slerp" else {})}
+    b = base if op.needs_base else None
+    tensor_bytes = base.numel() * 4
+    _sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
+    else:
+        resident = _rss_peak()
+
+    def call():
+        gen = torch.Generator(device=device).manual_seed(1) if op.random else None
+        op.fn(b, tensors, params, opts, gen, out=out)
+
+    first = _timed(call, device)
+    _timed(call, device)  # builds the order cache where the operator has one
+    steady = min(_timed(call, device) for _ in range(reps))
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss_peak()) - resident
+    moved = (k + (1 if op.needs_base else 0) + 1) * tensor_bytes
+    bw = copy_bandwidth(moved, device)
+    return dict(operator=name, experts=k, first_s=first, steady_s=steady, moved_bytes=moved,
+                gbps=moved / steady / 1e9, copy_gbps=bw / 1e9, of_copy=moved / steady / bw,
+                peak_per_tensor=max(peak, 0) / tensor_bytes, cache_per_tensor=order_cache_bytes() / tensor_bytes)
+
+
+def operator_table(args) -> list[dict]:
+    names = [x for x in args.only.split(",") if x] or [x for x in OPERATORS if x != "passthrough"]
+    rows = []
+    print(f"device {args.device}, {args.threads} threads, tensor {args.rows}x{args.cols} float32 "
+          f"({args.rows * args.cols * 4 / 2**20:.0f} MiB), up to {args.experts} experts; one subprocess per operator")
+    print(f"{'operator':17} {'k':>2} {'first s':>8} {'steady s':>9} {'GB/s':>7} {'copy GB/s':>9} {'of copy':>8} "
+          f"{'peak/T':>7} {'cache/T':>8}")
+    for name in names:
+        r = _run_worker(args, name, cache=True)
+        if r is None:
+            continue
+        if r["cache_per_tensor"] > 0:  # the pass path alone: what an export (each tensor once) needs
+            nc = _run_worker(args, name, cache=False)
+            r["nocache_steady_s"] = nc["steady_s"] if nc else None
+            r["nocache_peak_per_tensor"] = nc["peak_per_tensor"] if nc else None
+        rows.append(r)
+        line = (f"{name:17} {r['experts']:2d} {r['first_s']:8.3f} {r['steady_s']:9.3f} {r['gbps']:7.2f} "
+                f"{r['copy_gbps']:9.2f} {r['of_copy']:8.1%} {r['peak_per_tensor']:7.2f} {r['cache_per_tensor']:8.2f}")
+        if r.get("nocache_peak_per_tensor") is not None:
+            line += (f"   without cache: {r['nocache_steady_s']:.3f} s, peak/T {r['nocache_peak_per_tensor']:.2f}")
+        print(line, flush=True)
+    return rows
+
+
+def _run_worker(args, name: str, cache: bool) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", name, "--rows", str(args.rows), "--cols", str(args.cols),
+           "--experts", str(args.experts), "--reps", str(args.reps), "--device", args.device,
+           "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
+    if not cache:
+        env["EVOMERGE_ORDER_CACHE_MB"] = "0"
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        print(f"{name:17} failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+        return None
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------- whole-model merges (--model)
+def build_models(root: Path, hidden: int, layers: int, vocab: int, dtype: torch.dtype) -> dict[str, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     paths = {k: root / k for k in ("base", "e0", "e1", "e2")}
@@ -45,101 +159,103 @@ def build_models(root: Path, hidden: int, layers: int, vocab: int) -> dict[str, 
                       num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
                       tie_word_embeddings=False)
     torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg)
+    base = LlamaForCausalLM(cfg).to(dtype)
     base.save_pretrained(paths["base"])
     sd = base.state_dict()
     for k in range(3):
         g = torch.Generator().manual_seed(k + 1)
-        expert = {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in sd.items()}
+        expert = {n: (t.float() + 0.01 * torch.randn(t.shape, generator=g)).to(dtype) for n, t in sd.items()}
         base.load_state_dict(expert)
         base.save_pretrained(paths[f"e{k}"])
     return paths
 
 
-def copy_bandwidth(nbytes: int = 512 * 2**20, reps: int = 5) -> float:
-    src = torch.rand(nbytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(reps))
-    return 2 * nbytes / best
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def recipe_for(paths: dict[str, Path], method: str) -> Recipe:
-    return Recipe(
-        merge_method=method, base_model=str(paths["base"]),
-        models=[{"model": str(paths[f"e{k}"]), "parameters": {"weight": w, "density": d}}
-                for k, (w, d) in enumerate([(0.5, 0.6), (0.3, 0.5), (0.7, 0.7)])],
-        parameters={"normalize": True},
-    )
-
-
-def mergekit_yaml_seconds(recipe: Recipe, venv: Path) -> float | None:
-    exe = venv / "bin" / "mergekit-yaml"
-    if not exe.is_file():
-        return None
+def model_benchmark(args) -> None:
+    from evomerge.merge.export import export_model
+    from evomerge.merge.materialize import apply_in_place, build_model
     from evomerge.merge.mergekit import recipe_to_mergekit
+    from evomerge.merge.sources import Sources
+    from evomerge.paths import cache_root
+    from evomerge.recipe import Recipe
+
+    def recipe_for(method: str) -> Recipe:
+        return Recipe(merge_method=method, base_model=str(paths["base"]),
+                      models=[{"model": str(paths[f"e{k}"]), "parameters": {"weight": w, "density": d}}
+                              for k, (w, d) in enumerate(PARAMS[:3])],
+                      parameters={"normalize": True})
+
+    dtype = getattr(torch, args.dtype)
+    shape = f"h{args.hidden}-l{args.layers}-v{args.vocab}"
+    paths = build_models(cache_root() / "bench-merge" / f"{shape}-{args.dtype}", args.hidden, args.layers, args.vocab, dtype)
+    src = Sources.from_recipe(recipe_for("ties")).resident(args.device)
+    model = build_model(src, device=args.device, dtype=dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    elem = torch.empty((), dtype=dtype).element_size()
+    moved = (1 + 3 + 1) * elem * n_params  # read base + 3 experts, write the model (all in --dtype)
+    bw = copy_bandwidth(moved, args.device)
+    print(f"\nmodel: {n_params / 1e6:.1f}M parameters in {args.dtype} on {args.device}, one merge moves "
+          f"{moved / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.2f} GB/s")
+    times = {}
+    for method in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della"):
+        r = recipe_for(method)
+        apply_in_place(model, r, src)
+        apply_in_place(model, r, src)  # builds the order caches
+        times[method] = min(_timed(lambda: apply_in_place(model, r, src), args.device) for _ in range(args.reps))
+        print(f"in-place {method:16s} {times[method]:6.3f} s  {moved / times[method] / bw:6.1%} of copy bandwidth",
+              flush=True)
+    if args.device != "cpu":
+        return
+    r = recipe_for("ties")
+    with tempfile.TemporaryDirectory() as tmp:
+        t_export = _timed(lambda: export_model(r, Path(tmp) / "out"), "cpu")
+    print(f"export ties to disk      {t_export:6.2f} s")
+    exe = args.mergekit_venv / "bin" / "mergekit-yaml"
+    if not exe.is_file():
+        print(f"mergekit: no venv at {args.mergekit_venv} (run scripts/mergekit_venv.sh); comparison skipped")
+        return
     import yaml
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "mk.yml"
-        cfg.write_text(yaml.safe_dump(recipe_to_mergekit(recipe)))
-        t = time.perf_counter()
-        subprocess.run([str(exe), str(cfg), str(Path(tmp) / "out")], check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-        return time.perf_counter() - t
+        cfg.write_text(yaml.safe_dump(recipe_to_mergekit(r)))
+        t_mk = _timed(lambda: subprocess.run([str(exe), str(cfg), str(Path(tmp) / "out")], check=True,
+                                             capture_output=True,
+                                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}), "cpu")
+    print(f"mergekit-yaml ties        {t_mk:6.2f} s  → evomerge export is {t_mk / t_export:.2f}x faster, "
+          f"in-place {t_mk / times['ties']:.2f}x faster")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--rows", type=int, default=65536)
+    ap.add_argument("--cols", type=int, default=640)
+    ap.add_argument("--experts", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", default="", help="comma-separated operator names (default: all but passthrough)")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--model", action="store_true", help="also time whole-model merges (110M Llama)")
+    ap.add_argument("--model-only", action="store_true", help="only the whole-model merges")
+    ap.add_argument("--hidden", type=int, default=768, help="whole-model merges: hidden size (768: 110M)")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=16000)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--cache", type=Path, default=cache_root() / "bench-merge")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="whole-model merges: the models' dtype (inputs and the resident model)")
     ap.add_argument("--mergekit-venv", type=Path,
                     default=Path(os.environ.get("EVOMERGE_MERGEKIT_VENV", "/tmp/mergekit-venv")))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-
-    paths = build_models(args.cache / f"h{args.hidden}-l{args.layers}-v{args.vocab}", args.hidden, args.layers, args.vocab)
-    bw = copy_bandwidth()
-    print(f"threads: {args.threads}")
-    print(f"memory copy bandwidth: {bw / 1e9:.2f} GB/s (read+write)")
-
-    src = Sources.from_recipe(recipe_for(paths, "ties")).resident("cpu")
-    model = build_model(src)
-    n_params = sum(p.numel() for p in model.parameters())
-    bytes_per_merge = (1 + 3 + 1) * 4 * n_params  # read base + 3 experts, write the model
-    print(f"model: {n_params / 1e6:.1f}M parameters; one merge moves {bytes_per_merge / 1e9:.2f} GB")
-    results = {}
-    for method in ("task_arithmetic", "ties", "dare_ties"):
-        r = recipe_for(paths, method)
-        apply_in_place(model, r, src)  # warm-up
-        best = min(_timed(lambda: apply_in_place(model, r, src)) for _ in range(args.reps))
-        results[method] = best
-        print(f"in-place {method:16s} {best:6.2f} s  {bytes_per_merge / best / 1e9:6.2f} GB/s  "
-              f"{bytes_per_merge / best / bw:6.1%} of copy bandwidth")
-
-    r = recipe_for(paths, "ties")
-    with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
-        t_export = _timed(lambda: export_model(r, Path(tmp) / "out"))
-    print(f"export ties to disk      {t_export:6.2f} s")
-    try:
-        t_mk = mergekit_yaml_seconds(r, args.mergekit_venv)
-    except Exception as e:  # noqa: BLE001 - report, don't hide
-        print(f"mergekit-yaml failed: {e}")
-        t_mk = None
-    if t_mk is None:
-        print(f"mergekit: no venv at {args.mergekit_venv} (run scripts/mergekit_venv.sh); comparison skipped")
-    else:
-        print(f"mergekit-yaml ties        {t_mk:6.2f} s  → evomerge export is {t_mk / t_export:.2f}× faster, "
-              f"in-place {t_mk / results['ties']:.2f}× faster")
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.rows, args.cols, args.experts, args.reps, args.device)))
+        return
+    if not args.model_only:
+        rows = operator_table(args)
+        if args.json:
+            args.json.write_text(json.dumps({"device": args.device, "threads": args.threads, "rows": rows}, indent=1))
+    if args.model or args.model_only:
+        model_benchmark(args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ the papers and mergekit differ the choice is an option (``rescale_mode``, ``sign
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,9 +18,10 @@ import torch
 from evomerge.errors import ConfigError
 from evomerge.merge.methods.registry import register
 from evomerge.merge.methods.scratch import result, scratch
-from evomerge.merge.methods.sparsify import Window, sparsify_, trim, trim_scale, window
+from evomerge.merge.methods.sparsify import Window, apply_drop, draw, trim, trim_scale, window
 
 _MIX_CHUNK = 1 << 18  # CPU: entries per chunk, so that one chunk of every operand stays in cache
+_DEVICE_CHUNK = 1 << 24  # accelerators: large chunks (few launches), bounded working memory
 
 
 def _generalized_task_arithmetic(base, tensors, params, options, generator, out=None, *,
@@ -27,10 +29,11 @@ def _generalized_task_arithmetic(base, tensors, params, options, generator, out=
     """θ = θ0 + λ · mix(sparsify(τ_k)) / divisor — the family TIES, DARE, breadcrumbs and DELLA
     share with task arithmetic (as in mergekit).
 
-    Deterministic sparsifiers need only two magnitude bounds per expert, so their thresholds are
-    found first (without materialising τ) and everything else — τ, trimming, election, mixing —
-    runs chunk by chunk in cache on CPU: each input is read about twice from memory instead of
-    ~20 times. Random sparsifiers materialise their (masked) task vectors first.
+    Deterministic sparsifiers need only two sort keys per expert (a lookup once the expert's
+    order is cached, see :mod:`.sparsify`), random ones a bool mask per expert (drawn first, in
+    models order); then one chunked pass does everything else — τ, trimming, election, mixing —
+    with every operand's chunk in cache: each input is read once. Working memory: the masks
+    (random), τ of one expert while its l1 rescale is measured, and a few chunk buffers.
     """
     for key, allowed in (("rescale_mode", ("l1", "inverse_p")), ("sign_method", ("sum", "count"))):
         if options.get(key, allowed[0]) not in allowed:
@@ -55,38 +58,44 @@ def _generalized_task_arithmetic(base, tensors, params, options, generator, out=
     mix = dict(consensus=consensus, normalize=normalize, lam=lam, total=sum(weights),
                sign_method=options.get("sign_method", "sum"))
     if sparsify in ("random", "della"):  # masks drawn over whole tensors, in models order
-        deltas = []
-        for k, (t, p) in enumerate(zip(tensors, params)):
-            d = scratch(k, base)
-            torch.sub(t, base, out=d)
-            deltas.append(sparsify_(d, sparsify, p, options, generator))
-        live = [(d, w) for d, w in zip(deltas, weights) if w != 0]
-        _mix([d for d, _ in live], [w for _, w in live], base, res, slot=len(tensors), **mix)
-        return res
-    # Deterministic: bounds (and rescale factors) first, then one chunked pass over everything.
-    live = [(t, w, p) for t, w, p in zip(tensors, weights, params) if w != 0]
-    plans = []
-    for t, _, p in live:
-        w = window(t, base, sparsify, p) if sparsify else Window(everything=True)
-        plans.append((w, trim_scale(t, base, w, p, options)))
+        drops = [draw(t, base, sparsify, p, options, generator) for t, p in zip(tensors, params)]
+        live = [(t, w, partial(apply_drop, drop=d)) for t, w, d, in zip(tensors, weights, drops) if w != 0]
+    else:  # deterministic: magnitude cuts (a lookup once the order is cached) and rescale factors
+        live = []
+        for t, w, p in zip(tensors, weights, params):
+            if w != 0:
+                win = window(t, base, sparsify, p) if sparsify else Window(everything=True)
+                density = float(p.get("density", 1.0))
+                if options.get("rescale") and options.get("rescale_mode", "l1") == "inverse_p" and 0 < density < 1:
+                    cut = partial(_trim_chunk, w=win, divisor=density)  # ÷ p, as DARE's inverse_p
+                else:
+                    cut = partial(_trim_chunk, w=win, scale=trim_scale(t, base, win, p, options))
+                live.append((t, w, cut))
+    # One chunked pass over everything: τ, trimming, election and mixing stay in cache.
     target = res if res.is_contiguous() else torch.empty_like(res)
     flat_b, flat_r = base.reshape(-1), target.view(-1)
     flats = [t.reshape(-1) for t, _, _ in live]
-    n = flat_b.numel()
-    step = _MIX_CHUNK if base.device.type == "cpu" else max(n, 1)
     ws = [w for _, w, _ in live]
+    n = flat_b.numel()
+    step = _MIX_CHUNK if base.device.type == "cpu" else _DEVICE_CHUNK
     for i in range(0, max(n, 1), step):
         b = flat_b[i:i + step]
-        tmp = scratch(len(tensors) + 1, b)
         deltas = []
-        for k, (f, (w, scale)) in enumerate(zip(flats, plans)):
+        for k, (f, (_, _, cut)) in enumerate(zip(flats, live)):
             d = torch.sub(f[i:i + step], b, out=scratch(k, b))
-            trim(d, w, tmp, offset=i)
-            if scale != 1.0:
-                d.mul_(scale)
-            deltas.append(d)
+            deltas.append(cut(d, offset=i))
         _mix(deltas, ws, b, flat_r[i:i + step], slot=len(tensors), **mix)
     return res if target is res else res.copy_(target)
+
+
+def _trim_chunk(d: torch.Tensor, offset: int, *, w: Window, scale: float = 1.0,
+                divisor: float = 1.0) -> torch.Tensor:
+    trim(d, w, scratch("gta.trim", d), offset=offset)
+    if scale != 1.0:
+        d.mul_(scale)
+    if divisor != 1.0:
+        d.div_(divisor)
+    return d
 
 
 def _mix(deltas: list[torch.Tensor], weights: list[float], base: torch.Tensor, res: torch.Tensor, *,
@@ -117,7 +126,9 @@ def _mix(deltas: list[torch.Tensor], weights: list[float], base: torch.Tensor, r
         sign.zero_()
         for d, w in zip(deltas, weights):
             sign.add_(torch.sign(d, out=tmp), alpha=math.copysign(1.0, w))
-    sign.ge_(0).mul_(2).sub_(1)  # ties (0) go to +1, as in mergekit
+    # γ = ±1, ties (0) to +1 as in mergekit. copysign sends −0 to −1, but Σ is −0 only when every
+    # w_k·τ̂_k is ±0, and then nobody agrees whichever γ is elected.
+    torch.copysign(torch.ones((), dtype=sign.dtype, device=sign.device), sign, out=sign)
     divisor = scratch(slot + 2, base) if normalize else None
     for j, (d, w) in enumerate(zip(deltas, weights)):
         # agree ⇔ sign(w·τ̂) = γ ⇔ w·τ̂·γ > 0 (zeros never agree)

@@ -1,0 +1,247 @@
+"""Every task-arithmetic-family operator against a straightforward whole-tensor reference.
+
+The reference below ranks |τ| with a full stable sort, draws each expert's uniforms over the whole
+tensor, materialises every τ̂_k and mixes whole tensors; the operators select thresholds without
+sorting (or from the cached order), draw chunk by chunk and mix chunk by chunk. Both use the same
+elementwise primitives, so the results must be bit-identical (``torch.equal``; ±0 compare equal)
+on the pass path, while the order is being cached, and from the cache. Only the ``l1`` rescale
+of the deterministic sparsifiers sums its norms chunk by chunk (1M-entry float32 norms added in
+float64) where the reference takes whole-tensor norms, so those cases compare to 1e-6 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evomerge.merge.methods import get_operator
+from evomerge.merge.methods import sparsify as sp
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------- the reference
+def ref_keep(tau: torch.Tensor, method: str, p: dict) -> torch.Tensor:
+    """Deterministic keep mask: ranks [r0, r1) in stable ascending |τ| order."""
+    n, density = tau.numel(), float(p.get("density", 1.0))
+    if density >= 1:
+        return torch.ones(n, dtype=torch.bool)
+    if density <= 0:
+        return torch.zeros(n, dtype=torch.bool)
+    if method == "magnitude":
+        r0, r1 = n - max(1, int(density * n)), n
+    else:
+        target = int(density * n)
+        r0 = max(0, n - target - int(float(p.get("gamma", 0.01)) * n))
+        r1 = r0 + target
+    order = torch.sort(tau.reshape(-1).abs(), stable=True).indices
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[r0:r1]] = True
+    return keep
+
+
+def ref_probs(tau: torch.Tensor, density: float, eps: float) -> torch.Tensor:
+    rows = tau.reshape(tau.shape[0], -1) if tau.dim() >= 2 else tau.reshape(1, -1)
+    cols = rows.shape[1]
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    ranks = torch.empty_like(rows)
+    ranks.scatter_(1, order, torch.arange(cols, dtype=torch.float32).expand_as(rows).contiguous())
+    probs = ranks * (2 * eps / (cols - 1)) + (density - eps) if cols > 1 else torch.full_like(rows, density)
+    return probs.clamp(0.0, 1.0).reshape(-1)
+
+
+def ref_tau_hat(t, base, method, p, options, gen):
+    tau = (t - base).reshape(-1)
+    density = float(p.get("density", 1.0))
+    rescale, mode = options.get("rescale", False), options.get("rescale_mode", "l1")
+    if method is None or density >= 1:
+        return tau
+    if density <= 0:
+        return torch.zeros_like(tau)
+    if method in ("random", "della"):
+        u = torch.empty(tau.numel()).uniform_(generator=gen)
+        probs = ref_probs(t - base, density, float(p.get("epsilon", 0.15))) if method == "della" else None
+        keep = u < (probs if probs is not None else density)
+        hat = tau * keep.float()
+    else:
+        hat = torch.where(ref_keep(tau, method, p), tau, torch.zeros(()))
+    if rescale and mode == "l1":
+        before, after = float(torch.linalg.vector_norm(tau, 1)), float(torch.linalg.vector_norm(hat, 1))
+        if before >= 1e-7 and after >= 1e-7:
+            hat = hat * (before / after)
+    elif rescale:
+        hat = hat / probs.clamp(min=1e-12) if method == "della" else hat / density
+    return hat
+
+
+def ref_merge(name, base, tensors, params, options, gen):
+    op = get_operator(name)
+    sparsify = {"task_arithmetic": None, "ties": "magnitude", "dare_ties": "random", "dare_linear": "random",
+                "breadcrumbs": "magnitude_outliers", "breadcrumbs_ties": "magnitude_outliers",
+                "della": "della", "della_linear": "della"}[name]
+    consensus = name in ("ties", "dare_ties", "breadcrumbs_ties", "della")
+    options = {**op.global_params, **options}
+    params = [{**op.model_params, **p} for p in params]
+    if sparsify is None and not consensus:  # task arithmetic, as the linear combination it is
+        total = sum(float(p["weight"]) for p in params)
+        div = total if options["normalize"] and abs(total) >= 1e-8 else 1.0
+        coef = [float(options["lambda"]) * float(p["weight"]) / div for p in params]
+        res = base * (1.0 - sum(coef))
+        for t, c in zip(tensors, coef):
+            res = torch.add(res, t, alpha=c) if c != 0 else res
+        return res
+    hats = [ref_tau_hat(t, base, sparsify, p, options, gen) for t, p in zip(tensors, params)]
+    live = [(h, float(p["weight"])) for h, p in zip(hats, params) if float(p["weight"]) != 0]
+    total = sum(float(p["weight"]) for p in params)
+    lam, normalize = float(options["lambda"]), bool(options["normalize"])
+    b = base.reshape(-1)
+    if not live:
+        return base.clone()
+    if not consensus:
+        mix = live[0][0] * live[0][1]
+        for h, w in live[1:]:
+            mix = torch.add(mix, h, alpha=w)
+        return torch.add(b, mix, alpha=lam / total if normalize and abs(total) >= 1e-8 else lam).view_as(base)
+    if options["sign_method"] == "sum":
+        s = live[0][0] * live[0][1]
+        for h, w in live[1:]:
+            s = torch.add(s, h, alpha=w)
+    else:
+        s = sum(torch.sign(h) * (1.0 if w > 0 else -1.0) for h, w in live)
+    gamma = torch.where(s >= 0, 1.0, -1.0)
+    mix = torch.zeros_like(b)
+    div = torch.zeros_like(b)
+    for j, (h, w) in enumerate(live):
+        agree = ((h * gamma > 0) if w > 0 else (h * gamma < 0)).float()
+        mix = (h * agree) * w if j == 0 else torch.addcmul(mix, h, agree, value=w)
+        div = div + agree * w
+    if normalize:
+        mix = mix / torch.where(div == 0, 1.0, div)
+    return torch.add(b, mix, alpha=lam).view_as(base)
+
+
+# ---------------------------------------------------------------------- cases
+def experts(shape, kind, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    out = []
+    for _ in range(k):
+        if kind == "normal":
+            tau = 0.01 * torch.randn(shape, generator=g)
+        elif kind == "quantised":  # bf16-like: few distinct magnitudes, long runs of ties, zeros
+            tau = torch.randint(-4, 5, shape, generator=g) * 2.0 ** -10
+        else:  # "sparse": an expert that left 90 % untouched
+            tau = torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.1)
+        out.append(base + tau)
+    return base, out
+
+
+METHODS = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+           "della", "della_linear"]
+PARAMS = [{"weight": 0.5, "density": 0.6, "gamma": 0.05, "epsilon": 0.2},
+          {"weight": -0.3, "density": 0.27, "gamma": 0.1, "epsilon": 0.1},
+          {"weight": 0.7, "density": 0.93, "gamma": 0.0, "epsilon": 0.05}]
+OPTIONS = [{}, {"normalize": True, "lambda": 0.8}, {"rescale": True, "rescale_mode": "inverse_p"},
+           {"rescale": True, "rescale_mode": "l1"}, {"sign_method": "count"}]
+
+
+def check(name, shape, kind, options, params=PARAMS, calls=3):
+    base, ts = experts(shape, kind)
+    op = get_operator(name)
+    opts = {k: v for k, v in {**op.global_params, **options}.items()}
+    want = ref_merge(name, base, ts, params, opts, torch.Generator().manual_seed(9))
+    full = [{**op.model_params, **{k: v for k, v in p.items() if k in op.model_params}} for p in params]
+    deterministic_l1 = opts.get("rescale") and opts.get("rescale_mode") == "l1" and not op.random
+    for call in range(calls):  # pass path, cache build, cached order
+        got = op.fn(base, ts, full, opts, torch.Generator().manual_seed(9), out=torch.empty_like(base))
+        if deterministic_l1:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"{name} call {call}")
+        else:
+            assert torch.equal(got, want), (name, call, (got - want).abs().max().item())
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_small_tensors_equal_the_reference(name, options):
+    check(name, (37, 53), "quantised", options)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("kind", ["normal", "quantised", "sparse"])
+def test_large_tensors_equal_the_reference(name, kind):
+    # 350k entries: the sampled order-statistic path, two mix chunks, row-chunked DELLA ranks
+    check(name, (700, 500), kind, {})
+
+
+def test_vectors_and_single_columns_equal_the_reference():
+    for shape in [(300_001,), (5000, 1), (1,)]:
+        for name in ("ties", "breadcrumbs", "della", "dare_ties"):
+            check(name, shape, "quantised", {"rescale": True, "rescale_mode": "inverse_p"})
+
+
+def test_edge_densities_and_zero_weights():
+    params = [{"weight": 0.0, "density": 0.5}, {"weight": 0.4, "density": 0.0}, {"weight": 0.6, "density": 1.0}]
+    for name in METHODS:
+        check(name, (64, 70), "normal", {}, params=params)
+
+
+# ---------------------------------------------------------------------- the order cache
+def test_order_is_cached_on_the_second_sighting_and_follows_in_place_changes():
+    sp.release_order_cache()
+    base, (t, *_) = experts((300, 400), "quantised")
+    p = {"density": 0.4}
+    w1 = sp.window(t, base, "magnitude", p)
+    assert sp.order_cache_bytes() == 0  # seen once: nothing built
+    w2 = sp.window(t, base, "magnitude", p)
+    assert sp.order_cache_bytes() == 4 * t.numel()  # int32 permutation
+    assert w1 == w2 == sp.window(t, base, "magnitude", p)
+    t.add_(0.5 * torch.sign(t - base))  # in place: the version counter moves, the cache must not answer
+    fresh = sp.window(t.clone(), base, "magnitude", p)
+    assert sp.window(t, base, "magnitude", p) == fresh
+    sp.release_order_cache()
+    assert sp.order_cache_bytes() == 0
+
+
+def test_order_cache_bound(monkeypatch):
+    sp.release_order_cache()
+    monkeypatch.setenv("EVOMERGE_ORDER_CACHE_MB", "0")
+    base, (t, *_) = experts((100, 100), "normal")
+    for _ in range(3):
+        sp.window(t, base, "magnitude", {"density": 0.3})
+        sp.row_ranks(t, base)
+    assert sp.order_cache_bytes() == 0
+
+
+def test_row_ranks_are_stable_and_compact():
+    t = torch.tensor([[0.5, -0.5, 0.1, 0.5], [3.0, -1.0, 2.0, 0.0]])
+    r = sp.row_ranks(t, torch.zeros_like(t))
+    assert r.dtype == torch.int16
+    assert r.tolist() == [[1, 2, 0, 3], [3, 1, 2, 0]]  # equal magnitudes ranked by column
+
+
+def test_order_statistic_reports_ties():
+    a = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 0.0])
+    assert sp.order_statistic(a, 3) == (2.0, 2, 3)
+    assert sp._order_key(a, 4) == (2.0, 2, 3, 3)  # the 2nd tie in index order sits at position 3
+
+
+def test_upcast_copies_find_the_order_cached_for_their_source():
+    sp.release_order_cache()
+    base16, (t16, *_) = (x.to(torch.bfloat16) if isinstance(x, torch.Tensor) else [y.to(torch.bfloat16) for y in x]
+                         for x in experts((200, 300), "normal"))
+    want = sp.window(t16.float(), base16.float(), "magnitude", {"density": 0.3})
+    for call in range(3):
+        t, b = t16.float(), base16.float()  # fresh copies every call, as merge_tensor makes them
+        with sp.converted_from([(t, t16), (b, base16)]):
+            assert sp.window(t, b, "magnitude", {"density": 0.3}) == want
+        assert sp.order_cache_bytes() == (4 * t.numel() if call >= 1 else 0)
+    sp.release_order_cache()
+
+
+@pytest.mark.parametrize("kind", ["normal", "quantised", "sparse", "zeros"])
+def test_bucketed_order_build_equals_a_stable_sort(kind):
+    base, (t, *_) = experts((600, 700), "normal" if kind == "zeros" else kind)
+    if kind == "zeros":
+        t = base.clone()
+    want = torch.sort((t - base).reshape(-1).abs(), stable=True).indices
+    assert torch.equal(sp._build_order(t, base, torch.int32).long(), want)
