@@ -10,7 +10,8 @@ Top-level keys (see ``examples/*.yaml`` and docs/search.md)::
     optimizer:  cmaes | {name: m2n2, options: {...}}
     budget:     {evaluations: N, wall_time: 10m}                   # at least one
     executor:   local | {type: ray, workers, num_cpus, num_gpus, ray_address, device, ...}
-    evaluation: {batch_size, evals_dir, dtype, fidelity: {mode: off|racing, first, confidence}}
+    evaluation: {batch_size, evals_dir, dtype, fidelity: {mode: off|racing, first, confidence}}  # dtype auto: bf16 on CUDA
+    memory:     {placement, device_memory, host_memory, max_length, headroom, workers_per_node}  # docs/scale.md
     search:     {deterministic, window, checkpoint_every, failure_penalty, references, ...}
 
 Every error is one line naming the key, e.g. ``config.yaml: budget: give evaluations and/or
@@ -213,13 +214,31 @@ class EvaluationConfig(_Strict):
     # one directory or a list (first listed wins a name clash); the shipped evals are always included
     evals_dir: str | list[str] | None = None
     builtin_tasks: bool = False  # also index lm-eval's built-in tasks (~19 s)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the merged model's; auto: bf16 on CUDA
     fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
 
     @field_validator("fidelity", mode="before")
     @classmethod
     def _fidelity_mode(cls, v: Any) -> Any:
         return {"mode": v} if isinstance(v, str) else v
+
+
+class MemoryConfig(_Strict):
+    """The worker memory plan's inputs (evomerge/memory.py, docs/scale.md)."""
+
+    placement: Literal["auto", "resident", "pinned", "mmap"] = "auto"  # auto: the first that fits, in that order
+    device_memory: int | None = None  # per GPU (or per CPU worker); "80GB" accepted; default: detected
+    host_memory: int | None = None  # per node; default: this machine's RAM
+    max_length: int | None = Field(default=None, ge=1)  # longest evaluated sequence; default: the model's context
+    headroom: float = Field(default=0.1, ge=0.0, lt=1.0)  # share of each budget kept free (fragmentation, spikes)
+    workers_per_node: int | None = Field(default=None, ge=1)  # default: executor.workers (all on one node)
+
+    @field_validator("device_memory", "host_memory", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int | None:
+        from evomerge.memory import parse_bytes
+
+        return parse_bytes(v)
 
 
 class SearchOptions(_Strict):
@@ -243,6 +262,7 @@ class SearchConfig(_Strict):
     budget: BudgetConfig
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     search: SearchOptions = Field(default_factory=SearchOptions)
 
     @field_validator("optimizer", mode="before")

@@ -151,15 +151,35 @@ class ModelDir:
     def __contains__(self, name: str) -> bool:
         return name in self._weight_map
 
+    @property
+    def pickled(self) -> bool:
+        """Weights from pickled ``*.bin``/``*.pt`` files (opted into with ``allow_pickle``)."""
+        return self._pickled
+
+    @cached_property
+    def headers(self):
+        """``name → TensorHeader`` (dtype, shape, byte range) from the safetensors headers alone."""
+        from evomerge.merge.headers import model_headers
+
+        if self._pickled:
+            raise ModelError(f"{self.path}: pickled weights have no safetensors header; convert to safetensors")
+        return model_headers(self._weight_map, self.path)
+
     def shape(self, name: str) -> tuple[int, ...]:
         if self._pickled:
             return tuple(self.get(name).shape)
-        return tuple(self._handle(self._weight_map[name]).get_slice(name).get_shape())
+        return self._header_of(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
         if self._pickled:
             return self.get(name).dtype
-        return _SAFETENSORS_DTYPES[self._dtypes[name]]
+        return self._header_of(name).torch_dtype
+
+    def _header_of(self, name: str):
+        h = self.headers.get(name)
+        if h is None:
+            raise ModelError(f"{self.path}: no tensor named {name}")
+        return h
 
     def site(self, name: str) -> TensorSite:
         return self.roles.site(name, self.num_blocks)

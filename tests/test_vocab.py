@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge.export import export_model
 from evomerge.merge.materialize import apply_in_place, build_model
+from evomerge.merge.placement import PLACEMENTS
 from evomerge.merge.sources import Sources
 from evomerge.merge.vocab import TEMPLATES
 from evomerge.recipe import Recipe
@@ -120,11 +121,14 @@ def test_rows_are_aligned_by_token(paths, tmp_path, source, out_tokens):
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = tok("abcx" if "x" in vocab else "abc", return_tensors="pt").input_ids
     assert loaded.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
-    resident = Sources.from_recipe(recipe).resident("cpu")
-    model = build_model(resident)
-    apply_in_place(model, recipe, resident)
-    for n, t in loaded.state_dict().items():
-        assert torch.equal(model.state_dict()[n], t), n
+    lazy = Sources.from_recipe(recipe)
+    for kind in PLACEMENTS:  # every placement serves the re-indexed rows (computed on read)
+        placed = lazy.place(kind, "cpu")
+        model = build_model(placed)
+        apply_in_place(model, recipe, placed)
+        placed.close()
+        for n, t in loaded.state_dict().items():
+            assert torch.equal(model.state_dict()[n], t), (kind, n)
 
 
 def test_union_keeps_special_tokens_special(paths, tmp_path):

@@ -9,7 +9,7 @@ Conventions every command follows (tests/test_cli.py checks them):
   directory, ``-t/--task`` an objective (``TASK[:split]``, repeatable and comma-separated),
   ``-p/--preset`` a zoo preset, ``-k/--kind`` a MAP kind, ``-q/--quiet`` no live display;
 * boolean options are plain flags (``--force``, never ``--force true``), shown without a type;
-* ``--json`` (``eval``, ``runs list``, ``runs show``, ``pareto``) prints one JSON document to
+* ``--json`` (``eval``, ``runs list``, ``runs show``, ``pareto``, ``plan``) prints one JSON document to
   stdout and nothing else there; its keys are documented on each command;
 * without a terminal (logs, CI), long steps print plain periodic progress lines to stderr.
 """
@@ -53,7 +53,7 @@ err_console = Console(stderr=True)
 _state = {"debug": False}
 
 # Command modules, each adding its commands to `app` on import.
-COMMAND_MODULES = ("merge", "recipe", "zoo", "eval", "search", "map", "report", "demo")
+COMMAND_MODULES = ("merge", "recipe", "zoo", "eval", "search", "plan", "map", "report", "demo")
 
 
 def _print_version(value: bool) -> None:

@@ -56,5 +56,8 @@ class LocalExecutor(Executor):
         return max(0, len(self._queue) - (0 if self._running else 1))
 
     def close(self) -> None:
+        close = getattr(self._worker, "close", None)  # custom workers need not have one
+        if close is not None:
+            close()
         self._worker = None
         self._queue.clear()

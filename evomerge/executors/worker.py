@@ -1,5 +1,7 @@
-"""A search worker: base and experts resident on one device, one model built once, recipes
-materialised in place and scored by prebuilt evaluators. Shared by both executors.
+"""A search worker: base and experts placed once (on its device, in pinned host memory or read
+from disk: the memory plan's choice), one model built once (on one device or split over the
+worker's GPUs), recipes materialised in place and scored by prebuilt evaluators. Shared by both
+executors.
 
 The worker never raises for a bad candidate: a merge error, an out-of-memory error or a NaN
 metric becomes a failed :class:`Outcome` with the reason, so the search records it and goes on.
@@ -70,8 +72,11 @@ class WorkerSpec:
     evals_dir: str | list[str] | None = None
     builtin_tasks: bool = False
     batch_size: int = 16
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"
+    placement: str = "resident"  # resident | pinned | mmap (evomerge.merge.placement; chosen by the plan)
+    devices: list[str] | None = None  # split the model over these devices (a worker owning several GPUs)
+    split: bool = False  # take the device-map path even for one device (tests)
     threads: int = 1
     factory: str | None = None  # "module:callable" building a custom worker (spec, name) -> worker
     tokenizer: str | None = None  # alias or directory; default: base, else the first model
@@ -153,9 +158,10 @@ class ModelWorker:
         from transformers import AutoTokenizer
 
         from evomerge.evaluation import Evaluator, Objective
+        from evomerge.merge.devices import resolve_dtype, tensor_devices
+        from evomerge.merge.lora import open_model
         from evomerge.merge.materialize import build_model
         from evomerge.merge.sources import Sources
-        from evomerge.merge.lora import open_model
 
         t0 = time.perf_counter()
         self.name = name
@@ -165,8 +171,14 @@ class ModelWorker:
         dirs = {alias: open_model(path) for alias, path in spec.models.items()}
         lazy = Sources(dirs)
         lazy.check(same_depth=len({d.num_blocks for d in dirs.values()}) == 1)
-        self.sources = lazy.resident(self.device)
-        self.model = build_model(self.sources, self.device, dtype=getattr(torch, spec.dtype))
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        spread = spec.split or len(spec.devices or []) > 1
+        self.model = build_model(lazy, device, dtype=resolve_dtype(spec.dtype, device), devices=spec.devices,
+                                 split=spread)
+        self.sources = lazy.place(spec.placement, device,
+                                  tensor_devices(self.model, lazy.reference.tensor_names) if spread else None)
         tok = spec.tokenizer or ("base" if "base" in spec.models else next(iter(spec.models)))
         self.tokenizer = AutoTokenizer.from_pretrained(spec.models.get(tok, tok))
         self.evaluators = {}
@@ -226,6 +238,10 @@ class ModelWorker:
 
         recipe = Recipe.model_validate_json(task.recipe_json)
         return apply_in_place(self.model, recipe, self.sources)["merge_s"]
+
+    def close(self) -> None:
+        """Release the placed inputs (pinned host memory is unregistered from CUDA)."""
+        self.sources.close()
 
     def run(self, task: Task) -> Outcome:
         t0 = time.perf_counter()

@@ -7,8 +7,10 @@ materialising a merge consume it:
   worker does this thousands of times: no disk, no re-instantiation, no second copy of the model);
 * :func:`evomerge.merge.export.export_model` streams the tensors into a Hugging Face directory.
 
-Inputs come from :class:`~evomerge.merge.sources.Sources`: memory-mapped safetensors (export) or
-tensors resident on a worker's device (search).
+Inputs come from :class:`~evomerge.merge.sources.Sources`: memory-mapped safetensors (export), or
+placed once for a search worker (:mod:`evomerge.merge.placement`: resident on its device, pinned
+host memory, or files read per candidate). Each tensor is merged on the device of its target
+parameter, so a model split over several GPUs is merged where it lives.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from evomerge.merge.methods.sparsify import converted_from
 from evomerge.merge.sources import OutputTensor, Sources
 from evomerge.merge.vocab import vocabulary_of
 from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
-from evomerge.safety import check_loading_info
 
 
 # ---------------------------------------------------------------------- parameter resolution
@@ -80,24 +81,36 @@ def _seed(seed_key: str, recipe_seed: int, name: str) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site: TensorSite,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """The parameter-space merge of one tensor (float32, on the sources' device), written into
-    ``out`` when given (a float32 tensor that aliases no input, e.g. a resident parameter)."""
-    op = plan.op
+def _uses_base(recipe: Recipe, op: Operator) -> bool:
+    return op.needs_base or (op.optional_base and recipe.base_model is not None)
+
+
+def _merge_inputs(recipe: Recipe, plan: _Plan, sources: Sources, name: str) -> list[str]:
+    """The aliases a merged tensor reads, in order (the base first when the operator uses it)."""
     if name not in sources.reference:
         raise ModelError(f"{sources.reference.path}: no tensor named {name}")
+    if not sources.reference.dtype(name).is_floating_point:  # copied from one model, not merged
+        return ["base" if "base" in sources.dirs else recipe.models[0].alias]
+    return (["base"] if _uses_base(recipe, plan.op) else []) + [m.alias for m in recipe.models]
+
+
+def merge_tensor(recipe: Recipe, plan: _Plan, sources: Sources, name: str, site: TensorSite,
+                 out: torch.Tensor | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """The parameter-space merge of one tensor (float32, on ``device``, default the sources'),
+    written into ``out`` when given (a float32 tensor that aliases no input, e.g. a resident
+    parameter)."""
+    op = plan.op
+    aliases = _merge_inputs(recipe, plan, sources, name)
     if not sources.reference.dtype(name).is_floating_point:
-        return sources.get("base" if "base" in sources.dirs else recipe.models[0].alias, name).clone()
+        return sources.get(aliases[0], name, device).clone()
     params = [{p: _value(recipe, k, p, d, site, op) for p, d in op.model_params.items()}
               for k in range(len(recipe.models))]
     options = {p: _value(recipe, None, p, d, site, op) for p, d in op.global_params.items()}
     if op.wants_site:
         options["site"] = site
-    use_base = op.needs_base or (op.optional_base and recipe.base_model is not None)
-    raw = ([sources.get("base", name)] if use_base else []) + [sources.get(m.alias, name) for m in recipe.models]
+    raw = [sources.get(a, name, device) for a in aliases]
     floats = [t.float() for t in raw]
-    base, tensors = (floats[0], floats[1:]) if use_base else (None, floats)
+    base, tensors = (floats[0], floats[1:]) if _uses_base(recipe, op) else (None, floats)
     gen = None
     if op.random:
         gen = torch.Generator(device=tensors[0].device)
@@ -139,25 +152,33 @@ def validate(recipe: Recipe, sources: Sources) -> list[OutputTensor]:
 
 
 def merged_tensors(recipe: Recipe, sources: Sources, layout: list[OutputTensor] | None = None,
-                   targets: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                   targets: dict[str, torch.Tensor] | None = None,
+                   devices: dict[str, torch.device] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of the merged model, one at a time (float32
     for floating tensors). Merged tensors are computed straight into ``targets[name]`` when that
-    is a float32 tensor on the right device (then the yielded tensor *is* the target)."""
+    is a float32 contiguous tensor (then the yielded tensor *is* the target). Each tensor is
+    merged on the device of its target, else ``devices[name]``, else the sources' device (a
+    model split over several GPUs is merged where it lives)."""
     layout = validate(recipe, sources) if layout is None else layout
     plan = _plan(recipe)
     ref = sources.reference
     targets = targets or {}
-    for out in layout:
+    devices = devices or {}
+    where = [targets[o.name].device if o.name in targets else devices.get(o.name, sources.device) for o in layout]
+    sources.expect([(a, o.source_name, dev) for o, dev in zip(layout, where)
+                    for a in (_merge_inputs(recipe, plan, sources, o.source_name) if o.source == MERGED
+                              else [o.source])])
+    for out, device in zip(layout, where):
         if out.source == MERGED:  # a fresh tensor (or the target): scale it in place
             dest = targets.get(out.name)
-            if dest is not None and (dest.dtype != torch.float32 or dest.device != sources.device
-                                     or not dest.is_contiguous()):
+            if dest is not None and (dest.dtype != torch.float32 or not dest.is_contiguous()):
                 dest = None
-            t = merge_tensor(recipe, plan, sources, out.source_name, ref.site(out.source_name), out=dest)
+            t = merge_tensor(recipe, plan, sources, out.source_name, ref.site(out.source_name), out=dest,
+                             device=device)
             if out.scale != 1.0:
                 t.mul_(out.scale)
         else:  # an input tensor (maybe resident): never modify it
-            t = sources.get(out.source, out.source_name)
+            t = sources.get(out.source, out.source_name, device)
             if out.scale != 1.0:
                 t = t.float() * out.scale
         yield out.name, t
@@ -165,20 +186,18 @@ def merged_tensors(recipe: Recipe, sources: Sources, layout: list[OutputTensor] 
 
 # ---------------------------------------------------------------------- in-place materialisation
 def build_model(sources: Sources, device: str | torch.device | None = None,
-                dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Instantiate the reference model's architecture once (weights are filled per candidate)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+                dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                devices: list[str] | None = None, split: bool = False):
+    """Instantiate the reference model's architecture once, empty (weights are filled per
+    candidate): on ``device`` (default: the sources'), or split over ``devices``
+    (:mod:`evomerge.merge.devices`); with the output vocabulary's rows when the merge re-indexes
+    the vocabulary (``tokenizer_source``)."""
+    from evomerge.merge.devices import build_model as build
 
     device = torch.device(device) if device is not None else sources.device
-    ref = sources.reference
-    config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
-    model, info = AutoModelForCausalLM.from_pretrained(ref.path, config=config, dtype=dtype,
-                                                       trust_remote_code=trust_remote_code, output_loading_info=True)
-    check_loading_info(ref.path, info)
     vocab = vocabulary_of(sources)
-    if vocab is not None:  # the merge re-indexes the vocabulary (tokenizer_source)
-        model.resize_token_embeddings(vocab.size, mean_resizing=False)
-    return model.to(device).eval()
+    return build(sources.reference, devices or [str(device)], dtype, trust_remote_code, split=split,
+                 vocab_size=vocab.size if vocab is not None else None)
 
 
 def apply_in_place(model: torch.nn.Module, recipe: Recipe, sources: Sources) -> dict[str, float]:
@@ -208,7 +227,8 @@ def apply_in_place(model: torch.nn.Module, recipe: Recipe, sources: Sources) -> 
     with torch.no_grad():
         # merged straight into the parameter where the checkpoint tensor is the whole parameter
         targets = {n: params[p].data for n, (p, pat) in where.items() if pat is None and p in params}
-        for name, tensor in merged_tensors(recipe, sources, layout, targets):
+        devices = {n: known[p].device for n, (p, _) in where.items() if p in known}  # fused parts too
+        for name, tensor in merged_tensors(recipe, sources, layout, targets, devices):
             param, pattern = where[name]
             if pattern is not None:
                 parts = pending.setdefault(param, [])

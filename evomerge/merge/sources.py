@@ -1,6 +1,7 @@
 """A merge's inputs and the shape of its output, shared by the engine's modules.
 
-:class:`Sources` holds a recipe's input models by alias (lazily read, or resident on a device);
+:class:`Sources` holds a recipe's input models by alias (lazily read, or placed for a search
+worker: :mod:`evomerge.merge.placement`);
 :class:`OutputTensor` says where one tensor of the merged model comes from. Both
 :mod:`evomerge.merge.materialize` and :mod:`evomerge.merge.layer_flow` build on them, so they live
 here, below both.
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from evomerge.errors import ConfigError, ModelError
+from evomerge.errors import ConfigError
 from evomerge.merge.lora import open_model
+from evomerge.merge.placement import check_finite, place
 from evomerge.merge.vocab import align as align_vocabularies
 from evomerge.models import ModelDir, check_compatible
 from evomerge.recipe import Recipe
@@ -22,17 +24,17 @@ from evomerge.recipe import Recipe
 class Sources:
     """A recipe's input models by alias (``base`` and each model's alias).
 
-    Lazily read from disk by default; :meth:`resident` preloads every tensor onto a device so
-    that a worker merges from memory.
+    Lazily read from disk by default; :meth:`place` puts every input where a worker merges
+    from (:mod:`evomerge.merge.placement`: resident on the device, pinned host memory, or
+    memory-mapped files), :meth:`resident` being the first.
     """
 
-    def __init__(self, dirs: dict[str, ModelDir], device: str | torch.device = "cpu",
-                 tensors: dict[str, dict[str, torch.Tensor]] | None = None):
+    def __init__(self, dirs: dict[str, ModelDir], device: str | torch.device = "cpu", placed=None):
         if not dirs:
             raise ConfigError("a recipe needs at least one input model")
         self.dirs = dirs
         self.device = torch.device(device)
-        self._tensors = tensors
+        self.placed = placed  # a placement.Placed, or None: read lazily
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, allow_pickle: bool = False) -> "Sources":
@@ -55,30 +57,37 @@ class Sources:
         """The model whose layout the output follows: the base, else the first input."""
         return self.dirs.get("base") or next(iter(self.dirs.values()))
 
+    def place(self, kind: str, device: str | torch.device,
+              devices: dict[str, torch.device] | None = None) -> "Sources":
+        """These inputs placed as ``kind`` (resident, pinned, mmap) for merges on ``device``;
+        ``devices`` maps checkpoint tensor names to the device of the parameter they feed
+        (split models: :func:`evomerge.merge.devices.tensor_devices`)."""
+        device = torch.device(device)
+        devices = devices or {}
+        return Sources(self.dirs, device, place(kind, self.dirs, lambda n: devices.get(n, device)))
+
     def resident(self, device: str | torch.device) -> "Sources":
         """Every tensor of every input, loaded once onto ``device`` (shared between aliases)."""
-        loaded: dict[int, dict[str, torch.Tensor]] = {}
-        tensors = {}
-        for alias, d in self.dirs.items():
-            if id(d) not in loaded:
-                loaded[id(d)] = {n: _finite(d.get(n, device), d, n) for n in d.tensor_names}
-            tensors[alias] = loaded[id(d)]
-        return Sources(self.dirs, device, tensors)
+        return self.place("resident", device)
 
-    def get(self, alias: str, name: str) -> torch.Tensor:
-        if self._tensors is not None:
-            try:
-                return self._tensors[alias][name]
-            except KeyError:
-                raise ModelError(f"{self.dirs[alias].path}: no tensor named {name}") from None
+    def get(self, alias: str, name: str, device: torch.device | None = None) -> torch.Tensor:
+        """Tensor ``name`` of input ``alias`` on ``device`` (default: the sources'); never to be
+        modified (it may be the placed copy)."""
+        device = self.device if device is None else torch.device(device)
+        if self.placed is not None:
+            return self.placed.get(alias, name, device)
         d = self.dirs[alias]
-        return _finite(d.get(name, self.device), d, name)
+        return check_finite(d.get(name, device), d, name)
 
+    def expect(self, keys: list[tuple[str, str, torch.device]]) -> None:
+        """Announce the next merge's requests, in order (streamed placements stage ahead)."""
+        if self.placed is not None:
+            self.placed.expect(keys)
 
-def _finite(t: torch.Tensor, d: ModelDir, name: str) -> torch.Tensor:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ModelError(f"{d.path}: tensor {name} contains NaN or Inf values")
-    return t
+    def close(self) -> None:
+        """Release what the placement holds (pinned memory is unregistered; idempotent)."""
+        if self.placed is not None:
+            self.placed.close()
 
 
 @dataclass(frozen=True)

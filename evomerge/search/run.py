@@ -19,7 +19,7 @@ from evomerge.executors import Executor
 from evomerge.search.kinds import search_class
 from evomerge.search.loop import Progress, SearchSummary
 from evomerge.search.rundir import DriverLock, create_run_dir, refuse_existing
-from evomerge.search.setup import check_fingerprint, fingerprint, preflight, stored_models
+from evomerge.search.setup import check_fingerprint, fingerprint, plan_memory, preflight, stored_models
 from evomerge.search.signals import stop_on_signals
 from evomerge.store import RunStore
 
@@ -45,6 +45,8 @@ def run_search(config: SearchConfig | str | Path, run_dir: str | Path, *, resume
             cfg = _new_config(config, executor_overrides)
             refuse_existing(run_dir)  # cheap, before the (slower) checks
             pf = preflight(cfg)
+            if executor is None:  # workers that cannot fit: one line and no run directory (docs/scale.md)
+                plan_memory(cfg, pf.pool)
             store, lock = create_run_dir(run_dir, dict(
                 config=cfg.to_dict(), name=cfg.name or run_dir.name, created=time.time(), status="new",
                 splits=pf.splits, fingerprint=fingerprint(cfg)))

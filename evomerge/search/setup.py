@@ -49,10 +49,10 @@ def stored_models(store: RunStore) -> ModelPool | None:
 
 
 def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
-    models = {"base": pool.base} if pool.base is not None else {}
-    models.update({e.alias: e.model for e in pool.experts})
-    return WorkerSpec(
-        models=models,
+    """The workers' spec; the model worker's inputs are placed by the memory plan (refused with
+    one line if nothing fits: :func:`plan_memory`)."""
+    spec = WorkerSpec(
+        models=pool.paths,
         objectives=[o.model_dump() for o in cfg.objectives],
         validation=[o.model_dump() for o in cfg.validation.objectives] if cfg.validation.when != "none" else [],
         evals_dir=cfg.evaluation.evals_dir, builtin_tasks=cfg.evaluation.builtin_tasks,
@@ -60,6 +60,23 @@ def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
         device=cfg.executor.device, threads=cfg.executor.threads, factory=cfg.executor.worker,
         options=dict(cfg.executor.worker_options),
     )
+    plan = plan_memory(cfg, pool)
+    if plan is not None:
+        spec.placement, spec.devices = plan.placement, plan.split_devices
+    return spec
+
+
+def plan_memory(cfg: SearchConfig, pool: ModelPool):
+    """The model workers' :class:`~evomerge.memory.MemoryPlan` (docs/scale.md), or ``None`` for a
+    custom worker (``executor.worker``), which sizes its own memory. Raises ``ConfigError`` (one
+    line saying what to change) when no placement fits."""
+    if cfg.executor.worker is not None:
+        return None
+    from evomerge.memory import plan_worker
+
+    plan = plan_worker(cfg, pool.paths)
+    plan.require_fit()
+    return plan
 
 
 def check_tasks(cfg: SearchConfig) -> dict[str, str]:

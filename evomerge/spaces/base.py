@@ -76,6 +76,11 @@ class ModelPool:
         return (["base"] if self.base is not None else []) + [e.alias for e in self.experts]
 
     @property
+    def paths(self) -> dict[str, str]:
+        """Alias → model directory, ``base`` first."""
+        return {**({"base": self.base} if self.base is not None else {}), **{e.alias: e.model for e in self.experts}}
+
+    @property
     def expert_aliases(self) -> list[str]:
         return [e.alias for e in self.experts]
 
