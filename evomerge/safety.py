@@ -42,6 +42,12 @@ _REDO = "re-download or re-export the model"
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
     """The validated tensor table of a safetensors file: ``name → {dtype, shape, data_offsets}``."""
+    return safetensors_layout(path)[1]
+
+
+def safetensors_layout(path: Path) -> tuple[int, dict[str, dict]]:
+    """``(data_start, tensors)``: the byte offset where the data section starts (``8 + header
+    length``; ``data_offsets`` are relative to it) and the validated tensor table."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -100,7 +106,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     if end != data_len:
         raise ModelError(f"{path}: corrupt safetensors file ({data_len - end} stray bytes after the last "
                          f"tensor); {_REDO}")
-    return tensors
+    return 8 + n, tensors
 
 
 def read_json_object(path: Path, what: str) -> dict:

@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import ModelError
+from evomerge.safety import DTYPE_BYTES, FLOAT_DTYPES, safetensors_layout
 
-# safetensors dtype → (bytes per element, torch dtype or None when torch has none, floating?)
-DTYPES: dict[str, tuple[int, torch.dtype | None, bool]] = {
-    "F64": (8, torch.float64, True), "F32": (4, torch.float32, True), "F16": (2, torch.float16, True),
-    "BF16": (2, torch.bfloat16, True), "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None), True),
-    "F8_E5M2": (1, getattr(torch, "float8_e5m2", None), True),
-    "I64": (8, torch.int64, False), "I32": (4, torch.int32, False), "I16": (2, torch.int16, False),
-    "I8": (1, torch.int8, False), "U8": (1, torch.uint8, False), "BOOL": (1, torch.bool, False),
+# safetensors dtype → torch dtype (None when this torch has none); sizes and validation: evomerge.safety
+TORCH_DTYPES: dict[str, torch.dtype | None] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None), "U64": getattr(torch, "uint64", None),
+    "BOOL": torch.bool,
 }
-MAX_HEADER = 100 * 1024 ** 2  # the format's own limit
 
 
 @dataclass(frozen=True)
@@ -52,54 +52,28 @@ class TensorHeader:
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype][0]
+        return DTYPE_BYTES[self.dtype]
 
     @property
     def floating(self) -> bool:
-        return DTYPES[self.dtype][2]
+        return self.dtype in FLOAT_DTYPES or self.dtype.startswith("F8")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        dt = DTYPES[self.dtype][1]
+        dt = TORCH_DTYPES.get(self.dtype)
         if dt is None:
             raise ModelError(f"{self.file}: tensor {self.name} has dtype {self.dtype}, which this torch cannot hold")
         return dt
 
 
 def read_header(path: str | Path) -> dict[str, TensorHeader]:
-    """Every tensor of one safetensors file (only the header is read; ranges are checked)."""
+    """Every tensor of one safetensors file, with absolute byte ranges (only the header is read;
+    :func:`evomerge.safety.safetensors_layout` validates it)."""
     path = Path(path)
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ModelError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER or 8 + n > size:
-                raise ModelError(f"{path}: not a safetensors file (header length {n} for a {size}-byte file)")
-            meta = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: unreadable safetensors header ({e})") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"{path}: safetensors header is not a JSON object")
-    out: dict[str, TensorHeader] = {}
-    base = 8 + n
-    for name, info in meta.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{path}: malformed header entry for tensor {name}") from None
-        if dtype not in DTYPES:
-            raise ModelError(f"{path}: tensor {name} has unknown dtype {dtype}")
-        h = TensorHeader(name, dtype, shape, path, base + int(b), base + int(e))
-        if h.nbytes != h.numel * h.itemsize or h.start < base or h.end > size:
-            raise ModelError(f"{path}: tensor {name}: byte range [{b}, {e}) does not match shape "
-                             f"{list(shape)} × {dtype} or the file size")
-        out[name] = h
-    return out
+    base, table = safetensors_layout(path)
+    return {name: TensorHeader(name, info["dtype"], tuple(info["shape"]), path,
+                               base + info["data_offsets"][0], base + info["data_offsets"][1])
+            for name, info in table.items()}
 
 
 def _signature(path: Path) -> tuple:
@@ -164,7 +138,7 @@ def write_sparse_model(path: str | Path, arch: dict, dtype: str = "BF16", shard_
     not on this machine (docs/scale.md); never for merging."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    size = DTYPES[dtype][0]
+    size = DTYPE_BYTES[dtype]
     shards: list[dict[str, tuple[int, ...]]] = [{}]
     used = 0
     for name, shape in llama_tensors(arch).items():
