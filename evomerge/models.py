@@ -16,15 +16,11 @@ from safetensors import safe_open
 
 from evomerge.architecture import TensorRoles
 from evomerge.errors import ModelError
+from evomerge.merge.headers import TORCH_DTYPES
 from evomerge.recipe import TensorSite
 from evomerge.safety import check_weight_dtypes, contained, read_json_object, read_safetensors_header
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-_ST_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+_ST_NAMES = {v: k for k, v in TORCH_DTYPES.items() if v is not None}  # torch dtype → safetensors code
 
 
 class ModelDir:
