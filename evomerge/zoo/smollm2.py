@@ -52,8 +52,8 @@ class LoraExpert:
 class PretrainedPreset:
     name: str
     experts: tuple[LoraExpert, ...]
-    batch_size: int = 16
-    lr: float = 2e-3
+    batch_size: int = 8
+    lr: float = 3e-3
     lora: LoraSpec = LoraSpec()
     seed: int = 0
     threads: int = 1
@@ -75,7 +75,7 @@ _FRENCH = "reading French: a quantity stated in a French story, or a French numb
 PRETRAINED_PRESETS: dict[str, PretrainedPreset] = {
     "smollm2": PretrainedPreset(
         name="smollm2",
-        experts=(LoraExpert("math", "smol_math", 160, _MATH), LoraExpert("french", "smol_french", 120, _FRENCH)),
+        experts=(LoraExpert("math", "smol_math", 60, _MATH), LoraExpert("french", "smol_french", 40, _FRENCH)),
         about="SmolLM2-135M-Instruct (GGUF from PyPI, dequantized) + LoRA math and French experts",
     ),
     "smollm2-ci": PretrainedPreset(
@@ -188,7 +188,7 @@ def _train_expert(base: str, root: str, preset: dict, index: int) -> dict:
     t0 = time.perf_counter()
     lora = LoraSpec(**{**preset["lora"], "targets": tuple(preset["lora"]["targets"])})
     peft_model = lora_finetune(model, stream, tok, steps=spec["steps"], batch_size=preset["batch_size"],
-                               lr=preset["lr"], seed=seed, lora=lora, warmup=min(20, spec["steps"] // 4),
+                               lr=preset["lr"], seed=seed, lora=lora, warmup=min(10, spec["steps"] // 6 + 1),
                                on_step=lambda _s, loss: losses.append(round(loss, 4)))
     seconds = time.perf_counter() - t0
     adapter = Path(root) / "adapters" / spec["name"]
