@@ -18,7 +18,10 @@ from rich.text import Text
 from evomerge.cli import app, console
 from evomerge.errors import ConfigError
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
+_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+DEMO_CONFIG = _EXAMPLES / "demo.yaml"
+# --preset → its demo config: the toy zoo (seconds) or the real SmolLM2 zoo (tens of minutes on CPU).
+DEMO_CONFIGS = {"demo": DEMO_CONFIG, "smollm2": _EXAMPLES / "real" / "smollm2.yaml"}
 
 
 def build_demo_zoo(preset: str):
@@ -64,7 +67,8 @@ def validation_table(summary, cfg) -> Table:
 
 @app.command()
 def demo(
-    config: Path = typer.Option(DEMO_CONFIG, "--config", help="Search config of the demo."),
+    config: Path = typer.Option(None, "--config", help="Search config of the demo (default: the preset's)."),
+    preset: str = typer.Option("demo", "--preset", "-p", help="demo (toy zoo) | smollm2 (real pretrained model)."),
     run_dir: Path = typer.Option(None, "--run-dir", "-o", help="Run directory (default: runs/demo-<time>)."),
     evaluations: int = typer.Option(None, "--evaluations", help="Override the demo's evaluation budget."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display."),
@@ -74,6 +78,10 @@ def demo(
     from evomerge.config import SearchConfig
     from evomerge.search import run_search
 
+    if config is None:
+        if preset not in DEMO_CONFIGS:
+            raise ConfigError(f"unknown demo preset {preset!r}; choose one of {', '.join(DEMO_CONFIGS)}")
+        config = DEMO_CONFIGS[preset]
     if not config.is_file():
         raise ConfigError(f"{config}: demo config not found; pass --config examples/demo.yaml from a checkout")
     cfg = SearchConfig.load(config)

@@ -16,7 +16,7 @@ app.add_typer(zoo_app, name="zoo")
 
 @zoo_app.command("build")
 def build(
-    preset: str = typer.Option("demo", "--preset", "-p", help="Preset name (tiny | demo)."),
+    preset: str = typer.Option("demo", "--preset", "-p", help="Preset name (tiny | demo | smollm2: a real pretrained base from PyPI + LoRA experts)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: the cache)."),
     family: str = typer.Option("llama", "--family", help="Model family (llama | qwen2)."),
     workers: int = typer.Option(None, "--workers", help="Processes for the experts (default: CPU count)."),
