@@ -313,15 +313,21 @@ def main() -> None:
     result = {"preset": args.preset, "objective": args.objective, "search_items": args.search_limit,
               "validation_items": args.val_limit, "test_items": args.test_limit, "budget": args.budget,
               "parents": {}, "rows": []}
+
+    def save() -> None:  # partial results after every step: a run cut short still reports
+        result["seconds"] = round(time.perf_counter() - t_all, 1)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1, default=float) + "\n")
+
     if not args.no_grid:
         result["parents"] = bench.parents()
+        save()
         result["rows"] += bench.grid()
+        save()
     for seed in [int(s) for s in args.seed_list.split(",") if s]:
         for m in methods:
             result["rows"].append(bench.search(m, seed))
-            result["seconds"] = round(time.perf_counter() - t_all, 1)
-            if args.json:  # keep partial results: a long run that is cut short still reports
-                args.json.write_text(json.dumps(result, indent=1, default=float) + "\n")
+            save()
     result["seconds"] = round(time.perf_counter() - t_all, 1)
     finish(result, args.json)
 
