@@ -199,14 +199,11 @@ def test_merge_and_evaluate_a_handful_of_items(zoo, tmp_path):
     recipe = {"merge_method": "task_arithmetic", "base_model": str(zoo.base),
               "models": [{"model": str(zoo.experts["math"]), "parameters": {"weight": 1.0}},
                          {"model": str(zoo.experts["french"]), "parameters": {"weight": 0.5}}]}
-    out = tmp_path / "merged"
-    from evomerge.cli import app
-    from typer.testing import CliRunner
+    from evomerge.cli import main as cli_main
 
-    path = tmp_path / "recipe.json"
+    out, path = tmp_path / "merged", tmp_path / "recipe.json"
     path.write_text(json.dumps(recipe))
-    res = CliRunner().invoke(app, ["merge", str(path), "--out", str(out)])
-    assert res.exit_code == 0, res.output
+    assert cli_main(["merge", str(path), "--out", str(out)]) == 0
     model, tok = _load(out), AutoTokenizer.from_pretrained(str(out))
     ev = Evaluator([Objective("smol_math_fr_ll", limit=4), Objective("smol_math_fr", limit=2)], tok)
     r = ev.evaluate(model)
