@@ -11,7 +11,6 @@ blocks. Deterministic for a fixed seed and thread count.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -125,7 +124,3 @@ def greedy_exact(model, tokenizer, docs: list[dict], batch_size: int = 32) -> li
             out.append(float(all(hit[i:i + n])))
             i += n
     return out
-
-
-def seeded_stream(make: Callable[[random.Random], Iterator], seed_text: str) -> Iterator:
-    return make(random.Random(seed_text))
