@@ -68,16 +68,6 @@ def test_cross_task_answers_need_both_skills():
     assert max(answers.count(a) for a in set(answers)) / len(answers) < 0.05  # no constant guess works
 
 
-def test_committed_evals_match_the_generator(tmp_path):
-    from evomerge.zoo.smol_evals import write_smol_evals
-
-    written = write_smol_evals(tmp_path)
-    assert len(written) == 3 * 3 + 3 * 2 * 3  # data files + (gen, ll) × (main, search, validation)
-    for path in written:
-        committed = REPO / "evals" / path.relative_to(tmp_path)
-        assert committed.read_text() == path.read_text(), f"{committed} is stale: run `evomerge zoo evals`"
-
-
 def test_fetch_refuses_a_corrupt_cached_file(tmp_path):
     from evomerge.zoo.gguf import SMOLLM2, fetch_gguf
 
