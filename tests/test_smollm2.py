@@ -201,3 +201,13 @@ def test_merge_and_evaluate_a_handful_of_items(zoo, tmp_path):
     assert ll.doc_ids == [0, 1, 2, 3] and set(ll.per_example.tolist()) <= {0.0, 1.0}
     np.testing.assert_array_equal(ll.per_example, greedy_exact(model, tok, eval_docs("smol_math_fr", "search")[:4]))
     assert len(r.scores["smol_math_fr:search"].per_example) == 2
+
+
+def test_pretrained_preset_names_are_registered_once():
+    """presets.py names the pretrained presets (without importing them); smollm2.py defines them."""
+    from evomerge.zoo.presets import PRETRAINED_PRESET_NAMES
+    from evomerge.zoo.smollm2 import PRETRAINED_PRESETS, get_pretrained
+
+    assert tuple(PRETRAINED_PRESETS) == PRETRAINED_PRESET_NAMES
+    with pytest.raises(EvomergeError, match="unknown pretrained preset"):
+        get_pretrained("smollm3")
