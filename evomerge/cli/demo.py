@@ -21,7 +21,8 @@ from evomerge.errors import ConfigError
 from evomerge.outputs import check_run_dir
 from evomerge.paths import EXAMPLE_PREFIX, resolve_config
 
-DEMO_CONFIG = f"{EXAMPLE_PREFIX}demo"
+# --preset → its demo config: the toy zoo (minutes) or the real SmolLM2 zoo (tens of minutes on CPU).
+DEMO_CONFIGS = {"demo": f"{EXAMPLE_PREFIX}demo", "smollm2": f"{EXAMPLE_PREFIX}smollm2"}
 
 
 def build_demo_zoo(preset: str):
@@ -59,7 +60,9 @@ def validation_table(summary, cfg) -> Table:
 
 @app.command()
 def demo(
-    config: str = typer.Option(DEMO_CONFIG, "--config", help="Search config of the demo (a path or example:NAME)."),
+    config: str = typer.Option(None, "--config", help="Search config of the demo (a path or example:NAME; "
+                               "default: the preset's)."),
+    preset: str = typer.Option("demo", "--preset", "-p", help="demo (toy zoo) | smollm2 (real pretrained model)."),
     run_dir: Path = typer.Option(None, "--run-dir", "-r", help="Run directory (default: runs/demo-<time>)."),
     evaluations: int = typer.Option(None, "--evaluations", help="Override the demo's evaluation budget (at least 1)."),
     zoo: str = typer.Option(None, "--zoo", help="Zoo preset in place of the config's (tiny: a quick try)."),
@@ -69,6 +72,10 @@ def demo(
     from evomerge.cli.search import load_search_config, print_summary, run_with_display
     from evomerge.search import run_search
 
+    if config is None:
+        if preset not in DEMO_CONFIGS:
+            raise ConfigError(f"unknown demo preset {preset!r}; choose one of {', '.join(DEMO_CONFIGS)}")
+        config = DEMO_CONFIGS[preset]
     path = resolve_config(config)
     cfg = load_search_config(path, evaluations=evaluations, zoo=zoo)
     if cfg.models.zoo is None:

@@ -17,7 +17,7 @@ app.add_typer(zoo_app, name="zoo")
 
 @zoo_app.command("build")
 def build(
-    preset: str = typer.Option("demo", "--preset", "-p", help="Preset name (tiny | demo)."),
+    preset: str = typer.Option("demo", "--preset", "-p", help="Preset name (tiny | demo | smollm2: a real pretrained base from PyPI + LoRA experts)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: the cache)."),
     family: str = typer.Option("llama", "--family", help="Model family (llama | qwen2)."),
     workers: int = typer.Option(None, "--workers", help="Processes for the experts (default: CPU count)."),
@@ -51,6 +51,11 @@ def presets() -> None:
     for p in PRESETS.values():
         table.add_row(p.name, str(p.arch), f"{p.base_steps}/{p.expert_steps}",
                       ", ".join(e.name for e in p.experts), p.about)
+    from evomerge.zoo.smollm2 import PRETRAINED_PRESETS
+
+    for p in PRETRAINED_PRESETS.values():
+        table.add_row(p.name, "SmolLM2-135M-Instruct (pretrained)", "-/" + "/".join(str(e.steps) for e in p.experts),
+                      ", ".join(e.name for e in p.experts), p.about)
     console.print(table)
 
 
@@ -75,8 +80,14 @@ def path(
     """Print the cached zoo's directory (for scripts: `$(evomerge zoo path)/math`)."""
     from evomerge.errors import EvomergeError
     from evomerge.zoo import get_preset, zoo_dir
+    from evomerge.zoo.presets import PRETRAINED_PRESET_NAMES
 
-    root = zoo_dir(get_preset(preset), family)
+    if preset in PRETRAINED_PRESET_NAMES:
+        from evomerge.zoo.smollm2 import get_pretrained, pretrained_dir
+
+        root = pretrained_dir(get_pretrained(preset))
+    else:
+        root = zoo_dir(get_preset(preset), family)
     if not (root / "zoo.json").is_file():
         raise EvomergeError(f"no {preset} zoo ({family}) built yet at {root}; run `evomerge zoo build --preset {preset}`")
     print(root)

@@ -92,6 +92,36 @@ class _LLBatch:
     labels: torch.Tensor  # [N] continuation token expected there
     owner: torch.Tensor  # [N] request (index into `requests`) the position belongs to
     requests: list[int]  # original indices of the requests scored in this batch
+    keep: torch.Tensor  # [rows, T] bool: the positions whose logits are read
+    kept: torch.Tensor  # [N] index of each scored position among keep's True entries (row-major)
+
+
+def _kept_positions(rows: list[int], cols: list[int], shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask of scored positions and, per scored position, its rank in the mask's row-major order."""
+    keep = torch.zeros(shape, dtype=torch.bool)
+    keep[rows, cols] = True
+    rank = torch.full(shape, -1, dtype=torch.long)
+    rank[keep] = torch.arange(int(keep.sum()))
+    return keep, rank[rows, cols]
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model(input_ids, logits_to_keep=<bool mask>)`` applies the output head only there.
+
+    ``transformers`` causal LMs that route through ``slice_logits_to_keep`` do (v5+); the head of
+    a small model with a large vocabulary (SmolLM2: 49k rows) is then paid for the scored
+    positions only instead of every position.
+    """
+    import inspect
+
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+    except ImportError:
+        return False
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass
@@ -104,6 +134,7 @@ class LoglikelihoodPlan:
 
     n: int
     batches: list[_LLBatch] = field(default_factory=list)
+    head_at_scored_positions: bool = True  # False: full logits, as HFLM computes them (the reference)
 
     @classmethod
     def build(cls, lm: ResidentLM, args: list[tuple[str, str]]) -> LoglikelihoodPlan:
@@ -137,15 +168,22 @@ class LoglikelihoodPlan:
                     lab += cont
                     own += [slot] * len(cont)
             as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-            plan.batches.append(_LLBatch(inputs.to(device), as_t(r), as_t(c), as_t(lab), as_t(own), reqs))
+            keep, kept = _kept_positions(r, c, tuple(inputs.shape))
+            plan.batches.append(_LLBatch(inputs.to(device), as_t(r), as_t(c), as_t(lab), as_t(own), reqs,
+                                         keep.to(device), kept.to(device)))
         return plan
 
     def run(self, lm: ResidentLM) -> list[tuple[float, bool]]:
         """(log-probability, is-greedy) per request, in request order."""
         lls, greedy, order = [], [], []
+        partial = self.head_at_scored_positions and accepts_logits_to_keep(lm.model)
         for b in self.batches:
-            logits = lm._model_call(b.inputs)
-            picked = logits[b.rows, b.cols].float()  # [N, vocab]: only the scored positions
+            if partial:  # the head only where a logit is read: [kept, vocab]
+                logits = lm.timer.time(lambda: lm.model(b.inputs, logits_to_keep=b.keep).logits, lm.device)
+                picked = logits.reshape(-1, logits.shape[-1])[b.kept].float()
+            else:
+                logits = lm._model_call(b.inputs)
+                picked = logits[b.rows, b.cols].float()  # [N, vocab]: only the scored positions
             token_lp = F.log_softmax(picked, dim=-1).gather(1, b.labels[:, None])[:, 0]
             misses = (picked.argmax(-1) != b.labels).to(torch.int32)
             k = len(b.requests)

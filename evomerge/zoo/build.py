@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 from evomerge.errors import EvomergeError
 from evomerge.io import atomic_directory, atomic_write_text
 from evomerge.paths import cache_root
-from evomerge.zoo.presets import Preset, get_preset, replay_mixture
+from evomerge.zoo.presets import PRETRAINED_PRESET_NAMES, Preset, get_preset, replay_mixture
 from evomerge.zoo.train import FAMILIES
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -111,6 +111,12 @@ def build_zoo(
     progress: Progress | None = None,
 ) -> ZooInfo:
     """Build (or reuse) a zoo. Returns at once when the same preset and family are already built."""
+    if isinstance(preset, str) and preset in PRETRAINED_PRESET_NAMES:  # a real base from PyPI (zoo/smollm2.py)
+        from evomerge.zoo.smollm2 import build_pretrained
+
+        if family != "llama":
+            raise EvomergeError(f"zoo preset {preset!r} is a pretrained llama model; --family {family} does not apply")
+        return build_pretrained(preset, out, workers=workers, force=force, progress=progress)
     p = get_preset(preset) if isinstance(preset, str) else preset
     if family not in FAMILIES:
         raise EvomergeError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")

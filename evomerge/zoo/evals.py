@@ -103,7 +103,9 @@ def write_evals(out_dir: str | Path) -> list[Path]:
                 path = out / f"{name}_{split}.yaml"
                 atomic_write_text(path, _SPLIT.format(name=name, split=split))
                 written.append(path)
-    return written
+    from evomerge.zoo.smol_evals import write_smol_evals  # the smollm2 preset's tasks
+
+    return written + write_smol_evals(out)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -104,8 +104,13 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# Presets built from a real pretrained base rather than trained from scratch: evomerge/zoo/smollm2.py
+# (kept apart so that importing the toy presets never pulls in peft or gguf).
+PRETRAINED_PRESET_NAMES = ("smollm2", "smollm2-ci")
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ConfigError(f"unknown zoo preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise ConfigError(f"unknown zoo preset {name!r}; choose one of {', '.join([*PRESETS, *PRETRAINED_PRESET_NAMES])}") from None

