@@ -6,6 +6,7 @@ that score them. See ``docs/zoo.md`` and ``evals/README.md``.
 """
 
 from evomerge.zoo.build import ZooInfo, build_zoo, default_cache_root, zoo_dir
+from evomerge.zoo import smollm2  # noqa: E402,F401  (registers the pretrained presets' builder)
 from evomerge.zoo.presets import PRESETS, ExpertSpec, Preset, get_preset
 from evomerge.zoo.tasks import EVAL_TASKS, SPLIT_SIZES, eval_docs
 from evomerge.zoo.tokenizer import build_tokenizer

@@ -30,6 +30,10 @@ from evomerge.paths import cache_root
 from evomerge.zoo.presets import PRETRAINED_PRESET_NAMES, Preset, get_preset, replay_mixture
 from evomerge.zoo.train import FAMILIES
 
+#: pretrained preset name → its builder; the module that builds them registers here on import
+#: (``evomerge.zoo`` imports :mod:`evomerge.zoo.smollm2`), so nothing here imports it.
+PRETRAINED_BUILDERS: dict[str, Callable[..., "ZooInfo"]] = {}
+
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 _PROGRESS_EVERY = 10  # steps between progress reports
 
@@ -112,8 +116,7 @@ def build_zoo(
 ) -> ZooInfo:
     """Build (or reuse) a zoo. Returns at once when the same preset and family are already built."""
     if isinstance(preset, str) and preset in PRETRAINED_PRESET_NAMES:  # a real base from PyPI (zoo/smollm2.py)
-        from evomerge.zoo.smollm2 import build_pretrained
-
+        build_pretrained = PRETRAINED_BUILDERS[preset]
         if family != "llama":
             raise EvomergeError(f"zoo preset {preset!r} is a pretrained llama model; --family {family} does not apply")
         return build_pretrained(preset, out, workers=workers, force=force, progress=progress)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.io import atomic_directory, atomic_write_text
-from evomerge.zoo.build import Progress, ZooInfo, _cached, _locked, _quiet_transformers, default_cache_root
+from evomerge.zoo.build import PRETRAINED_BUILDERS, Progress, ZooInfo, _cached, _locked, _quiet_transformers, default_cache_root
 from evomerge.zoo.finetune import LoraSpec
 from evomerge.zoo.gguf import SMOLLM2, dequantize, fetch_gguf
 
@@ -213,3 +213,6 @@ def _relative_base(adapter: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = "../../base"
     atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+PRETRAINED_BUILDERS.update(dict.fromkeys(PRETRAINED_PRESETS, build_pretrained))
