@@ -42,8 +42,17 @@ def fresh_venv(path: Path) -> Path:
     return python
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without what would let the checkout leak into the fresh venv
+    (other tests put ``tests/`` and the working directory on ``PYTHONPATH``)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
 def pip_install(python: Path, *args) -> None:
-    sh(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-build-isolation", *args)
+    """Install into the fresh venv only. ``--ignore-installed``: the evomerge that the borrowed host
+    packages make visible must neither satisfy the requirement nor be uninstalled."""
+    sh(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-build-isolation",
+       "--ignore-installed", *args, env=clean_env())
 
 
 @pytest.mark.slow
@@ -61,7 +70,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     pip_install(python, wheel)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = clean_env()
     env.update(EVOMERGE_CACHE=str(cache_root()), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1")
     evomerge = tmp_path / "venv" / "bin" / "evomerge"

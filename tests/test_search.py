@@ -213,7 +213,8 @@ EXAMPLES = sorted(examples_dir().glob("*.yaml"))  # the shipped copies (package 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_shipped_examples_load_and_build(path):
-    """Every example parses, its space builds over the demo zoo's layout, its optimizer starts."""
+    """Every example parses, its space builds over its zoo's expert names (a 4-block layout), its
+    optimizer starts."""
     from evomerge.recipe import InputModel
     from evomerge.search import check_optimizer
     from evomerge.spaces import ModelPool, make_space
@@ -225,9 +226,11 @@ def test_shipped_examples_load_and_build(path):
         data.pop("map")
         data["budget"] = {"evaluations": 24}
     cfg = SearchConfig.from_dict(data, where=str(path))
-    assert cfg.models.zoo == "demo" and path.read_text().startswith("#")
-    experts = tuple(InputModel(model=f"/zoo/{n}", name=n) for n in ("math", "cipher", "sort"))
-    pool = ModelPool(base="/zoo/base", experts=experts, num_blocks={"base": 4, "math": 4, "cipher": 4, "sort": 4})
+    zoo_experts = {"demo": ("math", "cipher", "sort"), "smollm2": ("math", "french")}
+    assert cfg.models.zoo in zoo_experts and path.read_text().startswith("#")
+    names = tuple(cfg.models.experts) or zoo_experts[cfg.models.zoo]
+    experts = tuple(InputModel(model=f"/zoo/{n}", name=n) for n in names)
+    pool = ModelPool(base="/zoo/base", experts=experts, num_blocks=dict.fromkeys(("base", *names), 4))
     space = make_space(cfg.space, pool)
     assert space.to_recipe(space.x0).hash()
     check_optimizer(cfg, space)
