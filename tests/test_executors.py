@@ -27,11 +27,20 @@ TESTS = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 ** 2,
-             _temp_dir=str(Path("/tmp") / f"evomerge-ray-test-{os.getuid()}"), configure_logging=False)
-    yield
-    ray.shutdown()
+    # the cluster's workers inherit PYTHONPATH at start (to import tests/search_fakes.py); restored
+    # afterwards so that no later test sees tests/ or the working directory on its path
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), *([old] if old else [])])
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 ** 2,
+                 _temp_dir=str(Path("/tmp") / f"evomerge-ray-test-{os.getuid()}"), configure_logging=False)
+        yield
+        ray.shutdown()
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
 
 
 def spec(**options) -> WorkerSpec:
