@@ -31,3 +31,18 @@ def load_dataset(zoo_task: str, **_ignored):
         with open(root / f"{split}.jsonl") as f:
             splits[split] = datasets.Dataset.from_list([json.loads(line) for line in f if line.strip()])
     return datasets.DatasetDict(splits)
+
+
+def process_loglikelihood(doc: dict, results) -> dict:
+    """Per-item metrics of a loglikelihood task with one continuation (`` <answer>\\n``):
+
+    * ``acc`` — 1 when the continuation is the greedy one (lm-eval's own ``acc``);
+    * ``answer_prob`` — the model's probability of the whole continuation, ``exp(loglikelihood)``:
+      a graded score in [0, 1] whose mean is the exact-match rate a sampling model would get, so
+      it ranks candidates that no greedy check separates yet (a smooth search fitness);
+    * ``perplexity`` — the loglikelihood itself, aggregated by lm-eval's ``perplexity``.
+    """
+    import math
+
+    ll, is_greedy = results[0]
+    return {"acc": float(is_greedy), "answer_prob": math.exp(ll), "perplexity": ll}

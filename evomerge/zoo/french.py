@@ -1,20 +1,29 @@
 """Word problems in English and French, built from templates and word lists written here.
 
-Three evaluated tasks for the real-model preset (``smollm2``), every answer a number in digits:
+Three evaluated tasks for the real-model preset (``smollm2``):
 
-* ``smol_math`` — arithmetic word problems in English (add, subtract, multiply by a small
-  number); operands written in digits or in English words. The math expert's task.
-* ``smol_french`` — reading French: a short French story about quantities (numbers spelled in
-  French words) and a question whose answer is one quantity *stated* in it, or "write this
-  French number in digits". No arithmetic. The French expert's task.
-* ``smol_math_fr`` — the cross-skill task: the arithmetic word problems posed in French with
-  the operands spelled in French words ("sept", "quarante-deux"), answered with the result.
-  Reading French is required to get the operands, arithmetic to get the answer; neither
-  expert is trained on it.
+* ``smol_math`` — arithmetic word problems in English: a quantity of two digits changed by a
+  small amount (``a ± b``, a in 10..89, b in 2..4), operands written in digits or in English
+  words, answered with the result in digits. The math expert's task.
+* ``smol_french`` — translating the French word problems into English (numbers in words on both
+  sides), answered with the English text. The French expert's task: it reads French, it never
+  computes.
+* ``smol_math_fr`` — the cross-skill task: the word problems posed in French with the operands
+  spelled in French words ("trente-quatre", "trois"), answered with the result in digits.
+  Reading French is required to get the operands and the operation, arithmetic to get the
+  answer; neither expert is trained on it.
 
-An item is drawn from a *key* (kind, operation, operands, name, object, template); held-out
-keys are fixed per task (the first distinct draws of a seeded stream, split into
-search / validation / test) and training streams reject them, so no split is ever trained on.
+Why the arithmetic is small: SmolLM2-135M-Instruct cannot add at all in this format (measured:
+0 % on one-digit sums as ``Q: What is 7 + 7?``, 18 % as ``7 + 7 =``), and a LoRA expert trained
+60–150 steps on two-digit sums and products stayed at 2–18 % on its own task, so it could not
+lend a skill to a merge. ``a ± b`` with b ≤ 4 is learned to ~90 % in 100 steps and still cannot be
+guessed: the answer is never a number stated in the question, add and subtract are equally likely
+and no answer value covers 5 % of the items.
+
+An item is drawn from a *key* (operation, operands, name, object, template, ...); held-out keys
+are fixed per task (the first distinct draws of a seeded stream, split into
+search / validation / test) and training streams reject the held-out keys of every task drawn
+from the same key space (the French expert never translates a cross-task test question).
 Everything is deterministic: ``random.Random`` seeded by strings.
 """
 
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
@@ -78,110 +88,99 @@ FR_OBJECTS = ["pommes", "billes", "livres", "crayons", "bonbons", "fleurs", "tim
               "pièces"]
 
 # Operation templates: {n} name, {p} pronoun, {P} capitalised pronoun, {a} {b} operands, {o} object.
+# The English and French lists are aligned (same operation, template and object index).
 EN_STORY = {
     "add": ["{n} has {a} {o}. {P} buys {b} more {o}.", "{n} has {a} {o}. {P} finds {b} more {o}.",
             "{n} has {a} {o}. A friend gives {p} {b} more {o}."],
     "sub": ["{n} has {a} {o}. {P} gives {b} {o} to a friend.", "{n} has {a} {o}. {P} loses {b} {o}.",
             "{n} has {a} {o}. {P} sells {b} {o}."],
-    "mul": ["{n} has {a} boxes. Each box holds {b} {o}.", "{n} has {a} bags with {b} {o} in each bag.",
-            "{n} buys {a} packs of {b} {o}."],
 }
-EN_ASK = {"add": "How many {o} does {n} have now?", "sub": "How many {o} does {n} have now?",
-          "mul": "How many {o} does {n} have in total?"}
+EN_ASK = "How many {o} does {n} have now?"
 FR_STORY = {
     "add": ["{n} a {a} {o}. {P} achète {b} autres {o}.", "{n} a {a} {o}. {P} trouve {b} autres {o}.",
             "{n} a {a} {o}. Un ami lui donne {b} autres {o}."],
     "sub": ["{n} a {a} {o}. {P} donne {b} {o} à un ami.", "{n} a {a} {o}. {P} perd {b} {o}.",
             "{n} a {a} {o}. {P} vend {b} {o}."],
-    "mul": ["{n} a {a} boîtes. Chaque boîte contient {b} {o}.", "{n} a {a} sacs avec {b} {o} dans chaque sac.",
-            "{n} achète {a} paquets de {b} {o}."],
 }
-FR_ASK_RESULT = {"add": "Combien de {o} {n} a-t-{p} maintenant ?", "sub": "Combien de {o} {n} a-t-{p} maintenant ?",
-                 "mul": "Combien de {o} {n} a-t-{p} en tout ?"}
-# Reading questions: the answer is operand a or b, stated in the story (no arithmetic).
-FR_ASK_STATED = {
-    "add": [("Combien de {o} {n} avait-{p} au début ?", "a"), ("Combien d'autres {o} {n} reçoit-{p} ?", "b")],
-    "sub": [("Combien de {o} {n} avait-{p} au début ?", "a"), ("Combien de {o} {n} n'a-t-{p} plus ?", "b")],
-    "mul": [("Combien de boîtes, sacs ou paquets {n} a-t-{p} ?", "a"), ("Combien de {o} y a-t-il dans chacun ?", "b")],
-}
-FR_SPELL = ["Écris ce nombre en chiffres : {w}.", "Quel nombre est « {w} » ?", "En chiffres, {w} s'écrit comment ?"]
+FR_ASK = "Combien de {o} {n} a-t-{p} maintenant ?"
+TRANSLATE = "Traduis en anglais : {text}"
+OPERATIONS = ("add", "sub")
 
 
-def _operands(op: str, rng: random.Random) -> tuple[int, int]:
-    if op == "add":
-        return rng.randint(2, 49), rng.randint(2, 49)
-    if op == "sub":
-        a = rng.randint(10, 69)
-        return a, rng.randint(2, a - 1)
-    return rng.randint(2, 9), rng.randint(2, 9)  # mul: small factors
+def _operands(rng: random.Random) -> tuple[int, int]:
+    """A two-digit quantity and a small change (plural, so every template reads grammatically):
+    a ± b stays within 6..93 (French words cover 0..99)."""
+    return rng.randint(10, 89), rng.randint(2, 4)
 
 
 def _result(op: str, a: int, b: int) -> int:
-    return {"add": a + b, "sub": a - b, "mul": a * b}[op]
+    return {"add": a + b, "sub": a - b}[op]
 
 
 # ------------------------------------------------------------------------- task families
 # A key is a tuple of small ints and strings; render(key) → (question, answer).
 def _draw_math(rng: random.Random) -> tuple:
-    op = rng.choice(("add", "sub", "mul"))
-    a, b = _operands(op, rng)
+    op = rng.choice(OPERATIONS)
+    a, b = _operands(rng)
     return (op, a, b, rng.randrange(len(EN_NAMES)), rng.randrange(len(EN_OBJECTS)), rng.randrange(3),
             rng.choice(("digits", "words")))
+
+
+def _english_story(op: str, a: str, b: str, name: str, he: bool, obj: int, tpl: int) -> str:
+    fill = dict(n=name, P="He" if he else "She", p="him" if he else "her", a=a, b=b, o=EN_OBJECTS[obj])
+    return (EN_STORY[op][tpl] + " " + EN_ASK).format(**fill)
 
 
 def _render_math(key: tuple) -> tuple[str, str]:
     op, a, b, who, obj, tpl, style = key
     name, pron = EN_NAMES[who]
     num = str if style == "digits" else english_number
-    fill = dict(n=name, P=pron, p="him" if pron == "He" else "her", a=num(a), b=num(b), o=EN_OBJECTS[obj])
-    return (EN_STORY[op][tpl] + " " + EN_ASK[op]).format(**fill), str(_result(op, a, b))
+    return _english_story(op, num(a), num(b), name, pron == "He", obj, tpl), str(_result(op, a, b))
 
 
-def _fr_fill(op, a, b, who, obj) -> dict:
-    name, pron = FR_NAMES[who]
-    return dict(n=name, p=pron, P=pron.capitalize(), a=french_number(a), b=french_number(b), o=FR_OBJECTS[obj])
-
-
-def _draw_math_fr(rng: random.Random) -> tuple:
-    op = rng.choice(("add", "sub", "mul"))
-    a, b = _operands(op, rng)
+def _draw_fr_problem(rng: random.Random) -> tuple:
+    op = rng.choice(OPERATIONS)
+    a, b = _operands(rng)
     return (op, a, b, rng.randrange(len(FR_NAMES)), rng.randrange(len(FR_OBJECTS)), rng.randrange(3))
 
 
-def _render_math_fr(key: tuple) -> tuple[str, str]:
+def _french_story(key: tuple) -> str:
     op, a, b, who, obj, tpl = key
-    fill = _fr_fill(op, a, b, who, obj)
-    return (FR_STORY[op][tpl] + " " + FR_ASK_RESULT[op]).format(**fill), str(_result(op, a, b))
+    name, pron = FR_NAMES[who]
+    fill = dict(n=name, p=pron, P=pron.capitalize(), a=french_number(a), b=french_number(b), o=FR_OBJECTS[obj])
+    return (FR_STORY[op][tpl] + " " + FR_ASK).format(**fill)
 
 
-def _draw_french(rng: random.Random) -> tuple:
-    if rng.random() < 0.3:
-        return ("spell", rng.randint(2, 99), rng.randrange(len(FR_SPELL)))
-    op = rng.choice(("add", "sub", "mul"))
-    a, b = _operands(op, rng)
-    return ("story", op, a, b, rng.randrange(len(FR_NAMES)), rng.randrange(len(FR_OBJECTS)), rng.randrange(3),
-            rng.randrange(2))
+def _render_math_fr(key: tuple) -> tuple[str, str]:
+    op, a, b = key[:3]
+    return _french_story(key), str(_result(op, a, b))
 
 
 def _render_french(key: tuple) -> tuple[str, str]:
-    if key[0] == "spell":
-        _, n, tpl = key
-        return FR_SPELL[tpl].format(w=french_number(n)), str(n)
-    _, op, a, b, who, obj, tpl, which = key
-    fill = _fr_fill(op, a, b, who, obj)
-    ask, operand = FR_ASK_STATED[op][which]
-    return (FR_STORY[op][tpl] + " " + ask).format(**fill), str(a if operand == "a" else b)
+    op, a, b, who, obj, tpl = key
+    name, pron = FR_NAMES[who]
+    english = _english_story(op, english_number(a), english_number(b), name, pron == "il", obj, tpl)
+    return TRANSLATE.format(text=_french_story(key)), english
 
 
-# task → (draw, render, about). The arithmetic facts (op, a, b) of the cross-skill task are
-# not held out from the English task (with factors 2..9 there are only 64 products): the cross
-# task tests reading the operands in French and applying a known skill, not new facts.
-FAMILIES: dict[str, tuple[Callable, Callable, str]] = {
-    "smol_math": (_draw_math, _render_math, "arithmetic word problems in English (the math expert's task)"),
-    "smol_french": (_draw_french, _render_french, "reading French: a quantity stated in a French story, or a "
-                    "French number in digits (the French expert's task)"),
-    "smol_math_fr": (_draw_math_fr, _render_math_fr, "cross-skill: the arithmetic word problems posed in French, "
-                     "numbers in French words, answered with the result"),
+@dataclass(frozen=True)
+class Family:
+    draw: Callable[[random.Random], tuple]
+    render: Callable[[tuple], tuple[str, str]]
+    about: str
+    space: str  # tasks of one key space never train on each other's held-out keys
+
+
+# The arithmetic facts (op, a, b) of the cross-skill task are not held out from the English
+# task (there are only 480 of them): the cross task tests reading the problem in French and
+# applying a known skill, not new facts. Its *questions* are held out from the French expert.
+FAMILIES: dict[str, Family] = {
+    "smol_math": Family(_draw_math, _render_math, "arithmetic word problems in English, answered with the "
+                        "result (the math expert's task)", "en_problem"),
+    "smol_french": Family(_draw_fr_problem, _render_french, "the French word problems translated into English, "
+                          "numbers in words (the French expert's task)", "fr_problem"),
+    "smol_math_fr": Family(_draw_fr_problem, _render_math_fr, "cross-skill: the arithmetic word problems posed "
+                           "in French, numbers in French words, answered with the result", "fr_problem"),
 }
 EVAL_TASKS = tuple(FAMILIES)
 
@@ -195,7 +194,7 @@ def _check(task: str) -> None:
 def heldout_keys(task: str) -> dict[str, tuple[tuple, ...]]:
     """The task's held-out keys by split: distinct, disjoint across splits, fixed by a seed."""
     _check(task)
-    draw = FAMILIES[task][0]
+    draw = FAMILIES[task].draw
     rng = random.Random(f"evomerge-smollm2-heldout-{task}")
     seen: dict[tuple, None] = {}
     while len(seen) < sum(SPLITS.values()):
@@ -209,7 +208,10 @@ def heldout_keys(task: str) -> dict[str, tuple[tuple, ...]]:
 
 @lru_cache(maxsize=None)
 def _heldout(task: str) -> frozenset:
-    return frozenset(k for keys in heldout_keys(task).values() for k in keys)
+    """Held-out keys of every task in ``task``'s key space."""
+    space = FAMILIES[task].space
+    return frozenset(k for t, f in FAMILIES.items() if f.space == space
+                     for keys in heldout_keys(t).values() for k in keys)
 
 
 def eval_docs(task: str, split: str) -> list[dict]:
@@ -217,7 +219,7 @@ def eval_docs(task: str, split: str) -> list[dict]:
     _check(task)
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    render = FAMILIES[task][1]
+    render = FAMILIES[task].render
     docs = []
     for i, key in enumerate(heldout_keys(task)[split]):
         question, answer = render(key)
@@ -228,7 +230,7 @@ def eval_docs(task: str, split: str) -> list[dict]:
 def training_items(task: str, rng: random.Random) -> Iterator[tuple[str, str]]:
     """Endless (prompt, answer) pairs of ``task``, its held-out keys excluded."""
     _check(task)
-    draw, render, _ = FAMILIES[task]
+    draw, render = FAMILIES[task].draw, FAMILIES[task].render
     excluded = _heldout(task)
     while True:
         key = draw(rng)

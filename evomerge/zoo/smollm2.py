@@ -4,8 +4,8 @@
 then fine-tunes one LoRA expert per skill on data generated here (:mod:`evomerge.zoo.french`):
 
 * ``math``   — arithmetic word problems in English (``smol_math``)
-* ``french`` — reading French: quantities stated in French stories, French numbers in digits
-  (``smol_french``)
+* ``french`` — translating the French word problems into English (``smol_french``): it reads
+  French and never computes
 
 The cross-skill task ``smol_math_fr`` (the word problems in French, numbers in French words)
 is trained by nobody. Layout (written atomically, ``zoo.json`` last)::
@@ -37,7 +37,7 @@ from evomerge.zoo.build import PRETRAINED_BUILDERS, Progress, ZooInfo, _cached, 
 from evomerge.zoo.finetune import LoraSpec
 from evomerge.zoo.gguf import SMOLLM2, dequantize, fetch_gguf
 
-FORMAT = 1  # bump when training code or data generation changes what a preset produces
+FORMAT = 2  # bump when training code or data generation changes what a preset produces
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class PretrainedPreset:
     name: str
     experts: tuple[LoraExpert, ...]
     batch_size: int = 8
-    lr: float = 3e-3
+    lr: float = 1e-3
     lora: LoraSpec = LoraSpec()
     seed: int = 0
     threads: int = 1
@@ -70,12 +70,12 @@ class PretrainedPreset:
         return [*(e.task for e in self.experts), *self.cross_tasks]
 
 
-_MATH = "arithmetic word problems in English (add, subtract, multiply by 2..9; digits or English words)"
-_FRENCH = "reading French: a quantity stated in a French story, or a French number written in digits"
+_MATH = "arithmetic word problems in English (a ± b, a in 10..89, b in 2..4; digits or English words)"
+_FRENCH = "translating the French word problems into English (numbers in words; no arithmetic)"
 PRETRAINED_PRESETS: dict[str, PretrainedPreset] = {
     "smollm2": PretrainedPreset(
         name="smollm2",
-        experts=(LoraExpert("math", "smol_math", 60, _MATH), LoraExpert("french", "smol_french", 40, _FRENCH)),
+        experts=(LoraExpert("math", "smol_math", 200, _MATH), LoraExpert("french", "smol_french", 200, _FRENCH)),
         about="SmolLM2-135M-Instruct (GGUF from PyPI, dequantized) + LoRA math and French experts",
     ),
     "smollm2-ci": PretrainedPreset(

@@ -11,8 +11,9 @@ equal evaluation budgets:
 * searches (``--methods``), each with ``--seeds`` seeds and ``--budget`` evaluations: random
   search and CMA-ES on the per-layer PS space, CMA-ES on the global space, M2N2, optuna TPE, ...
 
-Every method picks its merge on the search split (fitness: the ``_ll`` twin of the task,
-greedy exact match in one forward pass); that merge is then scored on the validation and test
+Every method picks its merge on the search split (fitness: the ``_ll`` twin of the task in one
+forward pass, greedy exact match ``acc`` or with ``--fitness answer_prob`` the probability of the
+gold answer, graded); that merge is then scored on the validation and test
 splits, with a 95 % bootstrap confidence interval. The verdict compares, on the test split,
 the best search method (chosen by its mean *validation* score, never by test) with the better
 parent, the best grid merge and random search, by paired bootstrap over the test items.
@@ -58,6 +59,7 @@ METHODS = {  # name -> (space, optimizer)
     "cmaes-layer": (PS_LAYER, {"name": "cmaes", "options": {"popsize": 8}}),
     "m2n2-layer": (PS_LAYER, {"name": "m2n2", "options": {"archive_size": 8}}),
     "tpe-global": (TV, {"name": "optuna:tpe"}),
+    "map-global": (PS_GLOBAL, {"name": "map"}),
     "hybrid": ({"type": "hybrid", "ps": {"operator": "task_arithmetic", "granularity": "global"},
                 "dfs": {"repeats": 1, "scaling": "compact"}}, {"name": "cmaes"}),
 }
@@ -97,7 +99,9 @@ class Bench:
 
         self.args = args
         tasks = OBJECTIVES[args.objective]
-        self.search_objs = [{"task": t, "weight": 1.0 / len(tasks), "limit": args.search_limit} for t in tasks]
+        fitness = {} if args.fitness == "acc" else {"metric": args.fitness}
+        self.search_objs = [{"task": t, "weight": 1.0 / len(tasks), "limit": args.search_limit, **fitness}
+                            for t in tasks]
         self.heldout_objs = ([{"task": t, "split": "validation", "weight": 1.0 / len(tasks), "limit": args.val_limit}
                               for t in tasks]
                              + [{"task": t, "split": "test", "weight": 1.0 / len(tasks), "limit": args.test_limit}
@@ -286,6 +290,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="dtype of the resident merged model (bfloat16: ~2x faster on CPUs with avx512_bf16)")
+    ap.add_argument("--fitness", default="acc", choices=["acc", "answer_prob"],
+                    help="search-split fitness: greedy exact match (acc) or the probability of the gold answer "
+                         "(answer_prob, graded); validation and test always score acc")
     ap.add_argument("--grid", type=floats, default=(0.0, 0.5, 1.0, 1.5, 2.0),
                     help="task-arithmetic grid: λ values per expert (all pairs)")
     ap.add_argument("--ties-grid", type=floats, default=(0.0, 1.0, 1.5),
@@ -312,7 +319,8 @@ def main() -> None:
         sys.exit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     t_all = time.perf_counter()
     bench = Bench(args)
-    result = {"preset": args.preset, "objective": args.objective, "dtype": args.dtype, "search_items": args.search_limit,
+    result = {"preset": args.preset, "objective": args.objective, "dtype": args.dtype, "fitness": args.fitness,
+              "search_items": args.search_limit,
               "validation_items": args.val_limit, "test_items": args.test_limit, "budget": args.budget,
               "parents": {}, "rows": []}
 
@@ -328,7 +336,11 @@ def main() -> None:
         save()
     for seed in [int(s) for s in args.seed_list.split(",") if s]:
         for m in methods:
-            result["rows"].append(bench.search(m, seed))
+            try:
+                result["rows"].append(bench.search(m, seed))
+            except Exception as e:  # one failed method must not lose the others' paid evaluations
+                print(f"{m} seed {seed}: FAILED {type(e).__name__}: {e}", flush=True)
+                result.setdefault("failed", []).append({"method": m, "seed": seed, "error": f"{type(e).__name__}: {e}"})
             save()
     result["seconds"] = round(time.perf_counter() - t_all, 1)
     finish(result, args.json)
