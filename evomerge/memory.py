@@ -265,6 +265,27 @@ def _budgets(device: str, memory, workers_per_node: int) -> tuple[int | None, st
     return dev, dev_from, host_per_worker, f"{host_from}, shared by {workers_per_node} worker(s)"
 
 
+def _longest_request(cfg, models: dict[str, str]) -> int | None:
+    """Tokens of the longest request of the search and validation objectives (lm-eval tasks built
+    and tokenized with the worker's tokenizer), or None when unknown or for a custom worker."""
+    from transformers import AutoTokenizer
+
+    from evomerge.evaluation.check import longest_sequence
+
+    ex, ev = cfg.executor, cfg.evaluation
+    objectives = [o.to_objective() for o in cfg.objectives]
+    if cfg.validation.when != "none":
+        objectives += [o.to_objective() for o in cfg.validation.objectives]
+    if ex.worker is not None or not objectives:
+        return None
+    alias = "base" if "base" in models else next(iter(models))
+    tok_dir = str(models[alias]).split("+", 1)[0]
+    if not (Path(tok_dir) / "tokenizer_config.json").is_file() and not (Path(tok_dir) / "tokenizer.json").is_file():
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    return longest_sequence(objectives, tokenizer, evals_dir=ev.evals_dir, builtin_tasks=ev.builtin_tasks)
+
+
 def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
     """The plan for one worker of ``cfg`` (a SearchConfig) merging ``models`` (alias → model
     reference: a directory, a LoRA adapter or ``base+adapter``, sized as the adapted model — the
@@ -319,8 +340,11 @@ def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
 
     # ---------------------------------------------------------------- evaluation
     shape = EvalShape.from_config(ref.config)
+    measured = None if mem.max_length is not None else _longest_request(cfg, models)
     if mem.max_length is not None:
         length, length_from = mem.max_length, "memory.max_length"
+    elif measured is not None and measured < shape.max_positions:
+        length, length_from = measured, "the objectives' longest request (set memory.max_length to override)"
     else:
         length, length_from = shape.max_positions, "the model's max_position_embeddings (set memory.max_length)"
     evb = eval_bytes(shape, ev.batch_size, length, itemsize, device == "cuda")

@@ -248,6 +248,33 @@ def test_answer_prob_is_the_probability_of_the_gold_continuation(zoo):
     assert math.isclose(score.value, float(score.per_example.mean()), rel_tol=1e-6)
 
 
+def test_memory_plan_sizes_the_batch_by_the_longest_request_not_the_context(zoo):
+    """SmolLM2's context is 8192 tokens: a batch sized by it (~139 GB) refused every search on a
+    24 GB machine; the plan measures the objectives' requests instead."""
+    from transformers import AutoTokenizer
+
+    from evomerge.config import SearchConfig
+    from evomerge.evaluation import Objective
+    from evomerge.evaluation.check import longest_sequence
+    from evomerge.memory import plan_worker
+
+    tok = AutoTokenizer.from_pretrained(str(zoo.base))
+    docs = eval_docs("smol_math_fr", "search")[:5]
+    ll = max(len(tok(d["prompt"] + " " + d["answer"] + "\n", add_special_tokens=False).input_ids) for d in docs) + 1
+    gen = max(len(tok(d["prompt"], add_special_tokens=False).input_ids) for d in docs) + 1 + 6  # max_gen_toks 6
+    assert longest_sequence([Objective("smol_math_fr_ll", limit=5)], tok) == ll
+    assert longest_sequence([Objective("smol_math_fr_ll", limit=5), Objective("smol_math_fr", limit=5)], tok) == max(ll, gen)
+    assert longest_sequence([Objective("python:evomerge.zoo.french:eval_docs")], tok) is None
+    d = {"models": {"zoo": "smollm2-ci"}, "objectives": [{"task": "smol_math_fr_ll", "limit": 5}],
+         "space": {"type": "task_vector", "operator": "task_arithmetic"}, "budget": {"evaluations": 1},
+         "executor": {"device": "cpu"}}
+    models = {"base": str(zoo.base), **{k: str(v) for k, v in zoo.experts.items()}}
+    plan = plan_worker(SearchConfig.from_dict(d), models)
+    assert plan.max_length == ll and "longest request" in plan.max_length_from and plan.placement is not None
+    fixed = plan_worker(SearchConfig.from_dict({**d, "memory": {"max_length": 8192}}), models)
+    assert fixed.max_length == 8192 and fixed.max_length_from == "memory.max_length"
+
+
 def test_pretrained_preset_names_are_registered_once():
     """presets.py names the pretrained presets (without importing them); smollm2.py defines them."""
     from evomerge.zoo.presets import PRETRAINED_PRESET_NAMES

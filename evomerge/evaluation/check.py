@@ -50,3 +50,40 @@ def check_objectives(
                 f"search objective {hit}; validation must be held out: give it another of the task's splits"
             )
     return chosen
+
+
+def longest_sequence(objectives: Sequence[Objective], tokenizer, *, evals_dir: str | Path | Sequence[str | Path] | None = None,
+                     builtin_tasks: bool = False) -> int | None:
+    """Tokens of the longest sequence a worker evaluates for ``objectives`` — what the memory plan
+    sizes the evaluation batch by (docs/scale.md) instead of the model's whole context.
+
+    A loglikelihood request (multiple choice included) is its context plus continuation; a
+    generation is its context plus ``max_gen_toks`` (lm-eval's default 256 when the task sets
+    none); one token is added for a BOS. ``None`` when it cannot be known ahead: a Python
+    objective, a rolling loglikelihood, any other request type.
+    """
+    from evomerge.evaluation._lmeval import quiet
+    from evomerge.evaluation.tasks import TaskCatalog
+
+    if not objectives or any(o.is_python for o in objectives):
+        return None
+    catalog = TaskCatalog(evals_dir, builtin_tasks=builtin_tasks)
+    texts: list[str] = []
+    extra: list[int] = []
+    for o in objectives:
+        task = catalog.build(o.task, o.split, key=o.key)
+        with quiet():
+            task.build_all_requests(limit=o.limit, rank=0, world_size=1)
+        for inst in task.instances:
+            if inst.request_type == "loglikelihood":
+                texts.append(inst.args[0] + inst.args[1])
+                extra.append(1)
+            elif inst.request_type == "generate_until":
+                texts.append(inst.args[0])
+                extra.append(1 + int((inst.args[1] or {}).get("max_gen_toks", 256)))
+            else:
+                return None
+    if not texts:
+        return None
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+    return max(n + e for n, e in zip(lengths, extra))
