@@ -7,7 +7,7 @@ Top-level keys (see ``examples/*.yaml`` and docs/search.md)::
     space:      ps | dfs | hybrid | task_vector | path.yaml | {type: ps, ...overrides}
     objectives: [{task, metric, weight, split, limit}, ...]        # maximised: Σ weight·value
     validation: {objectives: [...], when: best|final|all|none}     # or just a list of objectives
-    optimizer:  cmaes | {name: m2n2, options: {...}}
+    optimizer:  cmaes | {name: m2n2, options: {...}, warm_start: parents|grid|none|{kind, ...}}
     budget:     {evaluations: N, wall_time: 10m}                   # at least one
     executor:   local | {type: ray, workers, num_cpus, num_gpus, ray_address, device, ...}
     evaluation: {batch_size, evals_dir, dtype, fidelity: {mode: off|racing, first, confidence}}  # dtype auto: bf16 on CUDA
@@ -127,9 +127,57 @@ class ModelsConfig(_Strict):
         return self.model_copy(update={"base": ab(self.base) if self.base else None, "experts": experts})
 
 
+class WarmStartConfig(_Strict):
+    """``optimizer.warm_start``: points evaluated before the optimizer proper (evomerge/search/warm.py).
+
+    A kind name (``parents``, ``grid``, ``none``) or a mapping ``{kind, average, levels, max_points}``.
+    """
+
+    kind: str = "parents"
+    average: bool = True  # parents: also their uniform average
+    levels: int = Field(default=3, ge=1)  # grid: values per tie group
+    max_points: int = Field(default=64, ge=1)  # grid: refuse larger designs
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from evomerge.search.warm import WARM_STARTS
+
+        if v not in WARM_STARTS:
+            raise ValueError(f"unknown warm start {v!r}; choose one of {', '.join(WARM_STARTS)}")
+        return v
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the config asked for it (the default is skipped where it does not apply)."""
+        return "kind" in self.model_fields_set
+
+    def applies(self, optimizer: str) -> bool:
+        """Whether optimizer ``optimizer`` is warm-started (grid and MAP choose their own points)."""
+        from evomerge.optimizers.warm import NOT_WARMABLE
+
+        return self.kind != "none" and str(optimizer).partition(":")[0] not in NOT_WARMABLE
+
+
 class OptimizerConfig(_Strict):
     name: str = "cmaes"
     options: dict[str, Any] = Field(default_factory=dict)
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _warm_kind(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _warmable(self) -> "OptimizerConfig":
+        from evomerge.optimizers.warm import NOT_WARMABLE
+
+        family = self.name.partition(":")[0]
+        if self.warm_start.explicit and self.warm_start.kind != "none" and family in NOT_WARMABLE:
+            raise ValueError(f"warm_start: {self.warm_start.kind} does not apply to {family} "
+                             f"({NOT_WARMABLE[family]}); leave it out or set none")
+        return self
 
 
 class BudgetConfig(_Strict):
@@ -339,6 +387,9 @@ class SearchConfig(_Strict):
             raise ValueError("executor: model_archive runs use the local executor (set executor: local)")
         if self.executor.worker is not None:
             raise ValueError("executor.worker: model_archive runs use their own worker; remove executor.worker")
+        if self.optimizer.warm_start.explicit and self.optimizer.warm_start.kind != "none":
+            raise ValueError("optimizer.warm_start: a model_archive run's initial archive already is the parents; "
+                             "leave warm_start out")
         return self
 
     # ------------------------------------------------------------------ derived

@@ -45,6 +45,16 @@ class Ask:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Evaluated:
+    """An ask and what it scored: a warm-start evaluation handed to :meth:`Optimizer.warm_from`."""
+
+    ask: Ask
+    fitness: float
+    per_example: np.ndarray | None = None
+    objectives: np.ndarray | None = None
+
+
 def _as_bounds(lower, upper, *, allow_infinite: bool, where: str) -> tuple[np.ndarray, np.ndarray]:
     lo = np.asarray(lower, dtype=np.float64).reshape(-1).copy()
     hi = np.asarray(upper, dtype=np.float64).reshape(-1).copy()
@@ -215,6 +225,30 @@ class Optimizer(ABC):
         for k in self._transient:
             setattr(self, k, None)
 
+    # ---------------------------------------------------------------- warm start
+    @classmethod
+    def warm_from(cls, lower, upper, seed: int, told: list[Evaluated], *, next_id: int, x0=None,
+                  **options: Any) -> "Optimizer":
+        """Build an optimizer that continues after ``told``: asks with ids below ``next_id``,
+        evaluated before it exists (a warm start, :mod:`evomerge.optimizers.warm`).
+
+        Default: centred on the best of them (``x0`` = its genome, the first on ties; ``x0`` when
+        nothing was told) and told nothing else — CMA-ES puts its mean there. Optimizers that can
+        learn from the evaluations themselves override :meth:`_absorb` (M2N2: archive members;
+        Optuna: completed trials) or this method. Its first ask gets id ``next_id``.
+        """
+        best = max(told, key=lambda e: e.fitness) if told else None
+        obj = cls(lower, upper, seed, x0=x0 if best is None else best.ask.genome, **options)
+        obj._next_id = int(next_id)
+        obj._absorb(told)
+        return obj
+
+    def _absorb(self, told: list[Evaluated]) -> None:
+        """Take in evaluations made before this optimizer's first ask (default: only the best so far)."""
+        for e in told:
+            if self._best is None or e.fitness > self._best[1]:
+                self._best = (e.ask.genome.copy(), float(e.fitness))
+
     # ---------------------------------------------------------------- for subclasses
     @abstractmethod
     def _ask_new(self) -> Ask | None:
@@ -323,16 +357,13 @@ def optimizer_class(name: str) -> type[Optimizer]:
     return cls
 
 
-def make_optimizer(name: str, lower, upper, seed: int, x0=None, **options: Any) -> Optimizer:
-    """Build an optimizer by name: ``cmaes``, ``cmaes:sep``, ``m2n2``, ``random``, ``grid``,
-    ``optuna:tpe``..., or a name a plugin registers under the ``evomerge.optimizers`` entry points.
-
-    The part after ``:`` is the optimizer's ``variant`` (CMA flavour, Optuna sampler).
-    Unknown names or options raise ConfigError listing what is valid.
-    """
+def resolve_optimizer(name: str, options: dict[str, Any]) -> tuple[type[Optimizer], dict[str, Any]]:
+    """The class behind ``name`` and its keyword options (the variant after ``:`` included);
+    unknown names or options raise ConfigError listing what is valid."""
     family, _, variant = str(name).partition(":")
     cls = optimizer_class(name)
     valid = _option_names(cls)
+    options = dict(options)
     if variant:
         if "variant" not in valid:
             raise ConfigError(f"optimizer {family!r} has no variants; write just {family!r}")
@@ -342,6 +373,17 @@ def make_optimizer(name: str, lower, upper, seed: int, x0=None, **options: Any) 
         raise ConfigError(
             f"optimizer {family!r}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}"
         )
+    return cls, options
+
+
+def make_optimizer(name: str, lower, upper, seed: int, x0=None, **options: Any) -> Optimizer:
+    """Build an optimizer by name: ``cmaes``, ``cmaes:sep``, ``m2n2``, ``random``, ``grid``,
+    ``optuna:tpe``..., or a name a plugin registers under the ``evomerge.optimizers`` entry points.
+
+    The part after ``:`` is the optimizer's ``variant`` (CMA flavour, Optuna sampler).
+    Unknown names or options raise ConfigError listing what is valid.
+    """
+    cls, options = resolve_optimizer(name, options)
     return cls(lower, upper, seed, x0=x0, **options)
 
 

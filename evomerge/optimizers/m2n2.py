@@ -257,6 +257,23 @@ class M2N2(Optimizer):
             return np.zeros(0)
         return competition(self.score_matrix(), self.alpha)[1]
 
+    # --------------------------------------------------------------- warm start
+    @classmethod
+    def warm_from(cls, lower, upper, seed, told, *, next_id, x0=None, **options):
+        """The evaluations seed the archive (as if told, in id order); ``x0`` is not asked again, and
+        the initial candidates still to ask are ``init_size`` minus the evaluations (default: the
+        archive is filled up to ``archive_size`` with uniform points)."""
+        obj = cls(lower, upper, seed, x0=None if told else x0, **options)
+        obj._next_id = int(next_id)
+        obj._absorb(told)
+        return obj
+
+    def _absorb(self, told) -> None:
+        super()._absorb(told)
+        for e in sorted(told, key=lambda e: e.ask.id):
+            self._tell(e.ask, float(e.fitness), e.per_example, e.objectives)
+        self.init_size = max(len(self._given), self.init_size - len(told))
+
     # --------------------------------------------------------------- ask / tell
     def _ask_new(self) -> Ask | None:
         if self._n_init_asked < self.init_size:

@@ -15,6 +15,14 @@ class RandomSearch(Optimizer):
         super().__init__(lower, upper, seed, x0=x0)
         self._rng = np.random.default_rng(self.seed)
 
+    @classmethod
+    def warm_from(cls, lower, upper, seed, told, *, next_id, x0=None, **options):
+        """Memoryless: the evaluations are simply part of the run (``x0`` is not asked)."""
+        obj = cls(lower, upper, seed, **options)
+        obj._next_id = int(next_id)
+        obj._absorb(told)
+        return obj
+
     def _ask_new(self) -> Ask:
         if self.x0 is not None and self._next_id == 0:
             return self._new_ask(self.x0, source="x0")

@@ -98,12 +98,11 @@ def stage_bounds(cfg: SearchConfig, space: Space) -> list[tuple[int | None, floa
 
 
 def check_optimizer(cfg: SearchConfig, space: Space):
-    """Build the first stage's optimizer once: bad names, options or objective counts fail here."""
-    from evomerge.optimizers import make_optimizer
+    """Build the first stage's optimizer once (warm start included): bad names, options, warm
+    starts or objective counts fail here."""
+    from evomerge.search.warm import build_optimizer
 
-    g = space.stages[0].genes
-    opt = make_optimizer(cfg.optimizer.name, space.lower[g], space.upper[g], cfg.seed, x0=space.x0[g],
-                         **cfg.optimizer.options)
+    opt = build_optimizer(cfg, space, 0, space.x0, cfg.seed)
     n = getattr(opt, "n_objectives", 1)
     if n > 1 and n != len(cfg.objectives):
         raise ConfigError(f"optimizer {cfg.optimizer.name!r} expects {n} objectives but the config lists "
