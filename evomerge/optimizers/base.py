@@ -306,7 +306,8 @@ def register(name: str) -> Callable[[type[Optimizer]], type[Optimizer]]:
     return deco
 
 
-def _option_names(cls: type[Optimizer]) -> list[str]:
+def option_names(cls: type[Optimizer]) -> list[str]:
+    """The options (keyword-only ``__init__`` arguments) of an optimizer class."""
     params = inspect.signature(cls.__init__).parameters
     return [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY]
 
@@ -362,7 +363,7 @@ def resolve_optimizer(name: str, options: dict[str, Any]) -> tuple[type[Optimize
     unknown names or options raise ConfigError listing what is valid."""
     family, _, variant = str(name).partition(":")
     cls = optimizer_class(name)
-    valid = _option_names(cls)
+    valid = option_names(cls)
     options = dict(options)
     if variant:
         if "variant" not in valid:

@@ -68,6 +68,8 @@ class CMAES(Optimizer):
         sep_threshold: int = 500,
         n_max_resampling: int = 100,
         ask_ahead: int | bool = 0,
+        ties: list[int] | None = None,
+        tie_correlation: float = 0.0,
     ):
         super().__init__(lower, upper, seed, x0=x0)
         if variant not in _VARIANTS:
@@ -83,6 +85,16 @@ class CMAES(Optimizer):
         mean = np.full(self.dim, 0.5) if self.x0 is None else (self.x0 - self.lower) / self._width
         bounds = np.tile([0.0, 1.0], (self.dim, 1))
         lib = SepCMA if self.variant == "sep" else CMA
+        if not (0.0 <= tie_correlation < 1.0):
+            raise ConfigError(f"cmaes: tie_correlation must be in [0, 1), got {tie_correlation}")
+        if ties is not None and len(ties) != self.dim:
+            raise ConfigError(f"cmaes: ties has {len(ties)} entries, the genome {self.dim}")
+        extra = {}
+        if ties is not None and tie_correlation > 0 and self.variant == "full":
+            t = np.asarray(ties)
+            cov = np.where(t[:, None] == t[None, :], float(tie_correlation), 0.0)
+            np.fill_diagonal(cov, 1.0)
+            extra["cov"] = cov
         self._lib = lib(
             mean=mean,
             sigma=self.sigma0,
@@ -90,6 +102,7 @@ class CMAES(Optimizer):
             n_max_resampling=int(n_max_resampling),
             seed=self.seed % 2**32,
             population_size=self.popsize,
+            **extra,
         )
         self._gen: list[int] = []  # ids of the current generation, in ask order
         self._handed = 0

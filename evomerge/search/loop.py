@@ -535,6 +535,16 @@ class Search:
             message=self.message,
         ))
 
+    def _collect(self) -> None:
+        """Between two tells: take the outcomes that are already there, without waiting, so that a
+        worker that finished meanwhile gets its next candidate now rather than after a whole burst
+        of tells (results told in ask order arrive in bursts behind a slow one). Several workers
+        only: the local executor's poll runs a candidate in this process. Timing decides only WHEN
+        outcomes are collected, never what is told or asked next."""
+        if self.executor.workers > 1:
+            for o in self.executor.poll(timeout=0):
+                self._handle(o)
+
     def _run_stage(self) -> None:
         self._fill()
         told_since = 0
@@ -550,6 +560,7 @@ class Search:
                 self._checkpoint()
                 told_since = 0
             self._report()
+            self._collect()
         if told_since:
             self._checkpoint()
 

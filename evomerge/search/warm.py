@@ -56,6 +56,8 @@ def _parents(ws, space, genes, fixed) -> WarmPoints:
     if ws.average and len(parents) >= 2:
         genomes.append(np.mean(genomes, axis=0))
         infos.append({"parent": "average"})
+    genomes.append(np.asarray(fixed, dtype=np.float64)[genes])  # where the optimizer would start
+    infos.append({"parent": "start"})
     return WarmPoints(genomes, infos)
 
 
@@ -89,17 +91,19 @@ def warm_points(ws, space, genes: np.ndarray, fixed: np.ndarray) -> WarmPoints:
 def build_optimizer(cfg, space, stage: int, fixed: np.ndarray, seed: int):
     """The optimizer of ``stage``: ``cfg.optimizer`` over the stage's genes, warm-started by
     ``cfg.optimizer.warm_start`` in the first stage (where it applies)."""
-    from evomerge.optimizers import make_optimizer
+    from evomerge.optimizers import make_optimizer, optimizer_class
+    from evomerge.optimizers.base import option_names
     from evomerge.optimizers.warm import WarmStart
 
     genes = space.stages[stage].genes
     o = cfg.optimizer
     lo, hi, x0 = space.lower[genes], space.upper[genes], fixed[genes]
+    options = dict(o.options)
+    if "ties" in option_names(optimizer_class(o.name)) and "ties" not in options:
+        options["ties"] = space.tied_genes()[genes].tolist()  # the space's structure, for a prior over it
     ws = o.warm_start
-    if stage > 0 or not ws.applies(o.name):
-        return make_optimizer(o.name, lo, hi, seed, x0=x0, **o.options)
-    pts = warm_points(ws, space, genes, fixed)
+    pts = warm_points(ws, space, genes, fixed) if stage == 0 and ws.applies(o.name) else WarmPoints([], [])
     if not pts.genomes:
-        return make_optimizer(o.name, lo, hi, seed, x0=x0, **o.options)
+        return make_optimizer(o.name, lo, hi, seed, x0=x0, **options)
     return WarmStart(o.name, lo, hi, seed, x0=x0, points=pts.genomes, infos=pts.infos, kind=ws.kind,
-                     options=o.options)
+                     options=options)

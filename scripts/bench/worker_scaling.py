@@ -54,9 +54,14 @@ def can_ask(rule: str, popsize: int, i: int, told_prefix: int) -> bool:
 
 
 def simulate(times: np.ndarray, workers: int, window: int, rule: str, popsize: int, driver_s: float,
-             n: int, seed: int = 0, in_order: bool = True) -> float:
+             n: int, seed: int = 0, in_order: bool = True, interleave: bool = True) -> float:
     """Candidates per minute of the loop model over ``n`` candidates (``in_order``: deterministic
-    mode, told in ask order; else told as they arrive, ``deterministic: false``)."""
+    mode, told in ask order; else told as they arrive, ``deterministic: false``).
+
+    ``interleave``: between two tells of a burst (results waiting for an earlier one are told
+    one after another) the loop polls the executor without waiting, so a worker that finished
+    meanwhile gets its next candidate at once (evomerge/search/loop.py, several workers); without
+    it, workers that finish during a burst wait for its end."""
     rng = np.random.default_rng(seed)
     service = rng.choice(times, size=n)
     t = 0.0
@@ -92,6 +97,12 @@ def simulate(times: np.ndarray, workers: int, window: int, rule: str, popsize: i
                 told += 1
                 t += driver_s
                 fill()
+                if interleave:  # a non-blocking poll between tells: collect and dispatch
+                    while running and running[0][0] <= t:
+                        _, j = heapq.heappop(running)
+                        done[j] = True
+                        free += 1
+                    dispatch(t)
         else:
             told += 1
             t += driver_s
@@ -158,6 +169,8 @@ def main() -> None:
     ap.add_argument("--rules", default="steady,barrier,ahead:1,ahead:2")
     ap.add_argument("--window-factor", type=int, default=2, help="window = factor · W (the loop's default: 2)")
     ap.add_argument("--unordered", action="store_true", help="tell as results arrive (deterministic: false)")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="no poll between the tells of a burst (the loop before it polled there)")
     ap.add_argument("--workers", default="1,2,4,8,16,32,64")
     ap.add_argument("--measure", action="store_true", help="also measure 1 and 2 real workers (local Ray)")
     ap.add_argument("--optimizers", default="cmaes,cmaes+ahead,m2n2")
@@ -183,20 +196,21 @@ def main() -> None:
         driver = args.driver_s
     rules = args.rules.split(",")
     ws = [int(w) for w in args.workers.split(",")]
-    f, order = args.window_factor, not args.unordered
+    f, order, inter = args.window_factor, not args.unordered, not args.no_interleave
     print(f"\nModel: service times {src}; driver {driver * 1000:.1f} ms per tell; popsize {args.popsize}; "
-          f"window {f}·W; told {'in ask order' if order else 'as they arrive'}; {args.candidates} candidates")
-    base = {r: simulate(times, 1, f, r, args.popsize, driver, args.candidates, in_order=order) for r in rules}
+          f"window {f}·W; told {'in ask order' if order else 'as they arrive'}"
+          f"{'' if inter or not order else ', no poll between tells'}; {args.candidates} candidates")
+    base = {r: simulate(times, 1, f, r, args.popsize, driver, args.candidates, in_order=order, interleave=inter) for r in rules}
     print(f"{'W':>4} " + " ".join(f"{r + ' c/min':>16} {'eff':>5}" for r in rules))
     for w in ws:
         cells = []
         for r in rules:
-            rate = simulate(times, w, f * w, r, args.popsize, driver, args.candidates, in_order=order)
+            rate = simulate(times, w, f * w, r, args.popsize, driver, args.candidates, in_order=order, interleave=inter)
             cells.append(f"{rate:>16.1f} {rate / (w * base[r]):>5.2f}")
         print(f"{w:>4} " + " ".join(cells))
     print("\nCMA-ES with popsize = W, ahead:1:")
     for w in (16, 32, 64):
-        rate = simulate(times, w, f * w, "ahead:1", w, driver, args.candidates, in_order=order)
+        rate = simulate(times, w, f * w, "ahead:1", w, driver, args.candidates, in_order=order, interleave=inter)
         print(f"  W={w:>3} popsize={w:>3}: {rate:.1f} c/min, efficiency {rate / (w * base['steady']):.2f}")
 
 
