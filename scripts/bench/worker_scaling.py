@@ -208,10 +208,11 @@ def main() -> None:
             rate = simulate(times, w, f * w, r, args.popsize, driver, args.candidates, in_order=order, interleave=inter)
             cells.append(f"{rate:>16.1f} {rate / (w * base[r]):>5.2f}")
         print(f"{w:>4} " + " ".join(cells))
-    print("\nCMA-ES with popsize = W, ahead:1:")
-    for w in (16, 32, 64):
-        rate = simulate(times, w, f * w, "ahead:1", w, driver, args.candidates, in_order=order, interleave=inter)
-        print(f"  W={w:>3} popsize={w:>3}: {rate:.1f} c/min, efficiency {rate / (w * base['steady']):.2f}")
+    print("\nCMA-ES with popsize = W:")
+    for rule in ("ahead:1", "ahead:2"):
+        for w in (16, 32, 64):
+            rate = simulate(times, w, f * w, rule, w, driver, args.candidates, in_order=order, interleave=inter)
+            print(f"  {rule} W={w:>3} popsize={w:>3}: {rate:.1f} c/min, efficiency {rate / (w * base['steady']):.2f}")
 
 
 if __name__ == "__main__":
