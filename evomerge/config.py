@@ -130,10 +130,13 @@ class ModelsConfig(_Strict):
 class WarmStartConfig(_Strict):
     """``optimizer.warm_start``: points evaluated before the optimizer proper (evomerge/search/warm.py).
 
-    A kind name (``parents``, ``grid``, ``none``) or a mapping ``{kind, average, levels, max_points}``.
+    A kind name (``auto``, ``parents``, ``grid``, ``none``) or a mapping ``{kind, average, levels,
+    max_points}``. ``auto`` (the default) is ``parents`` where the space can express its parents and
+    the optimizer starts from a point, else ``none``; a kind asked for by name that cannot apply is
+    an error.
     """
 
-    kind: str = "parents"
+    kind: str = "auto"
     average: bool = True  # parents: also their uniform average
     levels: int = Field(default=3, ge=1)  # grid: values per tie group
     max_points: int = Field(default=64, ge=1)  # grid: refuse larger designs
@@ -149,8 +152,8 @@ class WarmStartConfig(_Strict):
 
     @property
     def explicit(self) -> bool:
-        """Whether the config asked for it (the default is skipped where it does not apply)."""
-        return "kind" in self.model_fields_set
+        """Whether a kind was asked for by name (``auto`` is skipped where it does not apply)."""
+        return self.kind not in ("auto", "none")
 
     def applies(self, optimizer: str) -> bool:
         """Whether optimizer ``optimizer`` is warm-started (grid and MAP choose their own points)."""
@@ -174,7 +177,7 @@ class OptimizerConfig(_Strict):
         from evomerge.optimizers.warm import NOT_WARMABLE
 
         family = self.name.partition(":")[0]
-        if self.warm_start.explicit and self.warm_start.kind != "none" and family in NOT_WARMABLE:
+        if self.warm_start.explicit and family in NOT_WARMABLE:
             raise ValueError(f"warm_start: {self.warm_start.kind} does not apply to {family} "
                              f"({NOT_WARMABLE[family]}); leave it out or set none")
         return self
@@ -387,7 +390,7 @@ class SearchConfig(_Strict):
             raise ValueError("executor: model_archive runs use the local executor (set executor: local)")
         if self.executor.worker is not None:
             raise ValueError("executor.worker: model_archive runs use their own worker; remove executor.worker")
-        if self.optimizer.warm_start.explicit and self.optimizer.warm_start.kind != "none":
+        if self.optimizer.warm_start.explicit:
             raise ValueError("optimizer.warm_start: a model_archive run's initial archive already is the parents; "
                              "leave warm_start out")
         return self

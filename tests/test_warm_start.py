@@ -203,7 +203,7 @@ def test_grid_warm_start_moves_each_tie_group_as_one(tiny_models, tmp_path):
 
 WARM_ERRORS = [
     ({"name": "grid", "warm_start": "parents"}, "warm_start: parents does not apply to grid"),
-    ({"name": "cmaes", "warm_start": "sometimes"}, "unknown warm start 'sometimes'; choose one of none, parents, grid"),
+    ({"name": "cmaes", "warm_start": "sometimes"}, "unknown warm start 'sometimes'; choose one of auto, parents, grid, none"),
     ({"name": "cmaes", "warm_start": {"kind": "grid", "levels": 0}}, "warm_start.levels"),
     ({"name": "cmaes", "warm_start": {"kind": "grid", "level": 2}}, "warm_start.level: unknown key"),
 ]

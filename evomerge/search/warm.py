@@ -2,12 +2,13 @@
 
 Kinds (:data:`WARM_STARTS`, a registry; docs/optimizers.md has the measurements):
 
-* ``parents`` (default) — the genomes that reproduce each expert (:meth:`Space.parent_genomes
+* ``auto`` (default) — ``parents`` where the space can express them, else nothing.
+* ``parents`` — the genomes that reproduce each expert (:meth:`Space.parent_genomes
   <evomerge.spaces.base.Space.parent_genomes>`: weight 1 for it, 0 for the others, checked
   numerically), then their uniform average (``average``, with two or more); the optimizer is
-  centred on the best. A space that cannot express its parents (``dfs``, ``model_archive``, a PS
-  space without a searched weight) has none: by default the warm start is then skipped; asked for
-  explicitly it is a one-line error.
+  centred on the best of them and the space's start point (``x0``, evaluated too). A space that
+  cannot express its parents (``dfs``, ``model_archive``, a PS space without a searched weight)
+  has none: ``auto`` then skips the warm start, ``parents`` is a one-line error.
 * ``grid`` — a full factorial over the space's tie groups (:meth:`Space.tied_genes`: a PS space's
   (parameter, expert, filter), every layer group moved as one) at ``levels`` values per group,
   the centres of ``levels`` equal cells of each gene's range (3: 1/6, 1/2, 5/6 of it); more than
@@ -18,7 +19,7 @@ The points are real evaluations (stored, deduplicated, counted in the budget) as
 :class:`~evomerge.optimizers.warm.WarmStart` ahead of the optimizer. In a staged space (hybrid)
 only the first stage is warm-started; later stages start from the best genome so far anyway.
 Grid and MAP choose their own points and are never warm-started (``warm_start`` must then be
-``none`` or left out).
+``auto`` or ``none``).
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from evomerge.errors import ConfigError
 
 @dataclass
 class WarmPoints:
-    """Points to evaluate first: genomes of the stage's genes, one info dict each."""
+    """Points to evaluate first: genomes of the stage's genes, one info dict each; ``kind``: the
+    warm start that chose them (recorded in each ask's ``info.warm_start``)."""
 
     genomes: list[np.ndarray]
     infos: list[dict]
+    kind: str = "none"
 
 
 def _none(ws, space, genes, fixed) -> WarmPoints:
@@ -58,7 +61,7 @@ def _parents(ws, space, genes, fixed) -> WarmPoints:
         infos.append({"parent": "average"})
     genomes.append(np.asarray(fixed, dtype=np.float64)[genes])  # where the optimizer would start
     infos.append({"parent": "start"})
-    return WarmPoints(genomes, infos)
+    return WarmPoints(genomes, infos, "parents")
 
 
 def _grid(ws, space, genes, fixed) -> WarmPoints:
@@ -76,11 +79,15 @@ def _grid(ws, space, genes, fixed) -> WarmPoints:
         frac = np.array([cells[combo[pos[t]]] for t in tie.tolist()])
         genomes.append(lo + frac * (hi - lo))
         infos.append({"grid": list(combo)})
-    return WarmPoints(genomes, infos)
+    return WarmPoints(genomes, infos, "grid")
+
+
+def _auto(ws, space, genes, fixed) -> WarmPoints:
+    return _parents(ws, space, genes, fixed)  # not explicit: nothing when the space cannot express them
 
 
 #: kind → points(warm_start config, space, the stage's gene indices, the full start genome)
-WARM_STARTS: dict[str, Callable[..., WarmPoints]] = {"none": _none, "parents": _parents, "grid": _grid}
+WARM_STARTS: dict[str, Callable[..., WarmPoints]] = {"auto": _auto, "parents": _parents, "grid": _grid, "none": _none}
 
 
 def warm_points(ws, space, genes: np.ndarray, fixed: np.ndarray) -> WarmPoints:
@@ -105,5 +112,5 @@ def build_optimizer(cfg, space, stage: int, fixed: np.ndarray, seed: int):
     pts = warm_points(ws, space, genes, fixed) if stage == 0 and ws.applies(o.name) else WarmPoints([], [])
     if not pts.genomes:
         return make_optimizer(o.name, lo, hi, seed, x0=x0, **options)
-    return WarmStart(o.name, lo, hi, seed, x0=x0, points=pts.genomes, infos=pts.infos, kind=ws.kind,
+    return WarmStart(o.name, lo, hi, seed, x0=x0, points=pts.genomes, infos=pts.infos, kind=pts.kind,
                      options=options)
