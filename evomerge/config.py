@@ -156,10 +156,9 @@ class WarmStartConfig(_Strict):
         return self.kind not in ("auto", "none")
 
     def applies(self, optimizer: str) -> bool:
-        """Whether optimizer ``optimizer`` is warm-started (grid and MAP choose their own points)."""
-        from evomerge.optimizers.warm import NOT_WARMABLE
-
-        return self.kind != "none" and str(optimizer).partition(":")[0] not in NOT_WARMABLE
+        """Whether optimizer ``optimizer`` is warm-started (not grid, MAP or another finite one,
+        which choose their own points)."""
+        return self.kind != "none" and _not_warmable(optimizer) is None
 
 
 class OptimizerConfig(_Strict):
@@ -174,13 +173,22 @@ class OptimizerConfig(_Strict):
 
     @model_validator(mode="after")
     def _warmable(self) -> "OptimizerConfig":
-        from evomerge.optimizers.warm import NOT_WARMABLE
-
-        family = self.name.partition(":")[0]
-        if self.warm_start.explicit and family in NOT_WARMABLE:
-            raise ValueError(f"warm_start: {self.warm_start.kind} does not apply to {family} "
-                             f"({NOT_WARMABLE[family]}); leave it out or set none")
+        why = _not_warmable(self.name) if self.warm_start.explicit else None
+        if why:
+            raise ValueError(f"warm_start: {self.warm_start.kind} does not apply to {self.name.partition(':')[0]} "
+                             f"({why}); leave it out or set none")
         return self
+
+
+def _not_warmable(optimizer: str) -> str | None:
+    """Why the named optimizer cannot be warm-started, or None (unknown names: None; they are
+    reported where the optimizer is built, with the list of names)."""
+    from evomerge.optimizers import optimizer_class
+
+    try:
+        return optimizer_class(optimizer).not_warmable()
+    except ConfigError:
+        return None
 
 
 class BudgetConfig(_Strict):

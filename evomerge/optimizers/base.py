@@ -96,6 +96,14 @@ class Optimizer(ABC):
     #: whether it asks a finite set of candidates and then stops (grid): a search config may then
     #: leave out its budget and run until ``ask`` returns None with nothing outstanding.
     finite: ClassVar[bool] = False
+    #: why the optimizer cannot be warm-started (it chooses its own first points), or None
+    warm_start_refusal: ClassVar[str | None] = None
+
+    @classmethod
+    def not_warmable(cls) -> str | None:
+        """Why points evaluated first cannot start this optimizer (None: they can): its
+        ``warm_start_refusal``; a finite optimizer asks its own fixed set."""
+        return cls.warm_start_refusal or ("it asks a fixed, finite set of candidates" if cls.finite else None)
 
     def __init__(self, lower, upper, seed: int, x0=None):
         self.lower, self.upper = _as_bounds(

@@ -29,13 +29,7 @@ import numpy as np
 from evomerge.errors import ConfigError
 from evomerge.optimizers.base import Ask, Evaluated, Optimizer, resolve_optimizer
 
-__all__ = ["WarmStart", "NOT_WARMABLE"]
-
-#: optimizer families that choose their own first points and cannot be warm-started: why
-NOT_WARMABLE = {
-    "grid": "grid evaluates its whole grid in a fixed order",
-    "map": "MAP evaluates its own sampling plan (which starts with the experts)",
-}
+__all__ = ["WarmStart"]
 
 
 class WarmStart(Optimizer):
@@ -48,11 +42,10 @@ class WarmStart(Optimizer):
     def __init__(self, name: str, lower, upper, seed: int, x0=None, *, points, infos=None,
                  kind: str = "points", options: dict[str, Any] | None = None):
         super().__init__(lower, upper, seed, x0=x0)
-        family = str(name).partition(":")[0]
-        if family in NOT_WARMABLE or family == "warm":
-            raise ConfigError(f"optimizer {name!r} cannot be warm-started ({NOT_WARMABLE.get(family, 'nested')}); "
-                              "set optimizer.warm_start: none")
         cls, opts = resolve_optimizer(name, dict(options or {}))
+        why = cls.not_warmable()
+        if why:
+            raise ConfigError(f"optimizer {name!r} cannot be warm-started ({why}); set optimizer.warm_start: none")
         probe = cls(self.lower, self.upper, self.seed, x0=self.x0, **opts)  # bad options fail now
         self.n_objectives = int(getattr(probe, "n_objectives", 1))
         self.inner_name = str(name)
