@@ -128,7 +128,7 @@ class ModelsConfig(_Strict):
 
 
 class WarmStartConfig(_Strict):
-    """``optimizer.warm_start``: points evaluated before the optimizer proper (evomerge/search/warm.py).
+    """``optimizer.warm_start``: points evaluated before the optimizer proper (evomerge/spaces/warm.py).
 
     A kind name (``auto``, ``parents``, ``grid``, ``none``) or a mapping ``{kind, average, levels,
     max_points}``. ``auto`` (the default) is ``parents`` where the space can express its parents and
@@ -144,7 +144,7 @@ class WarmStartConfig(_Strict):
     @field_validator("kind")
     @classmethod
     def _known(cls, v: str) -> str:
-        from evomerge.search.warm import WARM_STARTS
+        from evomerge.spaces.warm import WARM_STARTS
 
         if v not in WARM_STARTS:
             raise ValueError(f"unknown warm start {v!r}; choose one of {', '.join(WARM_STARTS)}")

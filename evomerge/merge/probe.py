@@ -1,7 +1,7 @@
 """Does a recipe reproduce one of its input models? Checked by merging random stand-in tensors.
 
 A search space uses it to find the genomes that give back a parent exactly (a warm start
-evaluates them first, :mod:`evomerge.search.warm`). The check runs the recipe's operator through
+evaluates them first, :mod:`evomerge.spaces.warm`). The check runs the recipe's operator through
 the merge engine's own per-tensor path (:func:`~evomerge.merge.materialize.merge_tensor`: the
 same parameter resolution, defaults, ranges and seeded randomness) on small random float32
 tensors, one per model, at the given tensor sites; no model is read. It is operator-agnostic:

@@ -17,7 +17,7 @@ The points are real evaluations: the search loop stores, deduplicates and counts
 other ask. The state is plain data (points, results so far, the inner optimizer once built), so a
 run killed during the warm start resumes exactly: the outstanding points are re-issued, and the
 inner optimizer is built from the same results at the same moment. Which points to evaluate is
-the search's business (:mod:`evomerge.search.warm`: the parents, a coarse grid).
+the search's business (:mod:`evomerge.spaces.warm`: the parents, a coarse grid).
 """
 
 from __future__ import annotations

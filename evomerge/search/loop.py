@@ -52,8 +52,8 @@ from evomerge.executors import Executor, Outcome, Task, make_executor
 from evomerge.executors.worker import SEARCH, VALIDATION
 from evomerge.recipe import Recipe
 from evomerge.search.kinds import DEFAULT, register_kind
-from evomerge.search.setup import check_optimizer, resolve_models, stage_bounds, stored_models, worker_spec
-from evomerge.search.warm import build_optimizer
+from evomerge.search.setup import (build_optimizer, check_optimizer, resolve_models, stage_bounds, stored_models,
+                                   worker_spec)
 from evomerge.spaces import ModelPool, make_space, parent_recipes
 from evomerge.store import RunStore, Scores, Trial, quantize
 

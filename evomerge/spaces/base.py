@@ -199,7 +199,7 @@ class Space(ABC):
 
         None by default: a space that cannot express its parents (``dfs``: its ``x0`` already is
         model A; ``model_archive``: its initial members are the parents). Used by the ``parents``
-        warm start (:mod:`evomerge.search.warm`)."""
+        warm start (:mod:`evomerge.spaces.warm`)."""
         return {}
 
     def tied_genes(self) -> np.ndarray:

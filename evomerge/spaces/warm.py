@@ -1,4 +1,4 @@
-"""Warm starts of a search: which points to evaluate before the optimizer proper (``optimizer.warm_start``).
+"""Warm starts: which points of a space to evaluate before the optimizer proper (``optimizer.warm_start``).
 
 Kinds (:data:`WARM_STARTS`, a registry; docs/optimizers.md has the measurements):
 
@@ -16,7 +16,8 @@ Kinds (:data:`WARM_STARTS`, a registry; docs/optimizers.md has the measurements)
 * ``none`` — start from the space's ``x0``.
 
 The points are real evaluations (stored, deduplicated, counted in the budget) asked by
-:class:`~evomerge.optimizers.warm.WarmStart` ahead of the optimizer. In a staged space (hybrid)
+:class:`~evomerge.optimizers.warm.WarmStart` ahead of the optimizer
+(:func:`evomerge.search.setup.build_optimizer` puts the two together). In a staged space (hybrid)
 only the first stage is warm-started; later stages start from the best genome so far anyway.
 Grid and MAP choose their own points and are never warm-started (``warm_start`` must then be
 ``auto`` or ``none``).
@@ -93,24 +94,3 @@ WARM_STARTS: dict[str, Callable[..., WarmPoints]] = {"auto": _auto, "parents": _
 def warm_points(ws, space, genes: np.ndarray, fixed: np.ndarray) -> WarmPoints:
     """The points of ``ws`` (an :class:`~evomerge.config.WarmStartConfig`) for one stage."""
     return WARM_STARTS[ws.kind](ws, space, np.asarray(genes), fixed)
-
-
-def build_optimizer(cfg, space, stage: int, fixed: np.ndarray, seed: int):
-    """The optimizer of ``stage``: ``cfg.optimizer`` over the stage's genes, warm-started by
-    ``cfg.optimizer.warm_start`` in the first stage (where it applies)."""
-    from evomerge.optimizers import make_optimizer, optimizer_class
-    from evomerge.optimizers.base import option_names
-    from evomerge.optimizers.warm import WarmStart
-
-    genes = space.stages[stage].genes
-    o = cfg.optimizer
-    lo, hi, x0 = space.lower[genes], space.upper[genes], fixed[genes]
-    options = dict(o.options)
-    if "ties" in option_names(optimizer_class(o.name)) and "ties" not in options:
-        options["ties"] = space.tied_genes()[genes].tolist()  # the space's structure, for a prior over it
-    ws = o.warm_start
-    pts = warm_points(ws, space, genes, fixed) if stage == 0 and ws.applies(o.name) else WarmPoints([], [])
-    if not pts.genomes:
-        return make_optimizer(o.name, lo, hi, seed, x0=x0, **options)
-    return WarmStart(o.name, lo, hi, seed, x0=x0, points=pts.genomes, infos=pts.infos, kind=pts.kind,
-                     options=options)
