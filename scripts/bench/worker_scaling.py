@@ -7,8 +7,10 @@ candidates/min from the run store; each optimizer configuration listed in ``--op
 **Modelled**: a discrete-event simulation of the loop as it is written (evomerge/search/loop.py):
 ``window`` candidates in flight (default 2·W), results told in ASK order (deterministic mode: a
 finished candidate waits for its predecessors; its worker does not), a new ask only right after
-a tell, every tell costing ``driver_s`` of serial driver time, and the optimizer's own rule for
-when it may ask:
+a tell, every tell costing ``driver_s`` of serial driver time, a free worker getting a queued
+candidate only when the driver polls (as with Ray), a poll without waiting between two tells
+(``--no-interleave``: the loop before it had one), and the optimizer's own rule for when it may
+ask:
 
 * ``steady``     — any time (M2N2, random, TPE);
 * ``barrier``    — CMA-ES: generation g+1 only once all of generation g is told;
@@ -20,6 +22,7 @@ candidates/min for W = 1..64 and the efficiency rate(W) / (W · rate(1)) (target
 
     python scripts/bench/worker_scaling.py --from-run RUN_DIR --popsize 12
     python scripts/bench/worker_scaling.py --mean 1.2 --cv 0.6 --popsize 12
+    python scripts/bench/worker_scaling.py --mean 2.18 --cv 0.22 --driver-s 0.033   # docs/optimizers.md
     python scripts/bench/worker_scaling.py --measure --evaluations 40      # also 1 vs 2 real workers
 """
 
