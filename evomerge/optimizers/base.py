@@ -98,6 +98,8 @@ class Optimizer(ABC):
     finite: ClassVar[bool] = False
     #: why the optimizer cannot be warm-started (it chooses its own first points), or None
     warm_start_refusal: ClassVar[str | None] = None
+    #: whether a warm start centres it on the best point (``x0``); see :meth:`warm_from`
+    warm_centres: ClassVar[bool] = True
 
     @classmethod
     def not_warmable(cls) -> str | None:
@@ -240,13 +242,16 @@ class Optimizer(ABC):
         """Build an optimizer that continues after ``told``: asks with ids below ``next_id``,
         evaluated before it exists (a warm start, :mod:`evomerge.optimizers.warm`).
 
-        Default: centred on the best of them (``x0`` = its genome, the first on ties; ``x0`` when
-        nothing was told) and told nothing else — CMA-ES puts its mean there. Optimizers that can
-        learn from the evaluations themselves override :meth:`_absorb` (M2N2: archive members;
-        Optuna: completed trials) or this method. Its first ask gets id ``next_id``.
+        With ``warm_centres`` (default) it is centred on the best of them (``x0`` = its genome, the
+        first on ties) — CMA-ES puts its mean there; otherwise it gets no ``x0`` (it would only ask
+        it again) and takes the evaluations in through :meth:`_absorb` (M2N2: archive members;
+        Optuna: completed trials; random: nothing). ``x0`` stays when nothing was told. Its first
+        ask gets id ``next_id``.
         """
-        best = max(told, key=lambda e: e.fitness) if told else None
-        obj = cls(lower, upper, seed, x0=x0 if best is None else best.ask.genome, **options)
+        start = x0
+        if told:
+            start = max(told, key=lambda e: e.fitness).ask.genome if cls.warm_centres else None
+        obj = cls(lower, upper, seed, x0=start, **options)
         obj._next_id = int(next_id)
         obj._absorb(told)
         return obj

@@ -258,17 +258,11 @@ class M2N2(Optimizer):
         return competition(self.score_matrix(), self.alpha)[1]
 
     # --------------------------------------------------------------- warm start
-    @classmethod
-    def warm_from(cls, lower, upper, seed, told, *, next_id, x0=None, **options):
-        """The evaluations seed the archive (as if told, in id order); ``x0`` is not asked again, and
-        the initial candidates still to ask are ``init_size`` minus the evaluations (default: the
-        archive is filled up to ``archive_size`` with uniform points)."""
-        obj = cls(lower, upper, seed, x0=None if told else x0, **options)
-        obj._next_id = int(next_id)
-        obj._absorb(told)
-        return obj
+    warm_centres = False  # a warm start's points become archive members instead
 
     def _absorb(self, told) -> None:
+        """The evaluations seed the archive (as if told, in id order); the initial candidates still
+        to ask are ``init_size`` minus them (default: uniform points fill it to ``archive_size``)."""
         super()._absorb(told)
         for e in sorted(told, key=lambda e: e.ask.id):
             self._tell(e.ask, float(e.fitness), e.per_example, e.objectives)

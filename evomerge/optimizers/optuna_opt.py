@@ -93,16 +93,10 @@ class OptunaSearch(Optimizer):
             self._study.enqueue_trial(dict(zip(self._names, self.x0.tolist())))
         self._trial_of: dict[int, int] = {}
 
-    @classmethod
-    def warm_from(cls, lower, upper, seed, told, *, next_id, x0=None, **options):
-        """The evaluations become completed trials of the study (TPE and the others model them all);
-        ``x0`` is not enqueued."""
-        obj = cls(lower, upper, seed, x0=None if told else x0, **options)
-        obj._next_id = int(next_id)
-        obj._absorb(told)
-        return obj
+    warm_centres = False  # a warm start's points become completed trials instead
 
     def _absorb(self, told) -> None:
+        """The evaluations become completed trials of the study (TPE and the others model them all)."""
         super()._absorb(told)
         for e in sorted(told, key=lambda e: e.ask.id):
             if self.n_objectives > 1:

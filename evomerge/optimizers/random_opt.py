@@ -11,17 +11,11 @@ from evomerge.optimizers.base import Ask, Optimizer, register
 class RandomSearch(Optimizer):
     """Uniform in the box; ``x0`` (when given) is the first candidate, so the start is measured too."""
 
+    warm_centres = False  # memoryless: a warm start's points are simply part of the run
+
     def __init__(self, lower, upper, seed: int, x0=None):
         super().__init__(lower, upper, seed, x0=x0)
         self._rng = np.random.default_rng(self.seed)
-
-    @classmethod
-    def warm_from(cls, lower, upper, seed, told, *, next_id, x0=None, **options):
-        """Memoryless: the evaluations are simply part of the run (``x0`` is not asked)."""
-        obj = cls(lower, upper, seed, **options)
-        obj._next_id = int(next_id)
-        obj._absorb(told)
-        return obj
 
     def _ask_new(self) -> Ask:
         if self.x0 is not None and self._next_id == 0:
