@@ -7,7 +7,7 @@ Top-level keys (see ``examples/*.yaml`` and docs/search.md)::
     space:      ps | dfs | hybrid | task_vector | path.yaml | {type: ps, ...overrides}
     objectives: [{task, metric, weight, split, limit}, ...]        # maximised: Σ weight·value
     validation: {objectives: [...], when: best|final|all|none}     # or just a list of objectives
-    optimizer:  cmaes | {name: m2n2, options: {...}}
+    optimizer:  cmaes | {name: m2n2, options: {...}, warm_start: parents|grid|none|{kind, ...}}
     budget:     {evaluations: N, wall_time: 10m}                   # at least one
     executor:   local | {type: ray, workers, num_cpus, num_gpus, ray_address, device, ...}
     evaluation: {batch_size, evals_dir, dtype, fidelity: {mode: off|racing, first, confidence}}  # dtype auto: bf16 on CUDA
@@ -127,9 +127,68 @@ class ModelsConfig(_Strict):
         return self.model_copy(update={"base": ab(self.base) if self.base else None, "experts": experts})
 
 
+class WarmStartConfig(_Strict):
+    """``optimizer.warm_start``: points evaluated before the optimizer proper (evomerge/spaces/warm.py).
+
+    A kind name (``auto``, ``parents``, ``grid``, ``none``) or a mapping ``{kind, average, levels,
+    max_points}``. ``auto`` (the default) is ``parents`` where the space can express its parents and
+    the optimizer starts from a point, else ``none``; a kind asked for by name that cannot apply is
+    an error.
+    """
+
+    kind: str = "auto"
+    average: bool = True  # parents: also their uniform average
+    levels: int = Field(default=3, ge=1)  # grid: values per tie group
+    max_points: int = Field(default=64, ge=1)  # grid: refuse larger designs
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from evomerge.spaces.warm import WARM_STARTS
+
+        if v not in WARM_STARTS:
+            raise ValueError(f"unknown warm start {v!r}; choose one of {', '.join(WARM_STARTS)}")
+        return v
+
+    @property
+    def explicit(self) -> bool:
+        """Whether a kind was asked for by name (``auto`` is skipped where it does not apply)."""
+        return self.kind not in ("auto", "none")
+
+    def applies(self, optimizer: str) -> bool:
+        """Whether optimizer ``optimizer`` is warm-started (not grid, MAP or another finite one,
+        which choose their own points)."""
+        return self.kind != "none" and _not_warmable(optimizer) is None
+
+
 class OptimizerConfig(_Strict):
     name: str = "cmaes"
     options: dict[str, Any] = Field(default_factory=dict)
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _warm_kind(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _warmable(self) -> "OptimizerConfig":
+        why = _not_warmable(self.name) if self.warm_start.explicit else None
+        if why:
+            raise ValueError(f"warm_start: {self.warm_start.kind} does not apply to {self.name.partition(':')[0]} "
+                             f"({why}); leave it out or set none")
+        return self
+
+
+def _not_warmable(optimizer: str) -> str | None:
+    """Why the named optimizer cannot be warm-started, or None (unknown names: None; they are
+    reported where the optimizer is built, with the list of names)."""
+    from evomerge.optimizers import optimizer_class
+
+    try:
+        return optimizer_class(optimizer).not_warmable()
+    except ConfigError:
+        return None
 
 
 class BudgetConfig(_Strict):
@@ -339,6 +398,9 @@ class SearchConfig(_Strict):
             raise ValueError("executor: model_archive runs use the local executor (set executor: local)")
         if self.executor.worker is not None:
             raise ValueError("executor.worker: model_archive runs use their own worker; remove executor.worker")
+        if self.optimizer.warm_start.explicit:
+            raise ValueError("optimizer.warm_start: a model_archive run's initial archive already is the parents; "
+                             "leave warm_start out")
         return self
 
     # ------------------------------------------------------------------ derived

@@ -45,6 +45,16 @@ class Ask:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Evaluated:
+    """An ask and what it scored: a warm-start evaluation handed to :meth:`Optimizer.warm_from`."""
+
+    ask: Ask
+    fitness: float
+    per_example: np.ndarray | None = None
+    objectives: np.ndarray | None = None
+
+
 def _as_bounds(lower, upper, *, allow_infinite: bool, where: str) -> tuple[np.ndarray, np.ndarray]:
     lo = np.asarray(lower, dtype=np.float64).reshape(-1).copy()
     hi = np.asarray(upper, dtype=np.float64).reshape(-1).copy()
@@ -86,6 +96,16 @@ class Optimizer(ABC):
     #: whether it asks a finite set of candidates and then stops (grid): a search config may then
     #: leave out its budget and run until ``ask`` returns None with nothing outstanding.
     finite: ClassVar[bool] = False
+    #: why the optimizer cannot be warm-started (it chooses its own first points), or None
+    warm_start_refusal: ClassVar[str | None] = None
+    #: whether a warm start centres it on the best point (``x0``); see :meth:`warm_from`
+    warm_centres: ClassVar[bool] = True
+
+    @classmethod
+    def not_warmable(cls) -> str | None:
+        """Why points evaluated first cannot start this optimizer (None: they can): its
+        ``warm_start_refusal``; a finite optimizer asks its own fixed set."""
+        return cls.warm_start_refusal or ("it asks a fixed, finite set of candidates" if cls.finite else None)
 
     def __init__(self, lower, upper, seed: int, x0=None):
         self.lower, self.upper = _as_bounds(
@@ -215,6 +235,33 @@ class Optimizer(ABC):
         for k in self._transient:
             setattr(self, k, None)
 
+    # ---------------------------------------------------------------- warm start
+    @classmethod
+    def warm_from(cls, lower, upper, seed: int, told: list[Evaluated], *, next_id: int, x0=None,
+                  **options: Any) -> "Optimizer":
+        """Build an optimizer that continues after ``told``: asks with ids below ``next_id``,
+        evaluated before it exists (a warm start, :mod:`evomerge.optimizers.warm`).
+
+        With ``warm_centres`` (default) it is centred on the best of them (``x0`` = its genome, the
+        first on ties) — CMA-ES puts its mean there; otherwise it gets no ``x0`` (it would only ask
+        it again) and takes the evaluations in through :meth:`_absorb` (M2N2: archive members;
+        Optuna: completed trials; random: nothing). ``x0`` stays when nothing was told. Its first
+        ask gets id ``next_id``.
+        """
+        start = x0
+        if told:
+            start = max(told, key=lambda e: e.fitness).ask.genome if cls.warm_centres else None
+        obj = cls(lower, upper, seed, x0=start, **options)
+        obj._next_id = int(next_id)
+        obj._absorb(told)
+        return obj
+
+    def _absorb(self, told: list[Evaluated]) -> None:
+        """Take in evaluations made before this optimizer's first ask (default: only the best so far)."""
+        for e in told:
+            if self._best is None or e.fitness > self._best[1]:
+                self._best = (e.ask.genome.copy(), float(e.fitness))
+
     # ---------------------------------------------------------------- for subclasses
     @abstractmethod
     def _ask_new(self) -> Ask | None:
@@ -272,7 +319,8 @@ def register(name: str) -> Callable[[type[Optimizer]], type[Optimizer]]:
     return deco
 
 
-def _option_names(cls: type[Optimizer]) -> list[str]:
+def option_names(cls: type[Optimizer]) -> list[str]:
+    """The options (keyword-only ``__init__`` arguments) of an optimizer class."""
     params = inspect.signature(cls.__init__).parameters
     return [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY]
 
@@ -323,16 +371,13 @@ def optimizer_class(name: str) -> type[Optimizer]:
     return cls
 
 
-def make_optimizer(name: str, lower, upper, seed: int, x0=None, **options: Any) -> Optimizer:
-    """Build an optimizer by name: ``cmaes``, ``cmaes:sep``, ``m2n2``, ``random``, ``grid``,
-    ``optuna:tpe``..., or a name a plugin registers under the ``evomerge.optimizers`` entry points.
-
-    The part after ``:`` is the optimizer's ``variant`` (CMA flavour, Optuna sampler).
-    Unknown names or options raise ConfigError listing what is valid.
-    """
+def resolve_optimizer(name: str, options: dict[str, Any]) -> tuple[type[Optimizer], dict[str, Any]]:
+    """The class behind ``name`` and its keyword options (the variant after ``:`` included);
+    unknown names or options raise ConfigError listing what is valid."""
     family, _, variant = str(name).partition(":")
     cls = optimizer_class(name)
-    valid = _option_names(cls)
+    valid = option_names(cls)
+    options = dict(options)
     if variant:
         if "variant" not in valid:
             raise ConfigError(f"optimizer {family!r} has no variants; write just {family!r}")
@@ -342,6 +387,17 @@ def make_optimizer(name: str, lower, upper, seed: int, x0=None, **options: Any) 
         raise ConfigError(
             f"optimizer {family!r}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}"
         )
+    return cls, options
+
+
+def make_optimizer(name: str, lower, upper, seed: int, x0=None, **options: Any) -> Optimizer:
+    """Build an optimizer by name: ``cmaes``, ``cmaes:sep``, ``m2n2``, ``random``, ``grid``,
+    ``optuna:tpe``..., or a name a plugin registers under the ``evomerge.optimizers`` entry points.
+
+    The part after ``:`` is the optimizer's ``variant`` (CMA flavour, Optuna sampler).
+    Unknown names or options raise ConfigError listing what is valid.
+    """
+    cls, options = resolve_optimizer(name, options)
     return cls(lower, upper, seed, x0=x0, **options)
 
 

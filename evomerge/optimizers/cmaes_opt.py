@@ -19,8 +19,17 @@ told; members sampled before the previous update enter the next update as they a
 asynchronous CMA-ES: the update stays a weighted recombination of the best members, some drawn
 from a slightly older distribution). With K generations ahead up to (K+1)·popsize candidates can
 be in flight, so W workers never wait for a barrier when (K+1)·popsize ≥ the loop's window
-(2·W by default): prefer ``popsize ≥ W`` with K = 1 (less staleness) over a large K.
-Still exactly resumable (plain state). ``ask_ahead: 0`` (default) is the barrier version, and
+(2·W by default): use ``popsize ≥ W`` with K = 2 (with K = 1 a slow last member of a generation
+holds up the third one: 0.81 instead of 0.96 of W workers at 64 in the loop model, docs/optimizers.md).
+Still exactly resumable (plain state).
+
+Tie prior: the search passes ``ties``, its space's tie groups (a PS space's layer groups of one
+parameter and expert). The initial covariance then has ``tie_correlation`` (0.9) between genes of
+one group and 0 elsewhere (unit diagonal, so σ0 per gene is unchanged): early samples move a
+parameter across all layers together (a search in as many dimensions as there are groups), and
+CMA's own adaptation takes the correlations apart where layers want different values. On the
+per-layer TIES job of scripts/bench/warm_start.py it halved the evaluations to 0.6
+(docs/optimizers.md). Separable CMA has no covariance to set and ignores it. ``ask_ahead: 0`` (default) is the barrier version, and
 with one candidate in flight both versions ask the same candidates.
 """
 
@@ -46,7 +55,10 @@ def default_popsize(n: int) -> int:
 class CMAES(Optimizer):
     """CMA-ES (full or separable) with bounds; maximises.
 
-    Options: ``popsize`` (default 4+⌊3 ln n⌋), ``sigma0`` in unit-box units (1/6),
+    Options: ``popsize`` (default 4+⌊3 ln n⌋), ``sigma0`` in unit-box units (1/6), ``ties`` (a tie
+    group per gene; the search passes its space's :meth:`~evomerge.spaces.base.Space.tied_genes`)
+    and ``tie_correlation`` (0.9: the initial covariance correlates the genes of a tie group, so
+    the first generations move a parameter of every layer group together; full CMA only),
     ``variant`` auto|full|sep (``cmaes:sep`` as a name), ``sep_threshold`` (500: auto switches to
     separable CMA above it), ``n_max_resampling`` (library default 100: resample out-of-box
     candidates that many times, then clip), ``ask_ahead`` (0: generations ahead of the
@@ -68,6 +80,8 @@ class CMAES(Optimizer):
         sep_threshold: int = 500,
         n_max_resampling: int = 100,
         ask_ahead: int | bool = 0,
+        ties: list[int] | None = None,
+        tie_correlation: float = 0.9,
     ):
         super().__init__(lower, upper, seed, x0=x0)
         if variant not in _VARIANTS:
@@ -83,6 +97,16 @@ class CMAES(Optimizer):
         mean = np.full(self.dim, 0.5) if self.x0 is None else (self.x0 - self.lower) / self._width
         bounds = np.tile([0.0, 1.0], (self.dim, 1))
         lib = SepCMA if self.variant == "sep" else CMA
+        if not (0.0 <= tie_correlation < 1.0):
+            raise ConfigError(f"cmaes: tie_correlation must be in [0, 1), got {tie_correlation}")
+        if ties is not None and len(ties) != self.dim:
+            raise ConfigError(f"cmaes: ties has {len(ties)} entries, the genome {self.dim}")
+        extra = {}
+        if ties is not None and tie_correlation > 0 and self.variant == "full":
+            t = np.asarray(ties)
+            cov = np.where(t[:, None] == t[None, :], float(tie_correlation), 0.0)
+            np.fill_diagonal(cov, 1.0)
+            extra["cov"] = cov
         self._lib = lib(
             mean=mean,
             sigma=self.sigma0,
@@ -90,6 +114,7 @@ class CMAES(Optimizer):
             n_max_resampling=int(n_max_resampling),
             seed=self.seed % 2**32,
             population_size=self.popsize,
+            **extra,
         )
         self._gen: list[int] = []  # ids of the current generation, in ask order
         self._handed = 0

@@ -43,6 +43,7 @@ class GridSearch(Optimizer):
     """Full factorial grid (row-major order); ``x0`` is not used."""
 
     finite = True
+    warm_start_refusal = "grid evaluates its whole grid in a fixed order"
 
     def __init__(self, lower, upper, seed: int, x0=None, *, points: int | list[int] | None = None,
                  values: list[float] | list[list[float]] | None = None, max_size: int = DEFAULT_MAX_SIZE):

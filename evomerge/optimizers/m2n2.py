@@ -257,6 +257,17 @@ class M2N2(Optimizer):
             return np.zeros(0)
         return competition(self.score_matrix(), self.alpha)[1]
 
+    # --------------------------------------------------------------- warm start
+    warm_centres = False  # a warm start's points become archive members instead
+
+    def _absorb(self, told) -> None:
+        """The evaluations seed the archive (as if told, in id order); the initial candidates still
+        to ask are ``init_size`` minus them (default: uniform points fill it to ``archive_size``)."""
+        super()._absorb(told)
+        for e in sorted(told, key=lambda e: e.ask.id):
+            self._tell(e.ask, float(e.fitness), e.per_example, e.objectives)
+        self.init_size = max(len(self._given), self.init_size - len(told))
+
     # --------------------------------------------------------------- ask / tell
     def _ask_new(self) -> Ask | None:
         if self._n_init_asked < self.init_size:

@@ -76,6 +76,8 @@ class MapOptimizer(Optimizer):
     ``pair_bounds``.
     """
 
+    warm_start_refusal = "MAP evaluates its own sampling plan (which starts with the experts)"
+
     def __init__(
         self,
         lower,

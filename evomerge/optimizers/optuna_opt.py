@@ -70,7 +70,9 @@ class OptunaSearch(Optimizer):
     ):
         super().__init__(lower, upper, seed, x0=x0)
         self._options = {"variant": variant, "objectives": int(objectives), "sampler_options": sampler_options}
-        self._events: list[tuple] = []  # ("ask", params) | ("tell", trial, values) | ("fail", trial)
+        # ("ask", params) | ("tell", trial, values) | ("fail", trial) | ("add", params, values): a trial
+        # evaluated before the study's first ask (warm start)
+        self._events: list[tuple] = []
         table = _samplers()
         if variant not in table:
             raise ConfigError(f"optuna: unknown sampler {variant!r}; choose one of {', '.join(sorted(table))}")
@@ -90,6 +92,35 @@ class OptunaSearch(Optimizer):
         if self.x0 is not None:
             self._study.enqueue_trial(dict(zip(self._names, self.x0.tolist())))
         self._trial_of: dict[int, int] = {}
+
+    warm_centres = False  # a warm start's points become completed trials instead
+
+    def _absorb(self, told) -> None:
+        """The evaluations become completed trials of the study (TPE and the others model them all)."""
+        super()._absorb(told)
+        for e in sorted(told, key=lambda e: e.ask.id):
+            if self.n_objectives > 1:
+                if e.objectives is None or e.objectives.size != self.n_objectives:
+                    raise ValueError(f"optuna:{self.variant}: warm-start point {e.ask.id} needs "
+                                     f"{self.n_objectives} objectives")
+                values: Any = e.objectives.tolist()
+            else:
+                values = float(e.fitness)
+            self._add_trial(np.asarray(e.ask.genome, dtype=np.float64), values)
+
+    def _add_trial(self, genome: np.ndarray, values: Any, study=None) -> None:
+        """A completed trial evaluated outside the study (recorded as an ``add`` event for replay)."""
+        import optuna
+
+        study = study or self._study
+        params = dict(zip(self._names, genome.tolist()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            study.add_trial(optuna.trial.create_trial(
+                params=params, distributions=self._distributions(),
+                **({"values": list(values)} if isinstance(values, list) else {"value": values})))
+        if study is self._study:
+            self._events.append(("add", genome.copy(), values))
 
     def _new_study(self, sampler):
         import optuna
@@ -158,6 +189,8 @@ class OptunaSearch(Optimizer):
                                             "(another Optuna version?); cannot resume")
                 elif ev[0] == "tell":
                     study.tell(int(ev[1]), ev[2])
+                elif ev[0] == "add":
+                    fresh._add_trial(np.asarray(ev[1], dtype=np.float64), ev[2], study=study)
                 else:
                     study.tell(int(ev[1]), state=TrialState.FAIL)
         super()._set_state(d)

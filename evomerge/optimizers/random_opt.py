@@ -11,6 +11,8 @@ from evomerge.optimizers.base import Ask, Optimizer, register
 class RandomSearch(Optimizer):
     """Uniform in the box; ``x0`` (when given) is the first candidate, so the start is measured too."""
 
+    warm_centres = False  # memoryless: a warm start's points are simply part of the run
+
     def __init__(self, lower, upper, seed: int, x0=None):
         super().__init__(lower, upper, seed, x0=x0)
         self._rng = np.random.default_rng(self.seed)

@@ -52,7 +52,8 @@ from evomerge.executors import Executor, Outcome, Task, make_executor
 from evomerge.executors.worker import SEARCH, VALIDATION
 from evomerge.recipe import Recipe
 from evomerge.search.kinds import DEFAULT, register_kind
-from evomerge.search.setup import check_optimizer, resolve_models, stage_bounds, stored_models, worker_spec
+from evomerge.search.setup import (build_optimizer, check_optimizer, resolve_models, stage_bounds, stored_models,
+                                   worker_spec)
 from evomerge.spaces import ModelPool, make_space, parent_recipes
 from evomerge.store import RunStore, Scores, Trial, quantize
 
@@ -216,7 +217,10 @@ class Search:
         self.stopped = ""
         self.message = ""
         self._refs: dict | None = None
-        self._n_refs = len(parent_recipes(self.pool)) if cfg.search.references else 0
+        # reference name -> recipe hash: a warm-start point that reproduces a parent is served by its reference
+        self._ref_hashes = {name: r.hash() for name, r in parent_recipes(self.pool).items()} \
+            if cfg.search.references else {}
+        self._n_refs = len(self._ref_hashes)
 
     # ------------------------------------------------------------------ optimizer per stage
     @classmethod
@@ -226,11 +230,8 @@ class Search:
         check_optimizer(pf.cfg, pf.space)
 
     def _new_optimizer(self, stage: int, fixed: np.ndarray):
-        from evomerge.optimizers import make_optimizer
-
-        g = self.stages[stage].genes
-        return make_optimizer(self.cfg.optimizer.name, self.space.lower[g], self.space.upper[g],
-                              self.cfg.seed + stage, x0=fixed[g], **self.cfg.optimizer.options)
+        """The stage's optimizer, warm-started in the first stage (``optimizer.warm_start``)."""
+        return build_optimizer(self.cfg, self.space, stage, fixed, self.cfg.seed + stage)
 
     def _fresh_state(self) -> LoopState:
         return self.state_type(fixed=self.space.x0.copy())
@@ -323,11 +324,16 @@ class Search:
             saved = {int(i): thr for i, thr in st.thresholds}  # a re-issued ask keeps its threshold
             p.threshold = saved[a.id] if a.id in saved else (None if st.best is None else st.best["fitness"])
         stored = self.store.get(h, with_scores=True)
+        same = self._same_model(a)
+        if stored is None and same is not None:
+            stored = self.store.get(same, with_scores=True)
         if stored is not None:
             self.cached += 1
             self._resolve(p, stored)
         elif h in self.inflight:
             self.inflight[h].append(p)
+        elif same is not None and same in self.inflight:
+            self.inflight[same].append(p)
         else:
             splits = (SEARCH, VALIDATION) if self.cfg.validation.when == "all" and self.val_keys else (SEARCH,)
             self._submit(_TaskInfo("search", h, rjson, seq=p.seq, stage=st.stage, genome=genome,
@@ -350,9 +356,32 @@ class Search:
         self.tasks[self._task_ids] = info
         self.executor.submit(Task(id=self._task_ids, recipe_json=info.recipe_json, splits=splits, race=race))
 
+    def _same_model(self, a) -> str | None:
+        """The hash of the reference recipe an ask reproduces (a ``parents`` warm-start point: the
+        space checked that its recipe gives back that expert), else None."""
+        if a.info.get("warm_start") != "parents":
+            return None
+        return self._ref_hashes.get(a.info.get("parent"))
+
     def _resolve(self, p: _Pending, trial: Trial) -> None:
+        if trial.recipe_hash != p.hash:  # served by another recipe of the same model
+            trial = self._same_model_trial(p, trial)
         p.trial = trial
         self._resolved.append(p.ask.id)
+
+    def _same_model_trial(self, p: _Pending, ref: Trial) -> Trial:
+        """The search trial of ask ``p`` whose model IS an evaluated reference's (a parent): its
+        scores, stored under ``p``'s own recipe hash (so the cache finds it like any trial) with
+        ``info.same_model_as``; the model is evaluated once."""
+        existing = self.store.get(p.hash, with_scores=True)
+        if existing is not None:
+            return existing
+        t = Trial(recipe_hash=p.hash, recipe_json=p.recipe_json, status=ref.status, fitness=ref.fitness,
+                  metrics=dict(ref.metrics), validation=ref.validation, error=ref.error, seq=p.seq,
+                  stage=self.state.stage, genome=p.genome, worker=ref.worker, attempts=ref.attempts,
+                  info={**p.ask.info, "same_model_as": ref.recipe_hash}, fidelity=ref.fidelity, scores=ref.scores)
+        self.store.add_trial(t, self.dtype)
+        return self.store.get(p.hash, with_scores=True)
 
     # ------------------------------------------------------------------ outcomes
     def _trial_from(self, o: Outcome, info: _TaskInfo) -> Trial:
@@ -506,6 +535,16 @@ class Search:
             message=self.message,
         ))
 
+    def _collect(self) -> None:
+        """Between two tells: take the outcomes that are already there, without waiting, so that a
+        worker that finished meanwhile gets its next candidate now rather than after a whole burst
+        of tells (results told in ask order arrive in bursts behind a slow one). Several workers
+        only: the local executor's poll runs a candidate in this process. Timing decides only WHEN
+        outcomes are collected, never what is told or asked next."""
+        if self.executor.workers > 1:
+            for o in self.executor.poll(timeout=0):
+                self._handle(o)
+
     def _run_stage(self) -> None:
         self._fill()
         told_since = 0
@@ -521,6 +560,7 @@ class Search:
                 self._checkpoint()
                 told_since = 0
             self._report()
+            self._collect()
         if told_since:
             self._checkpoint()
 

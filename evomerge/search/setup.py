@@ -1,4 +1,4 @@
-"""Set-up of a search: the preflight checks, its models, the worker spec, the stage bounds.
+"""Set-up of a search: the preflight checks, its models, the worker spec, the stage bounds, the optimizer.
 
 :func:`preflight` runs every check a config must pass before a run directory is created (or a
 resumed run is touched): tasks, models, space, the search kind's optimizer and extras, the
@@ -97,13 +97,32 @@ def stage_bounds(cfg: SearchConfig, space: Space) -> list[tuple[int | None, floa
     return [(None if n is None else max(1, int(round(n * f))), None if t is None else t * f) for f in fr]
 
 
-def check_optimizer(cfg: SearchConfig, space: Space):
-    """Build the first stage's optimizer once: bad names, options or objective counts fail here."""
-    from evomerge.optimizers import make_optimizer
+def build_optimizer(cfg: SearchConfig, space: Space, stage: int, fixed: np.ndarray, seed: int):
+    """The optimizer of ``stage``: ``cfg.optimizer`` over the stage's genes, warm-started by
+    ``cfg.optimizer.warm_start`` in the first stage (where it applies)."""
+    from evomerge.optimizers import make_optimizer, optimizer_class
+    from evomerge.optimizers.base import option_names
+    from evomerge.optimizers.warm import WarmStart
+    from evomerge.spaces.warm import WarmPoints, warm_points
 
-    g = space.stages[0].genes
-    opt = make_optimizer(cfg.optimizer.name, space.lower[g], space.upper[g], cfg.seed, x0=space.x0[g],
-                         **cfg.optimizer.options)
+    genes = space.stages[stage].genes
+    o = cfg.optimizer
+    lo, hi, x0 = space.lower[genes], space.upper[genes], fixed[genes]
+    options = dict(o.options)
+    if "ties" in option_names(optimizer_class(o.name)) and "ties" not in options:
+        options["ties"] = space.tied_genes()[genes].tolist()  # the space's structure, for a prior over it
+    ws = o.warm_start
+    pts = warm_points(ws, space, genes, fixed) if stage == 0 and ws.applies(o.name) else WarmPoints([], [])
+    if not pts.genomes:
+        return make_optimizer(o.name, lo, hi, seed, x0=x0, **options)
+    return WarmStart(o.name, lo, hi, seed, x0=x0, points=pts.genomes, infos=pts.infos, kind=pts.kind,
+                     options=options)
+
+
+def check_optimizer(cfg: SearchConfig, space: Space):
+    """Build the first stage's optimizer once (warm start included): bad names, options, warm
+    starts or objective counts fail here."""
+    opt = build_optimizer(cfg, space, 0, space.x0, cfg.seed)
     n = getattr(opt, "n_objectives", 1)
     if n > 1 and n != len(cfg.objectives):
         raise ConfigError(f"optimizer {cfg.optimizer.name!r} expects {n} objectives but the config lists "

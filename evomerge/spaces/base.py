@@ -194,6 +194,20 @@ class Space(ABC):
     def describe(self) -> str:
         return f"{self.type} space, {self.dim} genes"
 
+    def parent_genomes(self) -> dict[str, np.ndarray]:
+        """Expert alias → a genome whose recipe reproduces that expert (up to float32 rounding).
+
+        None by default: a space that cannot express its parents (``dfs``: its ``x0`` already is
+        model A; ``model_archive``: its initial members are the parents). Used by the ``parents``
+        warm start (:mod:`evomerge.spaces.warm`)."""
+        return {}
+
+    def tied_genes(self) -> np.ndarray:
+        """Per gene, the index of its tie group: genes of one group play the same role in different
+        places (a PS space's layer groups of one parameter, expert and filter). A coarse design
+        (the ``grid`` warm start) moves each group as one. Default: every gene its own group."""
+        return np.arange(self.dim)
+
 
 # ---------------------------------------------------------------------- registry
 @dataclass(frozen=True)

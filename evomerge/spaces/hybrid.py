@@ -75,5 +75,16 @@ class HybridSpace(Space):
             raise ConfigError(f"recipe has no layer_flow; this hybrid space's model A is {self.dfs.model_a!r}")
         return np.concatenate([ps, dfs])
 
+    def parent_genomes(self) -> dict[str, np.ndarray]:
+        """The PS stage's parent genomes with the layer flow at its start, when that start is the
+        merge's own blocks (the pure PS merge); else none."""
+        if not self._is_identity(self.dfs.layer_flow(self.dfs.x0)):
+            return {}
+        return {k: np.concatenate([g, self.dfs.x0]) for k, g in self.ps.parent_genomes().items()}
+
+    def tied_genes(self) -> np.ndarray:
+        ps = self.ps.tied_genes()
+        return np.concatenate([ps, self.dfs.tied_genes() + (int(ps.max()) + 1 if ps.size else 0)])
+
     def describe(self) -> str:
         return f"hybrid space: [{self.ps.describe()}] then [{self.dfs.describe()}] = {self.dim} genes"

@@ -280,6 +280,60 @@ class PSSpace(Space):
                 g[i] = got[0] if all(v == got[0] for v in got) else float(np.mean(got))
         return np.clip(g, self.lower, self.upper)
 
+    # ------------------------------------------------------------------ warm-start helpers
+    #: how many combinations of the other searched parameters' values parent_genomes tries
+    MAX_PARENT_TRIES = 27
+
+    def tied_genes(self) -> np.ndarray:
+        """One tie group per (parameter, expert, filter): its genes differ only by layer group."""
+        groups: dict[tuple, int] = {}
+        tie = np.empty(self.dim, dtype=np.int64)
+        for (p, e, f, _label), i in self._index.items():
+            tie[i] = groups.setdefault((p, e, f), len(groups))
+        return tie
+
+    def parent_genomes(self) -> dict[str, np.ndarray]:
+        """Genomes that reproduce each expert: its ``weight`` 1, the others' 0, and the other searched
+        parameters at their start, upper or lower bound (the first combination that reproduces the
+        expert, e.g. density 1 for TIES/DARE). Each candidate is CHECKED with the operator on random
+        tensors at every gene group's sites (:func:`evomerge.merge.probe.reproduces`); an expert
+        the space cannot express — no searched ``weight``, bounds without 0 or 1, a fixed density
+        below 1, an operator that never returns one input (slerp, model_stock) — is left out."""
+        import itertools
+
+        from evomerge.merge.probe import reproduces
+
+        if "weight" not in self.params or "weight" not in self.operator.model_params:
+            return {}
+        (wlo, whi), _ = self.params["weight"]
+        if not (wlo <= 0.0 <= whi and wlo <= 1.0 <= whi):
+            return {}
+        others = [p for p in self.params if p != "weight"]
+        choices = [list(dict.fromkeys([init, hi, lo])) for (lo, hi), init in (self.params[p] for p in others)]
+        sites = self._probe_sites()
+        out = {}
+        for expert in self.experts:
+            for combo in itertools.islice(itertools.product(*choices), self.MAX_PARENT_TRIES):
+                values = dict(zip(others, combo))
+                g = self.x0.copy()
+                for (p, e, _f, _label), i in self._index.items():
+                    g[i] = (1.0 if e == expert else 0.0) if p == "weight" else values[p]
+                if reproduces(self.to_recipe(g), expert, sites):
+                    out[expert] = g
+                    break
+        return out
+
+    def _probe_sites(self) -> list:
+        """One representative tensor site per gene group and filter (what a parameter resolves at)."""
+        sites = {}
+        for f in self.filters:
+            suffix = f"{f}.weight" if f is not REST else self.REST_SUFFIX
+            for grp in self._groups_for(f):
+                for s in grp.sites(self.num_blocks, suffix):
+                    if f is REST or s.block is not None:
+                        sites.setdefault(s.name, s)
+        return list(sites.values())
+
     def describe(self) -> str:
         c = self.config
         gran = c.granularity if c.granularity != "block" else f"blocks of {c.block_size}"

@@ -7,8 +7,10 @@ candidates/min from the run store; each optimizer configuration listed in ``--op
 **Modelled**: a discrete-event simulation of the loop as it is written (evomerge/search/loop.py):
 ``window`` candidates in flight (default 2·W), results told in ASK order (deterministic mode: a
 finished candidate waits for its predecessors; its worker does not), a new ask only right after
-a tell, every tell costing ``driver_s`` of serial driver time, and the optimizer's own rule for
-when it may ask:
+a tell, every tell costing ``driver_s`` of serial driver time, a free worker getting a queued
+candidate only when the driver polls (as with Ray), a poll without waiting between two tells
+(``--no-interleave``: the loop before it had one), and the optimizer's own rule for when it may
+ask:
 
 * ``steady``     — any time (M2N2, random, TPE);
 * ``barrier``    — CMA-ES: generation g+1 only once all of generation g is told;
@@ -20,6 +22,7 @@ candidates/min for W = 1..64 and the efficiency rate(W) / (W · rate(1)) (target
 
     python scripts/bench/worker_scaling.py --from-run RUN_DIR --popsize 12
     python scripts/bench/worker_scaling.py --mean 1.2 --cv 0.6 --popsize 12
+    python scripts/bench/worker_scaling.py --mean 2.18 --cv 0.22 --driver-s 0.033   # docs/optimizers.md
     python scripts/bench/worker_scaling.py --measure --evaluations 40      # also 1 vs 2 real workers
 """
 
@@ -54,9 +57,14 @@ def can_ask(rule: str, popsize: int, i: int, told_prefix: int) -> bool:
 
 
 def simulate(times: np.ndarray, workers: int, window: int, rule: str, popsize: int, driver_s: float,
-             n: int, seed: int = 0, in_order: bool = True) -> float:
+             n: int, seed: int = 0, in_order: bool = True, interleave: bool = True) -> float:
     """Candidates per minute of the loop model over ``n`` candidates (``in_order``: deterministic
-    mode, told in ask order; else told as they arrive, ``deterministic: false``)."""
+    mode, told in ask order; else told as they arrive, ``deterministic: false``).
+
+    ``interleave``: between two tells of a burst (results waiting for an earlier one are told
+    one after another) the loop polls the executor without waiting, so a worker that finished
+    meanwhile gets its next candidate at once (evomerge/search/loop.py, several workers); without
+    it, workers that finish during a burst wait for its end."""
     rng = np.random.default_rng(seed)
     service = rng.choice(times, size=n)
     t = 0.0
@@ -92,6 +100,12 @@ def simulate(times: np.ndarray, workers: int, window: int, rule: str, popsize: i
                 told += 1
                 t += driver_s
                 fill()
+                if interleave:  # a non-blocking poll between tells: collect and dispatch
+                    while running and running[0][0] <= t:
+                        _, j = heapq.heappop(running)
+                        done[j] = True
+                        free += 1
+                    dispatch(t)
         else:
             told += 1
             t += driver_s
@@ -158,6 +172,8 @@ def main() -> None:
     ap.add_argument("--rules", default="steady,barrier,ahead:1,ahead:2")
     ap.add_argument("--window-factor", type=int, default=2, help="window = factor · W (the loop's default: 2)")
     ap.add_argument("--unordered", action="store_true", help="tell as results arrive (deterministic: false)")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="no poll between the tells of a burst (the loop before it polled there)")
     ap.add_argument("--workers", default="1,2,4,8,16,32,64")
     ap.add_argument("--measure", action="store_true", help="also measure 1 and 2 real workers (local Ray)")
     ap.add_argument("--optimizers", default="cmaes,cmaes+ahead,m2n2")
@@ -183,21 +199,23 @@ def main() -> None:
         driver = args.driver_s
     rules = args.rules.split(",")
     ws = [int(w) for w in args.workers.split(",")]
-    f, order = args.window_factor, not args.unordered
+    f, order, inter = args.window_factor, not args.unordered, not args.no_interleave
     print(f"\nModel: service times {src}; driver {driver * 1000:.1f} ms per tell; popsize {args.popsize}; "
-          f"window {f}·W; told {'in ask order' if order else 'as they arrive'}; {args.candidates} candidates")
-    base = {r: simulate(times, 1, f, r, args.popsize, driver, args.candidates, in_order=order) for r in rules}
+          f"window {f}·W; told {'in ask order' if order else 'as they arrive'}"
+          f"{'' if inter or not order else ', no poll between tells'}; {args.candidates} candidates")
+    base = {r: simulate(times, 1, f, r, args.popsize, driver, args.candidates, in_order=order, interleave=inter) for r in rules}
     print(f"{'W':>4} " + " ".join(f"{r + ' c/min':>16} {'eff':>5}" for r in rules))
     for w in ws:
         cells = []
         for r in rules:
-            rate = simulate(times, w, f * w, r, args.popsize, driver, args.candidates, in_order=order)
+            rate = simulate(times, w, f * w, r, args.popsize, driver, args.candidates, in_order=order, interleave=inter)
             cells.append(f"{rate:>16.1f} {rate / (w * base[r]):>5.2f}")
         print(f"{w:>4} " + " ".join(cells))
-    print("\nCMA-ES with popsize = W, ahead:1:")
-    for w in (16, 32, 64):
-        rate = simulate(times, w, f * w, "ahead:1", w, driver, args.candidates, in_order=order)
-        print(f"  W={w:>3} popsize={w:>3}: {rate:.1f} c/min, efficiency {rate / (w * base['steady']):.2f}")
+    print("\nCMA-ES with popsize = W:")
+    for rule in ("ahead:1", "ahead:2"):
+        for w in (16, 32, 64):
+            rate = simulate(times, w, f * w, rule, w, driver, args.candidates, in_order=order, interleave=inter)
+            print(f"  {rule} W={w:>3} popsize={w:>3}: {rate:.1f} c/min, efficiency {rate / (w * base['steady']):.2f}")
 
 
 if __name__ == "__main__":
