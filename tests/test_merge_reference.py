@@ -11,6 +11,8 @@ float64) where the reference takes whole-tensor norms, so those cases compare to
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -81,9 +83,11 @@ def ref_tau_hat(t, base, method, p, options, key):
         hat = tau * keep.float()
     else:
         hat = torch.where(ref_keep(tau, method, p), tau, torch.zeros(()))
-    if rescale and mode == "l1":
-        before, after = float(tau.abs().sum(dtype=torch.float64)), float(hat.abs().sum(dtype=torch.float64))
-        if before >= 1e-7 and after >= 1e-7:
+    if rescale and mode == "l1":  # Σ|·| in fixed point: units of 2^−s, n·2^s·max|τ| < 2^62
+        m = float(tau.abs().max())
+        grid = 2.0 ** min(62 - math.frexp(m)[1] - math.ceil(math.log2(max(tau.numel(), 2))), 127) if m else 0.0
+        before, after = (int(torch.floor(v.abs().double() * grid).long().sum()) for v in (tau, hat))
+        if grid and before / grid >= 1e-7 and after / grid >= 1e-7:
             hat = hat * (before / after)
     elif rescale:
         hat = hat / probs.clamp(min=1e-12) if method == "della" else hat / density

@@ -73,26 +73,28 @@ def available(device: torch.device) -> bool:
     return device.type in _DEVICES and _POLICY.decide()
 
 
-def run(fn: Callable, static: dict[str, Any], *args) -> bool:
-    """Run the compiled ``fn(*args, **static)``; False (and compiling off for good) when it
-    cannot be compiled, so that the caller runs its eager twin instead."""
+def run(fn: Callable, static: dict[str, Any], *args) -> tuple[bool, Any]:
+    """Run the compiled ``fn(*args, **static)``: (True, its result), or (False, None) — and
+    compiling off for good — when it cannot be compiled, so that the caller runs its eager twin."""
     if not _POLICY.decide():
-        return False
+        return False, None
     key = (fn, tuple(sorted(static.items())))
     kernel = _POLICY.kernels.get(key)
     if kernel is None:
         kernel = torch.compile(functools.partial(fn, **static), dynamic=True, fullgraph=True)
         _POLICY.kernels[key] = kernel
     try:
-        kernel(*args)
+        value = kernel(*args)
     except Exception as err:  # noqa: BLE001 - any failure to build means: run eagerly
         _POLICY.disable(err)
-        return False
-    return True
+        return False, None
+    return True, value
 
 
-def reset(enabled: bool | None = None) -> None:
-    """Forget the decision and the compiled kernels (tests; ``enabled`` forces a decision)."""
+def reset(enabled: bool | None = None, forget_kernels: bool = False) -> None:
+    """Forget the decision (tests; ``enabled`` forces one) and, with ``forget_kernels``, the
+    compiled kernels."""
     with _POLICY.lock:
         _POLICY.enabled = enabled
-        _POLICY.kernels.clear()
+        if forget_kernels:
+            _POLICY.kernels.clear()

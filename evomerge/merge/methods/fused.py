@@ -49,7 +49,7 @@ DEVICE_CHUNK = 1 << 24  # accelerators: large chunks (few launches), bounded wor
 COMPILE_MIN = 1 << 16  # smaller tensors run eagerly (call overhead, not bandwidth, dominates)
 
 # columns of the per-expert float32 constants handed to the compiled kernels
-_W, _LO, _HI, _P, _C1, _C0, _F, _DIV = range(8)
+_W, _LO, _HI, _P, _C1, _C0, _F, _DIV, _GRID = range(9)
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,11 @@ class Expert:
     c0: float = 1.0
     factor: float = 1.0
     divisor: float = 1.0
+    grid: float = 0.0  # l1 sums: 2^s (see :func:`l1_grid`)
 
     def row(self, start: int) -> list[float]:
         lo, hi = self.window.bounds(start) if self.window is not None else (-math.inf, math.inf)
-        return [self.weight, lo, hi, self.density, self.c1, self.c0, self.factor, self.divisor]
+        return [self.weight, lo, hi, self.density, self.c1, self.c0, self.factor, self.divisor, self.grid]
 
 
 def della_rule(density: float, eps: float, cols: int) -> tuple[float, float]:
@@ -157,16 +158,20 @@ def _merge_kernel(out, b, ts, ranks, consts, keys, start, scale, *, spec: Spec) 
     out.copy_(b + mix * scale)
 
 
-def _l1_kernel(out, b, ts, ranks, consts, keys, start, *, spec: Spec) -> None:
-    """out[2k] = |τ_k|, out[2k + 1] = |τ̂_k| (factor 1)."""
+def _l1_kernel(b, ts, ranks, consts, keys, start, *, spec: Spec, before: bool):
+    """Σ trunc(|τ_k|·grid) (with ``before``) and Σ trunc(|τ̂_k|·grid) per expert, int64."""
     idx = None
     if spec.kind != "window":
         idx = torch.arange(b.numel(), dtype=torch.int32, device=b.device) + start
+    sums = []
     for k, t in enumerate(ts):
         d = t - b
-        out[2 * k].copy_(d.abs())
-        out[2 * k + 1].copy_(_hat(d, idx, ranks[k] if ranks is not None else None, consts[k], keys[k],
-                                  kind=spec.kind, entry_divisor=spec.entry_divisor).abs())
+        if before:
+            sums.append((d.abs() * consts[k, _GRID]).to(torch.int64).sum())
+        hat = _hat(d, idx, ranks[k] if ranks is not None else None, consts[k], keys[k], kind=spec.kind,
+                   entry_divisor=spec.entry_divisor)
+        sums.append((hat.abs() * consts[k, _GRID]).to(torch.int64).sum())
+    return torch.stack(sums)
 
 
 def _compiled_args(b, experts: list[Expert], s: int, e: int):
@@ -284,7 +289,7 @@ def merge(out: torch.Tensor, b: torch.Tensor, experts: list[Expert], spec: Spec,
         for s, e in pieces(n, experts, None):
             ts, ranks, consts, keys, start = _compiled_args(b, experts, s, e)
             if not compiled.run(_merge_kernel, {"spec": spec}, out[s:e], b[s:e], ts, ranks, consts, keys,
-                                start, scale_t):
+                                start, scale_t)[0]:
                 break
         else:
             return
@@ -293,33 +298,57 @@ def merge(out: torch.Tensor, b: torch.Tensor, experts: list[Expert], spec: Spec,
         _merge_chunk(out[s:e], b[s:e], experts, spec, scale, s, e)
 
 
-def l1_factors(b: torch.Tensor | None, experts: list[Expert], spec: Spec, compile_ok: bool) -> list[float]:
-    """mergekit's l1 rescale: Σ|τ_k| / Σ|τ̂_k| per expert (1 where either is below 1e-7), from
-    float64 sums over a fixed grid of chunks (the same on both paths)."""
+def l1_grid(bound: float, n: int) -> float:
+    """2^s for the l1 sums of ``n`` entries of magnitude ≤ ``bound``: the largest s (≤ 127)
+    with n·2^s·bound < 2⁶² (0 when ``bound`` is 0 or not finite: no rescale)."""
+    if not 0 < bound < math.inf:
+        return 0.0
+    return 2.0 ** min(62 - math.frexp(bound)[1] - (max(n, 2) - 1).bit_length(), 127)
+
+
+def l1_bound(t: torch.Tensor, b: torch.Tensor) -> float:
+    """max |t − b| over flat tensors, chunk by chunk."""
+    chunk = CHUNK if t.device.type == "cpu" else DEVICE_CHUNK
+    m = 0.0
+    for s in range(0, t.numel(), chunk):
+        d = torch.sub(t[s:s + chunk], b[s:s + chunk], out=scratch("fused.l1", t[s:s + chunk]))
+        m = max(m, float(d.abs_().max()))
+    return m
+
+
+def l1_sums(b: torch.Tensor, experts: list[Expert], spec: Spec, compile_ok: bool, before: bool) -> list[int]:
+    """Exact fixed-point l1 norms in units of 1/grid: [Σ trunc(|τ_k|·grid_k)] (with ``before``)
+    and Σ trunc(|τ̂_k|·grid_k) per expert (factor 1), as Python integers.
+
+    Integer sums are exact, so their order — chunks, threads, compiled or not — cannot change
+    them; each term is below its float value by less than one unit, so a norm is exact to
+    n/grid ≤ 2⁻³⁶·n·max|τ| relative to … in practice ~1e-10 of it (see :func:`l1_grid`).
+    """
     if not experts:
         return []
-    n, k = experts[0].t.numel(), len(experts)
-    like = experts[0].t
-    sums = [0.0] * (2 * k)
-    use = compile_ok and b is not None and _compilable(b, experts, spec)
-    chunk = CHUNK if like.device.type == "cpu" else DEVICE_CHUNK
-    for s, e in pieces(n, experts, chunk):
-        buf = scratch("fused.l1", like, shape=(2 * k, e - s))
-        done = False
+    n = b.numel()
+    width = 2 if before else 1
+    sums = [0] * (width * len(experts))
+    use = compile_ok and _compilable(b, experts, spec)
+    chunk = CHUNK if b.device.type == "cpu" else DEVICE_CHUNK
+    for s, e in pieces(n, experts, None if use else chunk):
         if use:
             ts, ranks, consts, keys, start = _compiled_args(b, experts, s, e)
-            done = use = compiled.run(_l1_kernel, {"spec": spec}, buf, b[s:e], ts, ranks, consts, keys, start)
-        if not done:
+            use, part = compiled.run(_l1_kernel, {"spec": spec, "before": before}, b[s:e], ts, ranks, consts,
+                                     keys, start)
+            if use:
+                sums = [a + p for a, p in zip(sums, part.tolist())]
+                continue
+        for c in range(s, e, chunk):  # eager (also after a failed compile)
+            c_end = min(c + chunk, e)
+            q = scratch("fused.q", b[c:c_end], torch.int64)
             for j, x in enumerate(experts):
-                d = scratch(j, buf[0])
-                torch.sub(x.t[s:e], b[s:e], out=d) if b is not None else d.copy_(x.t[s:e])
-                torch.abs(d, out=buf[2 * j])
-                rank = x.ranks[s:e] if x.ranks is not None else None
-                torch.abs(tau_hat_(d, x, spec, s, rank), out=buf[2 * j + 1])
-        for j, v in enumerate(buf.sum(dim=1, dtype=torch.float64).tolist()):
-            sums[j] += v
-    return [before / after if before >= 1e-7 and after >= 1e-7 else 1.0
-            for before, after in zip(sums[0::2], sums[1::2])]
+                d = torch.sub(x.t[c:c_end], b[c:c_end], out=scratch(j, b[c:c_end]))
+                if before:
+                    sums[width * j] += int(q.copy_(torch.abs(d, out=scratch("fused.aux", d)).mul_(x.grid)).sum())
+                rank = x.ranks[c:c_end] if x.ranks is not None else None
+                sums[width * j + width - 1] += int(q.copy_(tau_hat_(d, x, spec, c, rank).abs_().mul_(x.grid)).sum())
+    return sums
 
 
 def _compilable(b: torch.Tensor, experts: list[Expert], spec: Spec) -> bool:

@@ -9,7 +9,6 @@ the papers and mergekit differ the choice is an option (``rescale_mode``, ``sign
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from evomerge.errors import ConfigError
 from evomerge.merge.methods import fused
 from evomerge.merge.methods.registry import register
 from evomerge.merge.methods.scratch import result
-from evomerge.merge.methods.sparsify import random_keys, resident, sparsifier, spec
+from evomerge.merge.methods.sparsify import random_keys, resident, sparsifier, spec, with_l1_factors
 
 
 def _generalized_task_arithmetic(base, tensors, params, options, generator, out=None, *,
@@ -55,15 +54,16 @@ def _generalized_task_arithmetic(base, tensors, params, options, generator, out=
         return res
     sp = spec(sparsify, options, consensus=consensus, normalize=normalize and consensus)
     keys = random_keys(sparsify, params, generator)
-    live = [(sparsifier(t, base, sparsify, p, options, key, w), float(p.get("density", 1.0)))
+    live = [(t, sparsifier(t, base, sparsify, p, options, key, w), float(p.get("density", 1.0)))
             for t, p, w, key in zip(tensors, params, weights, keys) if w != 0]
-    experts = [e for e, _ in live]
+    experts = [e for _, e, _ in live]
     compile_ok = all([resident(t, base) for t in tensors])  # records every pair's sighting
     if options.get("rescale", False) and options.get("rescale_mode", "l1") == "l1":
-        trimmed = [j for j, (_, density) in enumerate(live) if 0 < density < 1]
-        factors = fused.l1_factors(base.reshape(-1), [experts[j] for j in trimmed], sp, compile_ok)
-        for j, f in zip(trimmed, factors):
-            experts[j] = replace(experts[j], factor=f)
+        trimmed = [j for j, (_, _, density) in enumerate(live) if 0 < density < 1]
+        rescaled = with_l1_factors([experts[j] for j in trimmed], [live[j][0] for j in trimmed], base, sp,
+                                   compile_ok)
+        for j, e in zip(trimmed, rescaled):
+            experts[j] = e
     scale = lam / total if not consensus and normalize and abs(total) >= 1e-8 else lam
     target = res if res.is_contiguous() else torch.empty_like(res)
     fused.merge(target.view(-1), base.reshape(-1), experts, sp, scale, compile_ok)

@@ -31,12 +31,13 @@ import math
 import os
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from evomerge.merge.methods.counter_rng import draw_keys
+from evomerge.merge.methods import fused
 from evomerge.merge.methods.fused import CHUNK, Expert, Spec, della_rule, pieces, tau_hat_
 from evomerge.merge.methods.scratch import scratch
 
@@ -475,6 +476,36 @@ def sparsifier(t: torch.Tensor, base: torch.Tensor | None, method: str, p: dict[
     return Expert(flat, weight, key=key, ranks=ranks, c1=c1, c0=c0)
 
 
+def with_l1_factors(experts: list[Expert], tensors: list[torch.Tensor], base: torch.Tensor, sp: Spec,
+                    compile_ok: bool) -> list[Expert]:
+    """``experts`` (τ_k = tensors[k] − base) with mergekit's l1 rescale factor Σ|τ_k| / Σ|τ̂_k|
+    (1 where either norm is below 1e-7), from exact fixed-point sums (:func:`.fused.l1_sums`).
+    A resident pair's grid and Σ|τ| are cached, leaving one pass for the Σ|τ̂| of a new mask."""
+    flat_b = base.reshape(-1)
+    stats = [_CACHE.get("l1", t, base, 0, lambda e=e: _l1_stats(e, flat_b)) for t, e in zip(tensors, experts)]
+    if all(st is not None for st in stats):
+        experts = [replace(e, grid=st[0]) for e, st in zip(experts, stats)]
+        befores = [st[1] for st in stats]
+        afters = fused.l1_sums(flat_b, experts, sp, compile_ok, before=False)
+    else:
+        experts = [replace(e, grid=fused.l1_grid(fused.l1_bound(e.t, flat_b), e.t.numel())) for e in experts]
+        sums = fused.l1_sums(flat_b, experts, sp, compile_ok, before=True)
+        befores, afters = sums[0::2], sums[1::2]
+    return [replace(e, factor=l1_factor(before, after, e.grid)) for e, before, after in zip(experts, befores, afters)]
+
+
+def _l1_stats(e: Expert, flat_b: torch.Tensor) -> tuple[float, int]:
+    grid = fused.l1_grid(fused.l1_bound(e.t, flat_b), e.t.numel())
+    return grid, fused.l1_sums(flat_b, [Expert(e.t, grid=grid)], Spec("window"), False, before=False)[0]
+
+
+def l1_factor(before: int, after: int, grid: float) -> float:
+    """Σ|τ| / Σ|τ̂| from fixed-point sums in units of 1/grid (1 when either is below 1e-7)."""
+    if grid == 0 or before / grid < 1e-7 or after / grid < 1e-7:
+        return 1.0
+    return before / after
+
+
 # ---------------------------------------------------------------------- one task vector (in place)
 def sparsify_(d: torch.Tensor, method: str, p: dict[str, Any], options: dict[str, Any],
               generator: torch.Generator | None) -> torch.Tensor:
@@ -495,12 +526,13 @@ def sparsify_(d: torch.Tensor, method: str, p: dict[str, Any], options: dict[str
     flat = d.view(-1)
     expert = sparsifier(d, None, method, p, options, random_keys(method, [p], generator)[0])
     l1 = bool(options.get("rescale", False)) and options.get("rescale_mode", "l1") == "l1"
-    before = float(flat.abs().sum(dtype=torch.float64)) if l1 else 0.0
+    grid = fused.l1_grid(float(flat.abs().max()), flat.numel()) if l1 else 0.0
+    before = int((flat.abs() * grid).to(torch.int64).sum()) if l1 else 0
     sp = spec(method, options)
     for s, e in pieces(flat.numel(), [expert], CHUNK if d.device.type == "cpu" else None):
         tau_hat_(flat[s:e], expert, sp, s, expert.ranks[s:e] if expert.ranks is not None else None)
     if l1:
-        after = float(flat.abs().sum(dtype=torch.float64))
-        if before >= 1e-7 and after >= 1e-7:
-            flat.mul_(before / after)
+        factor = l1_factor(before, int((flat.abs() * grid).to(torch.int64).sum()), grid)
+        if factor != 1:
+            flat.mul_(factor)
     return d
