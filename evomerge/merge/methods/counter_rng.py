@@ -49,11 +49,11 @@ def uniforms(idx: torch.Tensor, key: torch.Tensor | int) -> torch.Tensor:
     0-d tensor); functional, so that the fused kernel can be compiled around it."""
     x = idx ^ key
     x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _C1
+    x = x * 0x21F0AAAD  # _C1, _C2 as literals (module constants would become kernel inputs)
     x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * _C2
+    x = x * 0x735A2D97
     x = x ^ ((x >> 15) & 0x1FFFF)
-    return ((x >> 8) & 0xFFFFFF).to(torch.float32) * _SCALE
+    return ((x >> 8) & 0xFFFFFF).to(torch.float32) * (2.0 ** -24)  # a literal: compiles to a constant
 
 
 def uniforms_into(out: torch.Tensor, start: int, key: int, work: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,7 @@ def _hat(d, idx, rank, c, key, *, kind: str, entry_divisor: bool):
         a = d.abs()
         d = torch.where((a <= c[_LO]) | (a > c[_HI]), 0.0, d)
     else:
-        p = c[_P] if kind == "random" else torch.clamp(rank.to(torch.float32) * c[_C1] + c[_C0], 0.0, 1.0)
+        p = c[_P] if kind == "random" else torch.clamp(rank * c[_C1] + c[_C0], 0.0, 1.0)
         d = d * (uniforms(idx, key) < p).to(torch.float32)
     d = d * c[_F]
     return d / (torch.clamp(p, min=1e-12) if entry_divisor else c[_DIV])
@@ -181,9 +181,16 @@ def _compiled_args(b, experts: list[Expert], s: int, e: int):
     ranks = None
     ref = next((x.ranks for x in experts if x.ranks is not None), None)
     if ref is not None:  # an expert without ranks keeps everything or nothing (c1 = 0): any will do
-        ranks = [(x.ranks if x.ranks is not None else ref)[s:e] for x in experts]
+        # inductor does not vectorise int16 loads: each chunk's ranks as float32 (exact), as eagerly
+        ranks = [scratch(f"fused.rank{k}", b[s:e]).copy_((x.ranks if x.ranks is not None else ref)[s:e])
+                 for k, x in enumerate(experts)]
     start = torch.tensor(s % BLOCK, dtype=torch.int32, device=dev)
     return [x.t[s:e] for x in experts], ranks, consts, keys, start
+
+
+def _compiled_pieces(n: int, experts: list[Expert], spec: Spec):
+    """Whole pieces, except DELLA's: chunks, whose ranks are converted to float32 per call."""
+    return pieces(n, experts, CHUNK if spec.kind == "della" else None)
 
 
 # ---------------------------------------------------------------------- the eager twin
@@ -286,7 +293,7 @@ def merge(out: torch.Tensor, b: torch.Tensor, experts: list[Expert], spec: Spec,
         return
     if compile_ok and _compilable(b, experts, spec):
         scale_t = torch.tensor(scale, dtype=torch.float32, device=b.device)
-        for s, e in pieces(n, experts, None):
+        for s, e in _compiled_pieces(n, experts, spec):
             ts, ranks, consts, keys, start = _compiled_args(b, experts, s, e)
             if not compiled.run(_merge_kernel, {"spec": spec}, out[s:e], b[s:e], ts, ranks, consts, keys,
                                 start, scale_t)[0]:
@@ -331,7 +338,7 @@ def l1_sums(b: torch.Tensor, experts: list[Expert], spec: Spec, compile_ok: bool
     sums = [0] * (width * len(experts))
     use = compile_ok and _compilable(b, experts, spec)
     chunk = CHUNK if b.device.type == "cpu" else DEVICE_CHUNK
-    for s, e in pieces(n, experts, None if use else chunk):
+    for s, e in _compiled_pieces(n, experts, spec) if use else pieces(n, experts, chunk):
         if use:
             ts, ranks, consts, keys, start = _compiled_args(b, experts, s, e)
             use, part = compiled.run(_l1_kernel, {"spec": spec, "before": before}, b[s:e], ts, ranks, consts,
