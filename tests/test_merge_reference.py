@@ -1,12 +1,12 @@
 """Every task-arithmetic-family operator against a straightforward whole-tensor reference.
 
-The reference below ranks |τ| with a full stable sort, draws each expert's uniforms over the whole
-tensor, materialises every τ̂_k and mixes whole tensors; the operators select thresholds without
-sorting (or from the cached order), draw chunk by chunk and mix chunk by chunk. Both use the same
-elementwise primitives, so the results must be bit-identical (``torch.equal``; ±0 compare equal)
-on the pass path, while the order is being cached, and from the cache. Only the ``l1`` rescale
-of the deterministic sparsifiers sums its norms chunk by chunk (1M-entry float32 norms added in
-float64) where the reference takes whole-tensor norms, so those cases compare to 1e-6 relative.
+The reference below ranks |τ| with a full stable sort, computes each expert's counter-RNG
+uniforms over the whole tensor with plain int64 arithmetic, takes whole-tensor l1 sums,
+materialises every τ̂_k and mixes whole tensors; the operators select thresholds without sorting
+(or from the cached order), hash chunk by chunk (or in a compiled kernel) and mix in one fused
+pass. Both use the same float32 operations in the same order and the l1 norms are exact integer
+sums, so the results must be bit-identical (``torch.equal``; ±0 compare equal) on the pass path,
+while the order is being cached, and from the cache (compiled, for the large tensors).
 """
 
 from __future__ import annotations

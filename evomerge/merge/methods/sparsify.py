@@ -1,19 +1,34 @@
 """Sparsification of task vectors, shared by the task-arithmetic family: exact order statistics
-without sorting, deterministic magnitude windows (TIES, breadcrumbs) applied chunk by chunk, and
-the random masks of DARE and DELLA drawn chunk by chunk.
+without sorting, deterministic magnitude windows (TIES, breadcrumbs), and each sparsifier as an
+expert of the fused per-entry pass (:mod:`.fused`), which applies windows, the counter-based
+random masks of DARE and DELLA (:mod:`.counter_rng`) and the rescale entry by entry.
 
 Performance (searches merge thousands of times):
 
 * **Order cache.** A search worker merges the *same* resident experts for every candidate, so the
   order of |τ_k| = |θ_k − θ0| never changes. The second time a (θ_k, θ0) tensor pair is seen, its
-  stable ascending order of |τ| is cached (an int32 permutation, 4 bytes per entry; built bucket by
-  bucket with ~0.4x the tensor transiently, see :func:`_build_order`) and every later magnitude cut is a lookup: no pass over
-  memory. DELLA caches its per-row magnitude ranks the same way (int16 when rows are shorter than
-  32768). The cache is keyed by tensor identity (weak references, in-place changes detected by
-  the version counter), bounded by ``EVOMERGE_ORDER_CACHE_MB`` (default 2048; 0 turns it off;
-  tensors beyond the bound use the pass path) and freed by :func:`release_order_cache`. Tensors
-  seen once (an export reads each tensor once) never pay for a sort. Float32 copies made per call
-  from resident low-precision tensors are keyed by their source (:func:`converted_from`).
+  stable ascending order of |τ| is cached (an int32 permutation, 4 bytes per entry; built bucket
+  by bucket with ~0.4x the tensor transiently, see :func:`_build_order`) and every later
+  magnitude cut is a lookup of two entries: the cut value and whether an equal magnitude ranks
+  just below it. DELLA caches its per-row magnitude ranks the same way (int16 when rows are
+  shorter than 32768), the ``l1`` rescale each pair's Σ|τ| and bound (a few bytes). The cache is
+  keyed by tensor identity (weak references, in-place changes detected by the version counter),
+  bounded by ``EVOMERGE_ORDER_CACHE_MB`` (default 2048; 0 turns it off; tensors beyond the bound
+  use the pass path) and freed by :func:`release_order_cache`. Tensors seen once (an export reads
+  each tensor once) never pay for a sort. Float32 copies made per call from resident
+  low-precision tensors are keyed by their source (:func:`converted_from`). The same sightings
+  decide when the fused pass runs compiled (:func:`resident`).
+* **Why a permutation, not sorted values.** Sorted |τ| would give a density's cut value just as
+  fast and take as much memory (4 bytes per entry), but not the *position* of the boundary entry
+  when a run of equal magnitudes straddles the cut — and in bf16 experts such runs are the rule
+  (few distinct magnitudes). The permutation gives both in O(1). A quantile sketch would be
+  smaller but needs a pass over the experts per new density, which is what the cache avoids.
+* **Windows as thresholds.** A window is two sort keys; a position is kept only when a run of
+  equal nonzero magnitudes straddles the cut (equal zeros are never split: the merge does not
+  depend on which of them is kept). The tensor is then cut at those positions into at most
+  2k + 1 pieces, in each of which the window is a plain magnitude threshold
+  (:meth:`Window.bounds`): the trim is one compare per entry in the fused pass — no gather, no
+  scatter, no index arithmetic.
 * **Pass path.** Without a cached order, :func:`_order_key` finds an exact order statistic with a
   strided sample, one chunked counting pass and ``kthvalue`` on the few candidates.
 * Temporaries live in per-thread scratch buffers (:mod:`evomerge.merge.methods.scratch`).
