@@ -205,11 +205,11 @@ def tau_hat_(x: torch.Tensor, e: Expert, spec: Spec, start: int, rank: torch.Ten
         lo, hi = e.window.bounds(start) if e.window is not None else (-math.inf, math.inf)
         if lo == math.inf or hi < 0:  # drop |d| ≤ ∞, or |d| > a negative bound: everything
             x.zero_()
-            lo = hi = math.inf
-        if lo >= 0:  # drop |d| ≤ lo
-            torch.ops.aten.hardshrink.out(x, lo, out=x)
-        if hi != math.inf:  # d − hardshrink(d, hi) drops |d| > hi
-            x.sub_(torch.ops.aten.hardshrink.out(x, hi, out=scratch("fused.aux", x)))
+        else:
+            if lo >= 0:  # drop |d| ≤ lo
+                torch.ops.aten.hardshrink.out(x, lo, out=x)
+            if hi != math.inf:  # d − hardshrink(d, hi) drops |d| > hi
+                x.sub_(torch.ops.aten.hardshrink.out(x, hi, out=scratch("fused.aux", x)))
     else:
         if spec.kind == "random":
             everything, nothing = e.density >= 1, e.density <= 0
