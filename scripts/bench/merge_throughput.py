@@ -7,12 +7,16 @@ For each operator, in its own subprocess (so that memory high-water marks don't 
   two warm-up calls (the first call is the pass path an export takes, the second builds the
   order cache, later ones use it); ``first`` is the first call, ``steady`` the fastest later one;
 * bytes moved per merge = (inputs read + output written) × tensor bytes, against a plain torch
-  copy of the same number of bytes measured in the same subprocess (``of copy``);
+  copy of the same number of bytes measured in the same subprocess (``of copy``: per wall
+  second; ``(cpu)``: per process CPU second, steadier on a machine shared with other jobs);
 * working memory = the RSS high-water mark (CPU; CUDA: the allocator's peak) minus the resident
-  inputs and output, as a multiple of one tensor (``peak/T``, including the order cache and
-  the scratch buffers and the transient of building the cache), and the order cache alone
-  (``cache/T``, kept between candidates); operators with a cache run a second time with it off
-  (``EVOMERGE_ORDER_CACHE_MB=0``): the pass path's time and peak, as an export sees them.
+  inputs and output, as a multiple of one tensor (``peak/T``: over the first two calls too, so
+  including the order cache, the scratch buffers, the transient of building the cache and
+  whatever compiling the fused kernels holds), the steady state's own high-water mark above the
+  memory held before it (``steady``: reset through ``/proc/self/clear_refs``; what one more
+  candidate needs), and the order cache alone (``cache/T``, kept between candidates); operators
+  with a cache run a second time with it off (``EVOMERGE_ORDER_CACHE_MB=0``): the pass path's
+  time and peak, as an export sees them.
 
     python scripts/bench/merge_throughput.py [--rows 65536 --cols 640] [--threads 2] [--device cpu]
     python scripts/bench/merge_throughput.py --model      # also: in-place merges of a 110M Llama + export
@@ -53,24 +57,49 @@ def _sync(device: str) -> None:
 
 
 def _timed(fn, device: str) -> float:
+    return _timed2(fn, device)[0]
+
+
+def _timed2(fn, device: str) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
     _sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def copy_bandwidth(nbytes: int, device: str, reps: int = 5) -> float:
-    """Read+write bytes per second of ``dst.copy_(src)`` moving ``nbytes`` in all."""
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_rss_peak() -> int | None:
+    """Reset the RSS high-water mark (Linux ≥ 4.0: ``clear_refs`` 5); the RSS now, or None."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
+
+
+def copy_bandwidth(nbytes: int, device: str, reps: int = 5) -> tuple[float, float]:
+    """Read+write bytes per second of ``dst.copy_(src)`` moving ``nbytes`` in all: per wall
+    second and per process CPU second (the fastest of ``reps``)."""
     src = torch.rand(max(1, nbytes // 8), device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src), device) for _ in range(reps))
-    return 2 * src.numel() * 4 / best
+    times = [_timed2(lambda: dst.copy_(src), device) for _ in range(reps)]
+    return 2 * src.numel() * 4 / min(t[0] for t in times), 2 * src.numel() * 4 / max(min(t[1] for t in times), 1e-9)
 
 
 def worker(name: str, rows: int, cols: int, experts: int, reps: int, device: str) -> dict:
@@ -100,14 +129,27 @@ def worker(name: str, rows: int, cols: int, experts: int, reps: int, device: str
         op.fn(b, tensors, params, opts, gen, out=out)
 
     first = _timed(call, device)
-    _timed(call, device)  # builds the order cache where the operator has one
-    steady = min(_timed(call, device) for _ in range(reps))
+    _timed(call, device)  # builds the order cache where the operator has one (and compiles)
     peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss_peak()) - resident
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base_now = torch.cuda.memory_allocated()
+    else:
+        base_now = _reset_rss_peak()
+    times = [_timed2(call, device) for _ in range(reps)]
+    steady, steady_cpu = min(t[0] for t in times), min(t[1] for t in times)
+    if device.startswith("cuda"):
+        steady_peak = torch.cuda.max_memory_allocated() - base_now
+    else:
+        hwm = _status_kib("VmHWM")
+        steady_peak = hwm - base_now if base_now is not None and hwm is not None else None
     moved = (k + (1 if op.needs_base else 0) + 1) * tensor_bytes
-    bw = copy_bandwidth(moved, device)
-    return dict(operator=name, experts=k, first_s=first, steady_s=steady, moved_bytes=moved,
-                gbps=moved / steady / 1e9, copy_gbps=bw / 1e9, of_copy=moved / steady / bw,
-                peak_per_tensor=max(peak, 0) / tensor_bytes, cache_per_tensor=order_cache_bytes() / tensor_bytes)
+    bw, bw_cpu = copy_bandwidth(moved, device)
+    return dict(operator=name, experts=k, first_s=first, steady_s=steady, steady_cpu_s=steady_cpu,
+                moved_bytes=moved, gbps=moved / steady / 1e9, copy_gbps=bw / 1e9, of_copy=moved / steady / bw,
+                of_copy_cpu=moved / max(steady_cpu, 1e-9) / bw_cpu,
+                peak_per_tensor=max(peak, 0) / tensor_bytes, cache_per_tensor=order_cache_bytes() / tensor_bytes,
+                steady_peak_per_tensor=None if steady_peak is None else max(steady_peak, 0) / tensor_bytes)
 
 
 def operator_table(args) -> list[dict]:
@@ -116,7 +158,7 @@ def operator_table(args) -> list[dict]:
     print(f"device {args.device}, {args.threads} threads, tensor {args.rows}x{args.cols} float32 "
           f"({args.rows * args.cols * 4 / 2**20:.0f} MiB), up to {args.experts} experts; one subprocess per operator")
     print(f"{'operator':17} {'k':>2} {'first s':>8} {'steady s':>9} {'GB/s':>7} {'copy GB/s':>9} {'of copy':>8} "
-          f"{'peak/T':>7} {'cache/T':>8}")
+          f"{'(cpu)':>7} {'peak/T':>7} {'steady':>7} {'cache/T':>8}")
     for name in names:
         r = _run_worker(args, name, cache=True)
         if r is None:
@@ -126,8 +168,10 @@ def operator_table(args) -> list[dict]:
             r["nocache_steady_s"] = nc["steady_s"] if nc else None
             r["nocache_peak_per_tensor"] = nc["peak_per_tensor"] if nc else None
         rows.append(r)
+        sp = r["steady_peak_per_tensor"]
         line = (f"{name:17} {r['experts']:2d} {r['first_s']:8.3f} {r['steady_s']:9.3f} {r['gbps']:7.2f} "
-                f"{r['copy_gbps']:9.2f} {r['of_copy']:8.1%} {r['peak_per_tensor']:7.2f} {r['cache_per_tensor']:8.2f}")
+                f"{r['copy_gbps']:9.2f} {r['of_copy']:8.1%} {r['of_copy_cpu']:7.1%} {r['peak_per_tensor']:7.2f} "
+                f"{'—' if sp is None else f'{sp:.2f}':>7} {r['cache_per_tensor']:8.2f}")
         if r.get("nocache_peak_per_tensor") is not None:
             line += (f"   without cache: {r['nocache_steady_s']:.3f} s, peak/T {r['nocache_peak_per_tensor']:.2f}")
         print(line, flush=True)
@@ -192,7 +236,7 @@ def model_benchmark(args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     elem = torch.empty((), dtype=dtype).element_size()
     moved = (1 + 3 + 1) * elem * n_params  # read base + 3 experts, write the model (all in --dtype)
-    bw = copy_bandwidth(moved, args.device)
+    bw = copy_bandwidth(moved, args.device)[0]
     print(f"\nmodel: {n_params / 1e6:.1f}M parameters in {args.dtype} on {args.device}, one merge moves "
           f"{moved / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.2f} GB/s")
     times = {}

@@ -32,7 +32,7 @@ def variance_select_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
     k = int(int(torch.count_nonzero(var)) * fraction)
     n = var.numel()
     kept = var.reshape(-1).clone()  # var ≥ 0, so its magnitude ranks are its ranks
-    trim(kept, rank_window(kept, None, n - k, n), torch.empty_like(kept))
+    trim(kept, rank_window(kept, None, n - k, n))
     return (kept > 0).to(var.dtype).view_as(var)  # the window never reaches the zeros (k ≤ #nonzero)
 
 

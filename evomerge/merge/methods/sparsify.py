@@ -1,19 +1,34 @@
 """Sparsification of task vectors, shared by the task-arithmetic family: exact order statistics
-without sorting, deterministic magnitude windows (TIES, breadcrumbs) applied chunk by chunk, and
-the random masks of DARE and DELLA drawn chunk by chunk.
+without sorting, deterministic magnitude windows (TIES, breadcrumbs), and each sparsifier as an
+expert of the fused per-entry pass (:mod:`.fused`), which applies windows, the counter-based
+random masks of DARE and DELLA (:mod:`.counter_rng`) and the rescale entry by entry.
 
 Performance (searches merge thousands of times):
 
 * **Order cache.** A search worker merges the *same* resident experts for every candidate, so the
   order of |τ_k| = |θ_k − θ0| never changes. The second time a (θ_k, θ0) tensor pair is seen, its
-  stable ascending order of |τ| is cached (an int32 permutation, 4 bytes per entry; built bucket by
-  bucket with ~0.4x the tensor transiently, see :func:`_build_order`) and every later magnitude cut is a lookup: no pass over
-  memory. DELLA caches its per-row magnitude ranks the same way (int16 when rows are shorter than
-  32768). The cache is keyed by tensor identity (weak references, in-place changes detected by
-  the version counter), bounded by ``EVOMERGE_ORDER_CACHE_MB`` (default 2048; 0 turns it off;
-  tensors beyond the bound use the pass path) and freed by :func:`release_order_cache`. Tensors
-  seen once (an export reads each tensor once) never pay for a sort. Float32 copies made per call
-  from resident low-precision tensors are keyed by their source (:func:`converted_from`).
+  stable ascending order of |τ| is cached (an int32 permutation, 4 bytes per entry; built bucket
+  by bucket with ~0.4x the tensor transiently, see :func:`_build_order`) and every later
+  magnitude cut is a lookup of two entries: the cut value and whether an equal magnitude ranks
+  just below it. DELLA caches its per-row magnitude ranks the same way (int16 when rows are
+  shorter than 32768), the ``l1`` rescale each pair's Σ|τ| and bound (a few bytes). The cache is
+  keyed by tensor identity (weak references, in-place changes detected by the version counter),
+  bounded by ``EVOMERGE_ORDER_CACHE_MB`` (default 2048; 0 turns it off; tensors beyond the bound
+  use the pass path) and freed by :func:`release_order_cache`. Tensors seen once (an export reads
+  each tensor once) never pay for a sort. Float32 copies made per call from resident
+  low-precision tensors are keyed by their source (:func:`converted_from`). The same sightings
+  decide when the fused pass runs compiled (:func:`resident`).
+* **Why a permutation, not sorted values.** Sorted |τ| would give a density's cut value just as
+  fast and take as much memory (4 bytes per entry), but not the *position* of the boundary entry
+  when a run of equal magnitudes straddles the cut — and in bf16 experts such runs are the rule
+  (few distinct magnitudes). The permutation gives both in O(1). A quantile sketch would be
+  smaller but needs a pass over the experts per new density, which is what the cache avoids.
+* **Windows as thresholds.** A window is two sort keys; a position is kept only when a run of
+  equal nonzero magnitudes straddles the cut (equal zeros are never split: the merge does not
+  depend on which of them is kept). The tensor is then cut at those positions into at most
+  2k + 1 pieces, in each of which the window is a plain magnitude threshold
+  (:meth:`Window.bounds`): the trim is one compare per entry in the fused pass — no gather, no
+  scatter, no index arithmetic.
 * **Pass path.** Without a cached order, :func:`_order_key` finds an exact order statistic with a
   strided sample, one chunked counting pass and ``kthvalue`` on the few candidates.
 * Temporaries live in per-thread scratch buffers (:mod:`evomerge.merge.methods.scratch`).
@@ -31,11 +46,14 @@ import math
 import os
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from evomerge.merge.methods.counter_rng import draw_keys
+from evomerge.merge.methods import fused
+from evomerge.merge.methods.fused import CHUNK, Expert, Spec, della_rule, pieces, tau_hat_
 from evomerge.merge.methods.scratch import scratch
 
 _SMALL = 1 << 18  # below this, torch.kthvalue is as fast as anything else
@@ -51,7 +69,7 @@ class _OrderCache:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.entries: dict[tuple, tuple] = {}  # key -> (ref t, ref b, versions, data)
+        self.entries: dict[tuple, tuple] = {}  # key -> (ref t, ref b, versions, data, nbytes)
         self.seen: dict[tuple, tuple] = {}  # key -> (ref t, ref b, versions)
         self.nbytes = 0
 
@@ -88,12 +106,12 @@ class _OrderCache:
         with self.lock:
             self.seen.pop(key, None)
             if key not in self.entries:
-                self.entries[key] = (weakref.ref(t), weakref.ref(b), stamp, data)
-                self.nbytes += _nbytes(data)
+                self.entries[key] = (weakref.ref(t), weakref.ref(b), stamp, data, nbytes)
+                self.nbytes += nbytes
         return data
 
     def _drop(self, key: tuple) -> None:
-        self.nbytes -= _nbytes(self.entries.pop(key)[3])
+        self.nbytes -= self.entries.pop(key)[4]
 
     def _purge(self) -> None:
         for key in [k for k, e in self.entries.items() if e[0]() is None or e[1]() is None]:
@@ -106,10 +124,6 @@ class _OrderCache:
             self.entries.clear()
             self.seen.clear()
             self.nbytes = 0
-
-
-def _nbytes(data: torch.Tensor) -> int:
-    return data.numel() * data.element_size()
 
 
 _CACHE = _OrderCache()
@@ -137,6 +151,12 @@ def release_order_cache() -> None:
 def order_cache_bytes() -> int:
     """Bytes held by the order cache now."""
     return _CACHE.nbytes
+
+
+def resident(t: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """Whether the (θ_k, θ0) pair was seen before, unchanged (a search worker's resident
+    experts; records this sighting). The fused kernels run compiled only for resident pairs."""
+    return b is not None and _CACHE.get("pair", t, b, 0, lambda: True) is not None
 
 
 def _stable_order(t: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
@@ -328,7 +348,14 @@ def kth_largest(a: torch.Tensor, k: int, absolute: bool = False, minus: torch.Te
 class Window:
     """The entries a deterministic sparsifier keeps: those whose rank in ascending |τ| order
     (ties broken by index) lies in [r0, r1), as two sort keys (magnitude, position): keep
-    (|τ_i|, i) ≥ (lo, lo_pos) and < (hi, hi_pos), lexicographically."""
+    (|τ_i|, i) ≥ (lo, lo_pos) and < (hi, hi_pos), lexicographically.
+
+    A position is 0 unless a run of equal nonzero magnitudes straddles the cut (some of its
+    entries ranked on each side): then ``lo_pos``/``hi_pos`` is the position of the key entry
+    and the tensor is split there (:meth:`splits`), each piece being a plain magnitude
+    threshold (:meth:`bounds`). Equal zeros are never split: whichever of them is kept, the
+    merge is the same.
+    """
 
     lo: float = -math.inf  # no lower cut when −inf
     lo_pos: int = 0
@@ -337,16 +364,37 @@ class Window:
     nothing: bool = False
     everything: bool = False
 
+    def splits(self) -> tuple[int, ...]:
+        """Positions where :meth:`bounds` changes."""
+        return tuple(p for p in (self.lo_pos, self.hi_pos) if p > 0)
+
+    def bounds(self, start: int) -> tuple[float, float]:
+        """(lo_x, hi_x) for the piece that starts at ``start`` (pieces never contain a split):
+        keep |d| with lo_x < |d| ≤ hi_x (float32 d)."""
+        if self.nothing:
+            return math.inf, math.inf
+        lo = self.lo if self.lo == -math.inf or start < self.lo_pos else _just_below(self.lo)
+        hi = self.hi if self.hi == math.inf or start < self.hi_pos else _just_below(self.hi)
+        return lo, hi
+
 
 def _key(t: torch.Tensor, base: torch.Tensor | None, rank: int,
          order: torch.Tensor | None) -> tuple[float, int]:
-    """The sort key (|τ_i|, i) of the entry with 0-based ``rank`` in stable ascending |τ| order."""
+    """The sort key (|τ_i|, i) of the entry with 0-based ``rank`` in stable ascending |τ| order,
+    with i = 0 unless an entry of equal nonzero magnitude ranks below it (see :class:`Window`)."""
     if order is not None:
         i = int(order[rank])
-        x = t.reshape(-1)[i:i + 1]
-        return float(_values(x, base.reshape(-1)[i:i + 1] if base is not None else None, True)), i
-    v, _, _, i = _order_key(t, rank + 1, True, base)
-    return v, i
+        v = _magnitude(t, base, i)
+        straddles = rank > 0 and _magnitude(t, base, int(order[rank - 1])) == v
+    else:
+        v, n_lt, _, i = _order_key(t, rank + 1, True, base)
+        straddles = n_lt < rank
+    return v, i if straddles and v != 0 else 0
+
+
+def _magnitude(t: torch.Tensor, base: torch.Tensor | None, i: int) -> float:
+    x = t.reshape(-1)[i:i + 1]
+    return float(_values(x, base.reshape(-1)[i:i + 1] if base is not None else None, True))
 
 
 def rank_window(t: torch.Tensor, base: torch.Tensor | None, r0: int, r1: int) -> Window:
@@ -365,39 +413,15 @@ def rank_window(t: torch.Tensor, base: torch.Tensor | None, r0: int, r1: int) ->
     return Window(**w)
 
 
-def trim(d: torch.Tensor, w: Window, tmp: torch.Tensor, offset: int = 0) -> None:
-    """Zero the entries of ``d`` (positions ``offset``… of the whole tensor) outside ``w``, in place.
-
-    Only magnitude thresholds on slices: entries before a key's position compare strictly on
-    one side of the tie, the others on the other side.
-    """
+def trim(d: torch.Tensor, w: Window, offset: int = 0) -> None:
+    """Zero the entries of ``d`` (positions ``offset``… of the whole tensor) outside ``w``, in place
+    (magnitude thresholds per piece, see :class:`Window`; the fused pass applies the same rule)."""
     if w.everything:
         return
-    if w.nothing:
-        d.zero_()
-        return
-    flat = d.view(-1)
-    n = flat.numel()
-    if w.lo != -math.inf:  # keep |d| ≥ lo from lo_pos on, |d| > lo before it
-        cut = min(max(w.lo_pos - offset, 0), n)
-        if cut > 0:
-            torch.ops.aten.hardshrink.out(flat[:cut], w.lo, out=flat[:cut])
-        lam = _just_below(w.lo)
-        if cut < n and lam >= 0:
-            torch.ops.aten.hardshrink.out(flat[cut:], lam, out=flat[cut:])
-    if w.hi != math.inf:  # drop |d| > hi before hi_pos, |d| ≥ hi from hi_pos on
-        cut = min(max(w.hi_pos - offset, 0), n)
-        t = tmp.view(-1)
-        if cut > 0:
-            torch.ops.aten.hardshrink.out(flat[:cut], w.hi, out=t[:cut])
-            flat[:cut].sub_(t[:cut])
-        if cut < n:
-            lam = _just_below(w.hi)
-            if lam < 0:  # drop |d| ≥ 0: everything
-                flat[cut:].zero_()
-            else:
-                torch.ops.aten.hardshrink.out(flat[cut:], lam, out=t[cut:n])
-                flat[cut:].sub_(t[cut:n])
+    flat, spec, expert = d.view(-1), Spec("window"), Expert(t=d, window=w)
+    cuts = sorted({0, flat.numel(), *(min(max(p - offset, 0), flat.numel()) for p in w.splits())})
+    for s, e in zip(cuts[:-1], cuts[1:]):
+        tau_hat_(flat[s:e], expert, spec, offset + s, None)
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -422,130 +446,87 @@ def window(t: torch.Tensor, base: torch.Tensor | None, method: str, p: dict[str,
     return rank_window(t, base, n_bot, n_bot + target)
 
 
-def trim_scale(t, base, w: Window, p: dict[str, Any], options: dict[str, Any]) -> float:
-    """The ``rescale`` factor for a deterministically trimmed τ = t − base (1 when off)."""
-    density = float(p.get("density", 1.0))
-    if not options.get("rescale", False) or density >= 1 or density <= 0:
-        return 1.0
-    if options.get("rescale_mode", "l1") == "inverse_p":
-        return 1.0 / density
-    before = after = 0.0
-    flat_t, flat_b = t.reshape(-1), base.reshape(-1)
-    for i in range(0, flat_t.numel(), _CHUNK):
-        x = torch.sub(flat_t[i:i + _CHUNK], flat_b[i:i + _CHUNK], out=scratch("kth.abs", flat_b[i:i + _CHUNK]))
-        before += float(torch.linalg.vector_norm(x, 1))
-        trim(x, w, scratch("sparsify.aux", x), offset=i)
-        after += float(torch.linalg.vector_norm(x, 1))
-    return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
-
-
-# ---------------------------------------------------------------------- random masks (DARE, DELLA)
-@dataclass(frozen=True)
-class Drop:
-    """What a random sparsifier keeps of one τ = t − base, and how survivors are rescaled:
-    τ̂ = τ · mask · factor / divisor (per-entry DELLA keep probabilities when ``ranks`` is set)."""
-
-    mask: torch.Tensor | None = None  # bool, flat; None: everything kept
-    factor: float = 1.0  # l1 rescale
-    divisor: float = 1.0  # inverse_p rescale by density (DARE)
-    ranks: torch.Tensor | None = None  # DELLA inverse_p: the row ranks, flat
-    density: float = 1.0
-    epsilon: float = 0.0
-    cols: int = 1
-
-
-def _della_probs(ranks: torch.Tensor, density: float, eps: float, cols: int, out: torch.Tensor) -> torch.Tensor:
-    """DELLA's keep probability from 0-based row ranks: density − ε … density + ε, clamped."""
-    out.copy_(ranks)
-    if cols > 1:
-        out.mul_(2 * eps / (cols - 1)).add_(density - eps)
-    else:
-        out.fill_(density)
-    return out.clamp_(0.0, 1.0)
-
-
-def draw(t: torch.Tensor, base: torch.Tensor | None, method: str, p: dict[str, Any],
-         options: dict[str, Any], generator: torch.Generator | None) -> Drop:
-    """Draw a random sparsifier's mask for τ = t − base (``random``: keep each entry with
-    probability ``density``; ``della``: with probability rising linearly with the entry's
-    magnitude rank in its row from density − ε to density + ε, ranks ascending and ties by
-    column) and its rescale.
-
-    Draws ``numel`` uniforms from ``generator`` in index order (on CPU chunk by chunk, which
-    yields the same stream). Working memory: the bool mask, plus τ itself for the ``l1`` rescale
-    (mergekit: match τ's L1 norm before the drop; skipped when either norm is below 1e-7).
-    """
-    density = float(p.get("density", 1.0))
-    if density >= 1:
-        return Drop()
-    if method not in ("random", "della"):
-        raise ValueError(f"unknown random sparsification {method!r}")
-    _need_generator(generator)
-    n = t.numel()
-    flat_t = t.reshape(-1)
-    flat_b = base.reshape(-1) if base is not None else None
-    if density <= 0:
-        return Drop(mask=torch.zeros(n, dtype=torch.bool, device=t.device))
-    rescale = bool(options.get("rescale", False))
-    mode = options.get("rescale_mode", "l1")
-    eps = float(p.get("epsilon", 0.15))
-    ranks = row_ranks(t, base).reshape(-1) if method == "della" else None
-    cols = _rows(t).shape[1]
-    mask = torch.empty(n, dtype=torch.bool, device=t.device)
-    step = ROW_CHUNK if t.device.type == "cpu" else max(n, 1)  # CUDA streams differ when chunked
-    for i in range(0, n, step):
-        u = scratch("draw.u", flat_t[i:i + step])
-        u.uniform_(generator=generator)
-        if ranks is None:
-            u.lt_(density)
-        else:
-            u.lt_(_della_probs(ranks[i:i + step], density, eps, cols, scratch("draw.p", u)))
-        mask[i:i + step].copy_(u)  # float 0/1 → bool: ~4x faster than comparing into bool
-    drop = dict(mask=mask, density=density, epsilon=eps, cols=cols)
-    if rescale and mode == "l1":
-        d = _values(flat_t, flat_b, False, out=scratch("draw.d", flat_t))
-        before = float(torch.linalg.vector_norm(d, 1))
-        after = float(torch.linalg.vector_norm(d.mul_(mask.view(torch.uint8)), 1))
-        if before >= 1e-7 and after >= 1e-7:
-            drop["factor"] = before / after
-    elif rescale:  # inverse_p: divide by the keep probability
-        if ranks is None:
-            drop["divisor"] = density
-        else:
-            drop["ranks"] = ranks
-    return Drop(**drop)
-
-
-def apply_drop(d: torch.Tensor, drop: Drop, offset: int = 0) -> torch.Tensor:
-    """τ̂ for the flat slice ``d`` = τ[offset : offset + len(d)], in place."""
-    if drop.mask is None:
-        return d
-    end = offset + d.numel()
-    d.mul_(drop.mask[offset:end].view(torch.uint8))  # d·1 or d·0, as a float mask would; ~4x faster than bool
-    if drop.factor != 1.0:
-        d.mul_(drop.factor)
-    if drop.divisor != 1.0:
-        d.div_(drop.divisor)
-    if drop.ranks is not None:
-        probs = _della_probs(drop.ranks[offset:end], drop.density, drop.epsilon, drop.cols,
-                             scratch("drop.p", d))
-        d.div_(probs.clamp_(min=1e-12))  # dropped entries are 0, so 0 / p stays 0
-    return d
-
-
-def _need_generator(generator: torch.Generator | None) -> None:
+def need_generator(generator: torch.Generator | None) -> None:
     if generator is None:
         raise ValueError("random operators need a seeded torch.Generator")
 
 
+# ---------------------------------------------------------------------- sparsifiers as fused-pass experts
+SPARSIFIERS = {"magnitude": "window", "magnitude_outliers": "window", "random": "random", "della": "della"}
+
+
+def spec(method: str, options: dict[str, Any], consensus: bool = False, normalize: bool = False) -> Spec:
+    """The fused pass's :class:`~evomerge.merge.methods.fused.Spec` for sparsifier ``method``."""
+    inverse_p = bool(options.get("rescale", False)) and options.get("rescale_mode", "l1") == "inverse_p"
+    return Spec(SPARSIFIERS[method], consensus=consensus, count=options.get("sign_method", "sum") == "count",
+                normalize=normalize, entry_divisor=method == "della" and inverse_p)
+
+
+def random_keys(method: str, params: list[dict[str, Any]], generator: torch.Generator | None) -> list[int]:
+    """Counter-RNG keys of a random sparsifier: one per model whose density is in (0, 1), drawn
+    from ``generator`` in models order (0 for the others, which keep all or nothing)."""
+    if SPARSIFIERS[method] == "window":
+        return [0] * len(params)
+    need_generator(generator)
+    random = [0 < float(p.get("density", 1.0)) < 1 for p in params]
+    keys = iter(draw_keys(generator, sum(random)))
+    return [next(keys) if r else 0 for r in random]
+
+
+def sparsifier(t: torch.Tensor, base: torch.Tensor | None, method: str, p: dict[str, Any],
+               options: dict[str, Any], key: int, weight: float = 1.0) -> Expert:
+    """What ``method`` keeps of τ = t − base and how it rescales (all but the l1 factor, which
+    :func:`~evomerge.merge.methods.fused.l1_factors` measures), as a fused-pass expert."""
+    density = float(p.get("density", 1.0))
+    inverse_p = (bool(options.get("rescale", False)) and options.get("rescale_mode", "l1") == "inverse_p"
+                 and 0 < density < 1)
+    flat = t.reshape(-1)
+    kind = SPARSIFIERS[method]
+    if kind == "window":
+        return Expert(flat, weight, window=window(t, base, method, p), divisor=density if inverse_p else 1.0)
+    if kind == "random":
+        return Expert(flat, weight, key=key, density=density, divisor=density if inverse_p else 1.0)
+    c1, c0 = della_rule(density, float(p.get("epsilon", 0.15)), _rows(t).shape[1])
+    ranks = row_ranks(t, base).reshape(-1) if 0 < density < 1 else None
+    return Expert(flat, weight, key=key, ranks=ranks, c1=c1, c0=c0)
+
+
+def with_l1_factors(experts: list[Expert], tensors: list[torch.Tensor], base: torch.Tensor, sp: Spec,
+                    compile_ok: bool) -> list[Expert]:
+    """``experts`` (τ_k = tensors[k] − base) with mergekit's l1 rescale factor Σ|τ_k| / Σ|τ̂_k|
+    (1 where either norm is below 1e-7), from exact fixed-point sums (:func:`.fused.l1_sums`).
+    A resident pair's grid and Σ|τ| are cached, leaving one pass for the Σ|τ̂| of a new mask."""
+    flat_b = base.reshape(-1)
+    stats = [_CACHE.get("l1", t, base, 0, lambda e=e: _l1_stats(e, flat_b)) for t, e in zip(tensors, experts)]
+    if all(st is not None for st in stats):
+        experts = [replace(e, grid=st[0]) for e, st in zip(experts, stats)]
+        befores = [st[1] for st in stats]
+        afters = fused.l1_sums(flat_b, experts, sp, compile_ok, before=False)
+    else:
+        experts = [replace(e, grid=fused.l1_grid(fused.l1_bound(e.t, flat_b), e.t.numel())) for e in experts]
+        sums = fused.l1_sums(flat_b, experts, sp, compile_ok, before=True)
+        befores, afters = sums[0::2], sums[1::2]
+    return [replace(e, factor=l1_factor(before, after, e.grid)) for e, before, after in zip(experts, befores, afters)]
+
+
+def _l1_stats(e: Expert, flat_b: torch.Tensor) -> tuple[float, int]:
+    grid = fused.l1_grid(fused.l1_bound(e.t, flat_b), e.t.numel())
+    return grid, fused.l1_sums(flat_b, [Expert(e.t, grid=grid)], Spec("window"), False, before=False)[0]
+
+
+def l1_factor(before: int, after: int, grid: float) -> float:
+    """Σ|τ| / Σ|τ̂| from fixed-point sums in units of 1/grid (1 when either is below 1e-7)."""
+    if grid == 0 or before / grid < 1e-7 or after / grid < 1e-7:
+        return 1.0
+    return before / after
+
+
 # ---------------------------------------------------------------------- one task vector (in place)
-SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della")
-
-
 def sparsify_(d: torch.Tensor, method: str, p: dict[str, Any], options: dict[str, Any],
               generator: torch.Generator | None) -> torch.Tensor:
     """Sparsify a task vector ``d`` in place with ``method`` and per-model parameters ``p`` (the
-    same selection and rescale the operators apply to τ = θ_k − θ0).
+    selection and rescale the operators apply to τ = θ_k − θ0; the l1 rescale from whole-tensor
+    norms here).
 
     density ≥ 1 leaves ``d`` untouched (also for ``rescale``), density ≤ 0 zeroes it, as in
     mergekit.
@@ -558,16 +539,15 @@ def sparsify_(d: torch.Tensor, method: str, p: dict[str, Any], options: dict[str
     if density <= 0:
         return d.zero_()
     flat = d.view(-1)
-    if method in ("random", "della"):
-        return apply_drop(flat, draw(d, None, method, p, options, generator)).view_as(d)
-    rescale = bool(options.get("rescale", False))
-    l1 = rescale and options.get("rescale_mode", "l1") == "l1"
-    before = float(torch.linalg.vector_norm(flat, 1)) if l1 else 0.0
-    trim(flat, window(flat, None, method, p), scratch("sparsify.aux", flat))
+    expert = sparsifier(d, None, method, p, options, random_keys(method, [p], generator)[0])
+    l1 = bool(options.get("rescale", False)) and options.get("rescale_mode", "l1") == "l1"
+    grid = fused.l1_grid(float(flat.abs().max()), flat.numel()) if l1 else 0.0
+    before = int((flat.abs() * grid).to(torch.int64).sum()) if l1 else 0
+    sp = spec(method, options)
+    for s, e in pieces(flat.numel(), [expert], CHUNK if d.device.type == "cpu" else None):
+        tau_hat_(flat[s:e], expert, sp, s, expert.ranks[s:e] if expert.ranks is not None else None)
     if l1:
-        after = float(torch.linalg.vector_norm(flat, 1))
-        if before >= 1e-7 and after >= 1e-7:
-            flat.mul_(before / after)
-    elif rescale:
-        flat.div_(density)
+        factor = l1_factor(before, int((flat.abs() * grid).to(torch.int64).sum()), grid)
+        if factor != 1:
+            flat.mul_(factor)
     return d

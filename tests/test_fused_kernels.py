@@ -1,0 +1,210 @@
+"""The fused pass of the task-arithmetic family: compiled == eager (bitwise), the counter RNG of
+DARE/DELLA (reproducible, independent of chunking, the right drop rate), and the fallback to
+the eager path when compiling is off or fails."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from evomerge.merge.methods import compiled, counter_rng, fused, get_operator
+from evomerge.merge.methods import sparsify as sp
+
+torch.set_num_threads(1)
+
+
+def experts(shape, k=3, seed=0, quantised=True):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    if quantised:  # bf16-like: runs of equal magnitudes straddle the cuts, so windows split pieces
+        return base, [base + torch.randint(-4, 5, shape, generator=g) * 2.0 ** -10 for _ in range(k)]
+    return base, [base + 0.01 * torch.randn(shape, generator=g) for _ in range(k)]
+
+
+def merge(name, base, ts, params, options, seed=9):
+    op = get_operator(name)
+    full = [{**op.model_params, **p} for p in params]
+    return op.fn(base, ts, full, {**op.global_params, **options}, torch.Generator().manual_seed(seed),
+                 out=torch.empty_like(base))
+
+
+class Spy:
+    """Counts the compiled kernel calls that ran."""
+
+    def __init__(self, monkeypatch):
+        self.ran = 0
+        real = compiled.run
+
+        def run(*args, **kw):
+            ok, value = real(*args, **kw)
+            self.ran += ok
+            return ok, value
+
+        monkeypatch.setattr(compiled, "run", run)
+
+
+@pytest.fixture
+def compile_small(monkeypatch):
+    """Compiled kernels for tensors of any size; skips where torch.compile cannot build one."""
+    monkeypatch.delenv("EVOMERGE_COMPILE", raising=False)
+    compiled.reset()
+    monkeypatch.setattr(fused, "COMPILE_MIN", 2)
+    if not compiled.run(_probe, {}, torch.zeros(8))[0]:
+        compiled.reset()
+        pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler?)")
+    yield Spy(monkeypatch)
+    compiled.reset()
+
+
+def _probe(x):
+    x.copy_(x + 1)
+
+
+W = [{"weight": 0.5, "density": 0.6, "gamma": 0.05, "epsilon": 0.2},
+     {"weight": -0.3, "density": 0.27, "gamma": 0.1, "epsilon": 0.1},
+     {"weight": 0.7, "density": 0.93, "gamma": 0.0, "epsilon": 0.05}]
+EDGE = [{"weight": 0.0, "density": 0.5}, {"weight": 0.4, "density": 0.0}, {"weight": 0.6, "density": 1.0},
+        {"weight": 0.2, "density": 0.45}]
+CASES = [("ties", {}), ("ties", {"sign_method": "count", "lambda": 0.7}), ("ties", {"rescale": True}),
+         ("ties", {"rescale": True, "rescale_mode": "inverse_p", "normalize": False}),
+         ("dare_ties", {}), ("dare_ties", {"rescale_mode": "inverse_p", "normalize": True}),
+         ("dare_linear", {"normalize": True}),
+         ("breadcrumbs", {}), ("breadcrumbs_ties", {"rescale": True}),
+         ("della", {}), ("della", {"rescale_mode": "inverse_p", "sign_method": "count"}),
+         ("della_linear", {"rescale": False})]
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=lambda c: str(c))
+def test_compiled_kernels_equal_the_eager_pass_bitwise(compile_small, name, options):
+    for params, shape in ((W, (61, 67)), (EDGE, (33, 50))):
+        base, ts = experts(shape, k=len(params))
+        compiled.reset(enabled=False)
+        eager = merge(name, base, ts, params, options)
+        compiled.reset()
+        first = merge(name, base, ts, params, options)  # first sighting: eager
+        ran = compile_small.ran
+        steady = merge(name, base, ts, params, options)  # resident pairs: compiled
+        assert compile_small.ran > ran, "the compiled kernel did not run"
+        assert torch.equal(first, eager)
+        assert torch.equal(steady, eager), (name, options, (steady - eager).abs().max().item())
+
+
+def test_compiled_kernels_write_into_non_contiguous_outputs(compile_small):
+    base, ts = experts((40, 30))
+    op = get_operator("ties")
+    params = [{**op.model_params, **p} for p in W]
+    want = op.fn(base, ts, params, op.global_params, None)
+    for _ in range(2):
+        out = torch.empty(40, 60)[:, ::2]
+        assert op.fn(base, ts, params, op.global_params, None, out=out) is out
+        assert torch.equal(out, want)
+
+
+# ---------------------------------------------------------------------- the counter RNG
+def test_uniforms_match_the_integer_definition():
+    idx = torch.tensor([0, 1, 2, 1000, 65535, 65536, 2 ** 24 + 7, 2 ** 31 - 2, 2 ** 31 - 1], dtype=torch.int32)
+    for key in (0, 1, 123456789, 2 ** 31 - 1):
+        want = [counter_rng.uniform_reference(key, i) for i in idx.tolist()]
+        assert counter_rng.uniforms(idx, key).tolist() == want
+        assert counter_rng.uniforms(idx, torch.tensor(key, dtype=torch.int32)).tolist() == want
+        got = counter_rng.uniforms_into(torch.empty(5), 2 ** 31 - 5, key, torch.empty(5, dtype=torch.int32))
+        assert got.tolist() == [counter_rng.uniform_reference(key, i) for i in range(2 ** 31 - 5, 2 ** 31)]
+    u = counter_rng.uniforms(torch.arange(1 << 16, dtype=torch.int32), 7)
+    assert 0 <= u.min() and u.max() < 1 and torch.equal(u, (u * 2 ** 24).floor() / 2 ** 24)  # 24-bit grid
+
+
+def test_keys_come_from_the_generator_and_blocks_get_their_own():
+    g = torch.Generator().manual_seed(3)
+    keys = counter_rng.draw_keys(g, 4)
+    assert keys == counter_rng.draw_keys(torch.Generator().manual_seed(3), 4)
+    assert len(set(keys)) == 4 and all(0 <= k < 2 ** 31 for k in keys)
+    assert counter_rng.block_key(keys[0], 0) == keys[0]
+    blocks = {counter_rng.block_key(keys[0], j) for j in range(1, 50)}
+    assert len(blocks) == 49 and all(0 <= k < 2 ** 31 for k in blocks) and keys[0] not in blocks
+    # passes split at every block of 2³¹ positions (int32 index arithmetic)
+    n = 2 * counter_rng.BLOCK + 5
+    assert list(fused.pieces(n, [], None)) == [(0, counter_rng.BLOCK), (counter_rng.BLOCK, 2 * counter_rng.BLOCK),
+                                               (2 * counter_rng.BLOCK, n)]
+
+
+def test_same_seed_same_mask_and_any_chunking_gives_the_same_mask(monkeypatch):
+    tau = torch.randn(700, 900, generator=torch.Generator().manual_seed(1))
+
+    def drop(seed):
+        return sp.sparsify_(tau.clone(), "random", {"density": 0.3}, {}, torch.Generator().manual_seed(seed))
+
+    a = drop(5)
+    assert torch.equal(a, drop(5))
+    assert not torch.equal(a != 0, drop(6) != 0)
+    base, ts = experts((700, 900), quantised=False)
+    merged = merge("dare_ties", base, ts, W, {})
+    for chunk in (1000, 4096 + 3, 1 << 20):
+        monkeypatch.setattr(fused, "CHUNK", chunk)
+        assert torch.equal(drop(5), a)
+        assert torch.equal(merge("dare_ties", base, ts, W, {}), merged)
+
+
+def test_drop_rate_and_independence_are_binomial():
+    n = 1 << 20
+    tau = torch.ones(n)
+    for density in (0.05, 0.3, 0.9):
+        g = torch.Generator().manual_seed(11)
+        a = sp.sparsify_(tau.clone(), "random", {"density": density}, {}, g) != 0
+        b = sp.sparsify_(tau.clone(), "random", {"density": density}, {}, g) != 0  # next key
+        sd = math.sqrt(density * (1 - density) / n)
+        assert abs(a.float().mean().item() - density) < 5 * sd
+        both, sd2 = density ** 2, math.sqrt(density ** 2 * (1 - density ** 2) / n)
+        assert abs((a & b).float().mean().item() - both) < 5 * sd2  # two experts' masks: independent
+        assert abs((a[1:] & a[:-1]).float().mean().item() - both) < 5 * sd2  # neighbours: independent
+        rows = a.view(1024, 1024).float().mean(1)  # no stripes: every row of 1024 is binomial too
+        assert (rows - density).abs().max().item() < 6 * math.sqrt(density * (1 - density) / 1024)
+
+
+def test_dare_rescale_keeps_the_expected_magnitude():
+    tau = torch.randn(1 << 20, generator=torch.Generator().manual_seed(2))
+    d = sp.sparsify_(tau.clone(), "random", {"density": 0.25}, {"rescale": True, "rescale_mode": "inverse_p"},
+                     torch.Generator().manual_seed(0))
+    kept = d != 0
+    assert torch.equal(d[kept], tau[kept] / 0.25)
+    assert abs(d.sum().item() - tau.sum().item()) < 6 * math.sqrt(3 * tau.numel())  # E[τ̂] = τ
+
+
+# ---------------------------------------------------------------------- the compile policy
+def test_compiling_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("EVOMERGE_COMPILE", "0")
+    compiled.reset()
+    try:
+        assert not compiled.available(torch.device("cpu"))
+        assert compiled.run(_probe, {}, torch.zeros(8)) == (False, None)
+    finally:
+        compiled.reset()
+    assert not compiled.available(torch.device("meta"))  # only CPU kernels are compiled
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_pass_once(monkeypatch, caplog):
+    monkeypatch.delenv("EVOMERGE_COMPILE", raising=False)
+    monkeypatch.setattr(fused, "COMPILE_MIN", 2)
+    compiled.reset()
+
+    def broken(fn, **kw):
+        def call(*args):
+            raise RuntimeError("no C++ compiler")
+        return call
+
+    base, ts = experts((30, 40))
+    compiled.reset(enabled=False)
+    want = merge("ties", base, ts, W, {})
+    monkeypatch.setattr(torch, "compile", broken)
+    compiled.reset(forget_kernels=True)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="evomerge.merge.methods.compiled"):
+            for _ in range(3):
+                assert torch.equal(merge("ties", base, ts, W, {}), want)
+        assert not compiled.available(torch.device("cpu"))
+        failures = [r for r in caplog.records if "compiling failed" in r.getMessage()]
+        assert len(failures) == 1 and "no C++ compiler" in failures[0].getMessage()
+    finally:
+        compiled.reset(forget_kernels=True)
