@@ -67,7 +67,7 @@ def test_ask_ahead_restores_exactly():
 
 
 def test_async_cmaes_run_killed_and_resumed_equals_uninterrupted(tiny_models, tmp_path):
-    cfg = config(tiny_models, tmp_path, optimizer={"name": "cmaes", "options": {"ask_ahead": True}},
+    cfg = config(tiny_models, tmp_path, optimizer={"name": "cmaes", "options": {"ask_ahead": True}, "warm_start": "auto"},
                  budget={"evaluations": 40}, search={"window": 5},
                  executor={"worker_options": {"sleep": 0.03, "log": str(tmp_path / "log.txt")}})
     run_search_then_sigkill(cfg, tmp_path / "killed", after=13, timeout=60)

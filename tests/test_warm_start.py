@@ -137,7 +137,7 @@ def _checkpointed_optimizer(run_dir):
 
 
 def test_search_evaluates_the_parents_first_and_centres_cmaes_on_the_best(tiny_models, tmp_path):
-    cfg = config(tiny_models, tmp_path, budget={"evaluations": 6}, search={"references": False})
+    cfg = config(tiny_models, tmp_path, optimizer={"name": "cmaes", "warm_start": "auto"}, budget={"evaluations": 6}, search={"references": False})
     out = run_search(SearchConfig.from_dict(cfg), tmp_path / "run")
     assert out.evaluations == 6
     with RunStore(tmp_path / "run") as s:
@@ -154,7 +154,7 @@ def test_search_evaluates_the_parents_first_and_centres_cmaes_on_the_best(tiny_m
 
 
 def test_parents_are_served_by_their_references_and_counted(tiny_models, tmp_path):
-    cfg = config(tiny_models, tmp_path, budget={"evaluations": 8})
+    cfg = config(tiny_models, tmp_path, optimizer={"name": "cmaes", "warm_start": "auto"}, budget={"evaluations": 8})
     out = run_search(SearchConfig.from_dict(cfg), tmp_path / "run")
     with RunStore(tmp_path / "run") as s:
         trials, refs = s.trials(), s.references()
@@ -170,7 +170,7 @@ def test_parents_are_served_by_their_references_and_counted(tiny_models, tmp_pat
 
 @pytest.mark.parametrize("references", [False, True])
 def test_sigkill_during_the_warm_start_then_resume_equals_uninterrupted(tiny_models, tmp_path, references):
-    cfg = config(tiny_models, tmp_path, budget={"evaluations": 12},
+    cfg = config(tiny_models, tmp_path, optimizer={"name": "cmaes", "warm_start": "auto"}, budget={"evaluations": 12},
                  search={"references": references, "window": 3},
                  executor={"worker_options": {"sleep": 0.2, "log": str(tmp_path / "log.txt")}})
     run_search_then_sigkill(cfg, tmp_path / "killed", after=4 if references else 2, timeout=60)
@@ -230,8 +230,18 @@ def test_warm_starts_the_space_cannot_take_fail_in_preflight(tiny_models, tmp_pa
         with pytest.raises(ConfigError, match=message) as e:
             check_optimizer(cfg, make_space(cfg.space, pool))
         assert "\n" not in str(e.value)
-    # left at its default, parents is skipped where the space cannot express them
-    cfg = SearchConfig.from_dict(config(tiny_models, tmp_path, space={"type": "dfs"}))
+    # auto: parents is skipped where the space cannot express them
+    cfg = SearchConfig.from_dict(config(tiny_models, tmp_path, space={"type": "dfs"},
+                                        optimizer={"name": "cmaes", "warm_start": "auto"}))
+    pool = ModelPool.from_paths(cfg.models.base, cfg.models.input_models())
+    assert not isinstance(check_optimizer(cfg, make_space(cfg.space, pool)), WarmStart)
+
+
+def test_warm_start_is_off_unless_asked(tiny_models, tmp_path):
+    from evomerge.search.setup import check_optimizer
+
+    cfg = SearchConfig.from_dict(config(tiny_models, tmp_path))
+    assert cfg.optimizer.warm_start.kind == "none"
     pool = ModelPool.from_paths(cfg.models.base, cfg.models.input_models())
     assert not isinstance(check_optimizer(cfg, make_space(cfg.space, pool)), WarmStart)
 
