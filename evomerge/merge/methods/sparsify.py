@@ -59,7 +59,7 @@ from evomerge.merge.methods.scratch import scratch
 _SMALL = 1 << 18  # below this, torch.kthvalue is as fast as anything else
 _SAMPLE = 1 << 15
 _CHUNK = 1 << 20
-ROW_CHUNK = 1 << 18  # entries per chunk of whole rows in chunked passes (DELLA, random masks)
+ROW_CHUNK = 1 << 18  # entries per chunk of whole rows when DELLA's ranks are built
 
 
 # ---------------------------------------------------------------------- the order cache
