@@ -68,13 +68,10 @@ W = [{"weight": 0.5, "density": 0.6, "gamma": 0.05, "epsilon": 0.2},
      {"weight": 0.7, "density": 0.93, "gamma": 0.0, "epsilon": 0.05}]
 EDGE = [{"weight": 0.0, "density": 0.5}, {"weight": 0.4, "density": 0.0}, {"weight": 0.6, "density": 1.0},
         {"weight": 0.2, "density": 0.45}]
-CASES = [("ties", {}), ("ties", {"sign_method": "count", "lambda": 0.7}), ("ties", {"rescale": True}),
-         ("ties", {"rescale": True, "rescale_mode": "inverse_p", "normalize": False}),
-         ("dare_ties", {}), ("dare_ties", {"rescale_mode": "inverse_p", "normalize": True}),
-         ("dare_linear", {"normalize": True}),
-         ("breadcrumbs", {}), ("breadcrumbs_ties", {"rescale": True}),
-         ("della", {}), ("della", {"rescale_mode": "inverse_p", "sign_method": "count"}),
-         ("della_linear", {"rescale": False})]
+CASES = [("ties", {}), ("ties", {"sign_method": "count", "rescale": True, "rescale_mode": "inverse_p"}),
+         ("dare_ties", {}), ("dare_linear", {"rescale_mode": "inverse_p", "normalize": True}),
+         ("breadcrumbs", {"lambda": 0.7}), ("breadcrumbs_ties", {"rescale": True}),
+         ("della", {}), ("della_linear", {"rescale_mode": "inverse_p", "normalize": True})]
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=lambda c: str(c))
@@ -170,6 +167,26 @@ def test_dare_rescale_keeps_the_expected_magnitude():
     kept = d != 0
     assert torch.equal(d[kept], tau[kept] / 0.25)
     assert abs(d.sum().item() - tau.sum().item()) < 6 * math.sqrt(3 * tau.numel())  # E[τ̂] = τ
+
+
+def test_l1_sums_are_exact_fixed_point_integers(monkeypatch):
+    for bound, n in ((1.0, 1), (0.75, 1000), (3e-3, 1 << 26), (1e-40, 5), (2.0 ** 100, 7)):
+        grid = fused.l1_grid(bound, n)
+        assert n * grid * bound < 2 ** 62 and n * grid * bound * 8 >= 2 ** 62 or grid == 2.0 ** 127
+    assert fused.l1_grid(0.0, 10) == fused.l1_grid(math.inf, 10) == 0.0
+    base, ts = experts((300, 500), quantised=False)
+    spec = sp.spec("random", {"rescale": True})
+    keys = counter_rng.draw_keys(torch.Generator().manual_seed(0), len(ts))
+    ex = [fused.Expert(t.reshape(-1), key=k, density=0.4, grid=fused.l1_grid(float((t - base).abs().max()), t.numel()))
+          for t, k in zip(ts, keys)]
+    got = fused.l1_sums(base.reshape(-1), ex, spec, False, before=True)
+    for j, (t, e) in enumerate(zip(ts, ex)):  # Σ trunc(|v|·grid), whole tensor, plainly
+        tau = (t - base).reshape(-1)
+        keep = counter_rng.uniforms(torch.arange(tau.numel(), dtype=torch.int32), e.key) < 0.4
+        assert got[2 * j] == int(torch.floor(tau.abs().double() * e.grid).long().sum())
+        assert got[2 * j + 1] == int(torch.floor((tau * keep).abs().double() * e.grid).long().sum())
+    monkeypatch.setattr(fused, "CHUNK", 777)  # any chunking: the same integers
+    assert fused.l1_sums(base.reshape(-1), ex, spec, False, before=True) == got
 
 
 # ---------------------------------------------------------------------- the compile policy

@@ -6,7 +6,7 @@ materialises every τ̂_k and mixes whole tensors; the operators select threshol
 (or from the cached order), hash chunk by chunk (or in a compiled kernel) and mix in one fused
 pass. Both use the same float32 operations in the same order and the l1 norms are exact integer
 sums, so the results must be bit-identical (``torch.equal``; ±0 compare equal) on the pass path,
-while the order is being cached, and from the cache (compiled, for the large tensors).
+while the order is being cached, and from the cache.
 """
 
 from __future__ import annotations
@@ -16,10 +16,19 @@ import math
 import pytest
 import torch
 
-from evomerge.merge.methods import get_operator
+from evomerge.merge.methods import compiled, get_operator
 from evomerge.merge.methods import sparsify as sp
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def eager_only():
+    """The eager path against the reference; tests/test_fused_kernels.py holds the compiled
+    kernels to the eager path (compiling every variant here would take minutes)."""
+    compiled.reset(enabled=False)
+    yield
+    compiled.reset()
 
 
 # ---------------------------------------------------------------------- the reference

@@ -5,7 +5,8 @@ For each operator, in its own subprocess (so that memory high-water marks don't 
 * one tensor of ``--rows × --cols`` float32 entries, a base and ``--experts`` experts, resident;
 * the operator merges into a preallocated output (as a search worker does) ``--reps`` times after
   two warm-up calls (the first call is the pass path an export takes, the second builds the
-  order cache, later ones use it); ``first`` is the first call, ``steady`` the fastest later one;
+  order cache and compiles the fused kernels, later ones use both); ``first`` is the first call
+  (wall seconds, and process CPU seconds), ``steady`` the fastest later one;
 * bytes moved per merge = (inputs read + output written) × tensor bytes, against a plain torch
   copy of the same number of bytes measured in the same subprocess (``of copy``: per wall
   second; ``(cpu)``: per process CPU second, steadier on a machine shared with other jobs);
@@ -128,7 +129,7 @@ def worker(name: str, rows: int, cols: int, experts: int, reps: int, device: str
         gen = torch.Generator(device=device).manual_seed(1) if op.random else None
         op.fn(b, tensors, params, opts, gen, out=out)
 
-    first = _timed(call, device)
+    first, first_cpu = _timed2(call, device)
     _timed(call, device)  # builds the order cache where the operator has one (and compiles)
     peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss_peak()) - resident
     if device.startswith("cuda"):
@@ -145,7 +146,8 @@ def worker(name: str, rows: int, cols: int, experts: int, reps: int, device: str
         steady_peak = hwm - base_now if base_now is not None and hwm is not None else None
     moved = (k + (1 if op.needs_base else 0) + 1) * tensor_bytes
     bw, bw_cpu = copy_bandwidth(moved, device)
-    return dict(operator=name, experts=k, first_s=first, steady_s=steady, steady_cpu_s=steady_cpu,
+    return dict(operator=name, experts=k, first_s=first, first_cpu_s=first_cpu, steady_s=steady,
+                steady_cpu_s=steady_cpu,
                 moved_bytes=moved, gbps=moved / steady / 1e9, copy_gbps=bw / 1e9, of_copy=moved / steady / bw,
                 of_copy_cpu=moved / max(steady_cpu, 1e-9) / bw_cpu,
                 peak_per_tensor=max(peak, 0) / tensor_bytes, cache_per_tensor=order_cache_bytes() / tensor_bytes,
@@ -157,7 +159,8 @@ def operator_table(args) -> list[dict]:
     rows = []
     print(f"device {args.device}, {args.threads} threads, tensor {args.rows}x{args.cols} float32 "
           f"({args.rows * args.cols * 4 / 2**20:.0f} MiB), up to {args.experts} experts; one subprocess per operator")
-    print(f"{'operator':17} {'k':>2} {'first s':>8} {'steady s':>9} {'GB/s':>7} {'copy GB/s':>9} {'of copy':>8} "
+    print(f"{'operator':17} {'k':>2} {'first s':>8} {'(cpu)':>6} {'steady s':>9} {'GB/s':>7} {'copy GB/s':>9} "
+          f"{'of copy':>8} "
           f"{'(cpu)':>7} {'peak/T':>7} {'steady':>7} {'cache/T':>8}")
     for name in names:
         r = _run_worker(args, name, cache=True)
@@ -169,7 +172,8 @@ def operator_table(args) -> list[dict]:
             r["nocache_peak_per_tensor"] = nc["peak_per_tensor"] if nc else None
         rows.append(r)
         sp = r["steady_peak_per_tensor"]
-        line = (f"{name:17} {r['experts']:2d} {r['first_s']:8.3f} {r['steady_s']:9.3f} {r['gbps']:7.2f} "
+        line = (f"{name:17} {r['experts']:2d} {r['first_s']:8.3f} {r['first_cpu_s']:6.2f} {r['steady_s']:9.3f} "
+                f"{r['gbps']:7.2f} "
                 f"{r['copy_gbps']:9.2f} {r['of_copy']:8.1%} {r['of_copy_cpu']:7.1%} {r['peak_per_tensor']:7.2f} "
                 f"{'—' if sp is None else f'{sp:.2f}':>7} {r['cache_per_tensor']:8.2f}")
         if r.get("nocache_peak_per_tensor") is not None:

@@ -13,7 +13,8 @@ Contract (every operator):
 * ``options``: the operator's global parameters resolved for this tensor (e.g. ``normalize``);
 * ``generator``: a seeded ``torch.Generator`` on the tensors' device for random operators
   (DARE, DELLA), seeded from the recipe so that one recipe always yields the same weights.
-  Random operators draw from it and from nothing else, in ``models`` order;
+  Random operators draw from it and from nothing else, in ``models`` order (DARE and DELLA draw
+  one key per model and hash positions with it, :mod:`.counter_rng`);
 * ``out`` (optional): a float32 tensor of the same shape that receives the result (e.g. the
   resident model's parameter), so that a search worker allocates nothing per candidate. It
   must not alias any input.
@@ -31,7 +32,8 @@ keep their temporaries in per-thread scratch buffers reused across calls
 
 Families: :mod:`.linear` (``linear``), :mod:`.generalized_task_arithmetic` (``task_arithmetic``,
 ``ties``, ``dare_*``, ``breadcrumbs*``, ``della*``; their trimming and masks live in
-:mod:`.sparsify`), :mod:`.slerp`, :mod:`.spherical` (``nuslerp``, ``multislerp``, ``karcher``),
+:mod:`.sparsify` and :mod:`.counter_rng`, their per-entry pass in :mod:`.fused`, compiled with
+``torch.compile`` where :mod:`.compiled` allows), :mod:`.slerp`, :mod:`.spherical` (``nuslerp``, ``multislerp``, ``karcher``),
 :mod:`.model_stock`, :mod:`.passthrough`, :mod:`.sce`, :mod:`.selection` (``nearswap``,
 ``arcee_fusion``), and from the papers :mod:`.lines` (LiNeS), :mod:`.pcb`, :mod:`.widen`,
 :mod:`.consensus` (TALL masks / consensus merging) and :mod:`.weighted_average` (``fisher``,

@@ -25,13 +25,13 @@ are exact. Entry-wise definitions, for expert k (live: w_k ≠ 0) and entry i:
   for the piece of the tensor that holds i, see ``Window.bounds``; NaN is kept);
 * random: τ̂ = d · 1[u_k(i) < p], u from :mod:`.counter_rng`, p = density (DARE) or DELLA's
   clamp(rank·c1 + c0, 0, 1) (rank: the entry's magnitude rank in its row);
-* τ̂ ← τ̂ · factor (l1 rescale), then τ̂ / divisor (inverse_p: density; DELLA: clamp(p, 1e-12));
+* τ̂ ← τ̂ · factor (``l1`` rescale) or τ̂ / divisor (``inverse_p``: density; DELLA: clamp(p, 1e-12));
 * x_k = τ̂ · w_k; mix = x_0 + x_1 + …; with consensus γ from s = Σ x_k (or Σ sign(x_k)),
   agree_k = x_k > 0 where s ≥ 0 else x_k < 0, mix = Σ x_k·agree_k, normalised by
   Σ w_k·agree_k (1 where nobody agrees); θ = θ0 + mix·scale.
 
 The ``l1`` rescale (mergekit: Σ|τ| / Σ|τ̂|) sums in fixed point: Σ trunc(|v_i|·2^s) as int64,
-2^s the largest power of two with n·2^s·max|τ| < 2⁶² (:func:`l1_grid`). Integer sums are exact,
+2^s a power of two with n·2^s·max|τ| < 2⁶² (:func:`l1_grid`). Integer sums are exact,
 so neither chunking, nor threads, nor the compiler's reduction order can change them, and the
 ratio of two of them is the factor; each term is low by less than 2^−s, i.e. the norms are exact
 to ~2⁻³⁶·max|τ|/mean|τ| relative (float32 sums, as mergekit takes them, are good to ~1e-7).
@@ -68,7 +68,8 @@ class Spec:
     consensus: bool = False
     count: bool = False  # sign election by Σ sign(x_k) instead of Σ x_k
     normalize: bool = False  # consensus: divide by Σ w_k·agree_k
-    entry_divisor: bool = False  # DELLA inverse_p: divide by each entry's keep probability
+    rescale: str = ""  # "l1": multiply by each expert's factor; "inverse_p": divide by its keep
+    # probability (DELLA: each entry's); "": neither (static, so that x·1 and x/1 cost nothing)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def pieces(n: int, experts: list[Expert], chunk: int | None) -> list[tuple[int, 
 
 
 # ---------------------------------------------------------------------- the compiled kernels
-def _hat(d, idx, rank, c, key, *, kind: str, entry_divisor: bool):
+def _hat(d, idx, rank, c, key, *, kind: str, rescale: str):
     """τ̂ of one expert (functional): ``c`` is its row of constants."""
     p = None
     if kind == "window":
@@ -128,8 +129,11 @@ def _hat(d, idx, rank, c, key, *, kind: str, entry_divisor: bool):
     else:
         p = c[_P] if kind == "random" else torch.clamp(rank * c[_C1] + c[_C0], 0.0, 1.0)
         d = d * (uniforms(idx, key) < p).to(torch.float32)
-    d = d * c[_F]
-    return d / (torch.clamp(p, min=1e-12) if entry_divisor else c[_DIV])
+    if rescale == "l1":
+        return d * c[_F]
+    if rescale == "inverse_p":
+        return d / (torch.clamp(p, min=1e-12) if kind == "della" else c[_DIV])
+    return d
 
 
 def _xs(b, ts, ranks, consts, keys, start, spec: Spec):
@@ -137,7 +141,7 @@ def _xs(b, ts, ranks, consts, keys, start, spec: Spec):
     if spec.kind != "window":
         idx = torch.arange(b.numel(), dtype=torch.int32, device=b.device) + start
     return [_hat(t - b, idx, ranks[k] if ranks is not None else None, consts[k], keys[k], kind=spec.kind,
-                 entry_divisor=spec.entry_divisor) * consts[k, _W] for k, t in enumerate(ts)]
+                 rescale=spec.rescale) * consts[k, _W] for k, t in enumerate(ts)]
 
 
 def _merge_kernel(out, b, ts, ranks, consts, keys, start, scale, *, spec: Spec) -> None:
@@ -173,7 +177,7 @@ def _l1_kernel(b, ts, ranks, consts, keys, start, *, spec: Spec, before: bool):
         if before:
             sums.append((d.abs() * consts[k, _GRID]).to(torch.int64).sum())
         hat = _hat(d, idx, ranks[k] if ranks is not None else None, consts[k], keys[k], kind=spec.kind,
-                   entry_divisor=spec.entry_divisor)
+                   rescale=spec.rescale)
         sums.append((hat.abs() * consts[k, _GRID]).to(torch.int64).sum())
     return torch.stack(sums)
 
@@ -229,7 +233,7 @@ def tau_hat_(x: torch.Tensor, e: Expert, spec: Spec, start: int, rank: torch.Ten
             x.mul_(u)  # d·1 or d·0, as the compiled kernel multiplies
     if e.factor != 1:
         x.mul_(e.factor)
-    if spec.entry_divisor:
+    if spec.rescale == "inverse_p" and spec.kind == "della":
         if p is not None:  # else p is 1, or x is 0: x / clamp(p) = x
             x.div_(p.clamp_(min=1e-12))
     elif e.divisor != 1:
@@ -310,8 +314,9 @@ def merge(out: torch.Tensor, b: torch.Tensor, experts: list[Expert], spec: Spec,
 
 
 def l1_grid(bound: float, n: int) -> float:
-    """2^s for the l1 sums of ``n`` entries of magnitude ≤ ``bound``: the largest s (≤ 127)
-    with n·2^s·bound < 2⁶² (0 when ``bound`` is 0 or not finite: no rescale)."""
+    """2^s for the l1 sums of ``n`` entries of magnitude ≤ ``bound``: s = 62 − e − ⌈log2 n⌉
+    with bound < 2^e (at most 127), so that n·2^s·bound < 2⁶² — within a factor 4 of the
+    largest such power (0 when ``bound`` is 0 or not finite: no rescale)."""
     if not 0 < bound < math.inf:
         return 0.0
     return 2.0 ** min(62 - math.frexp(bound)[1] - (max(n, 2) - 1).bit_length(), 127)

@@ -59,7 +59,7 @@ from evomerge.merge.methods.scratch import scratch
 _SMALL = 1 << 18  # below this, torch.kthvalue is as fast as anything else
 _SAMPLE = 1 << 15
 _CHUNK = 1 << 20
-ROW_CHUNK = 1 << 18  # entries per chunk of whole rows in chunked passes (DELLA, random masks)
+ROW_CHUNK = 1 << 18  # entries per chunk of whole rows when DELLA's ranks are built
 
 
 # ---------------------------------------------------------------------- the order cache
@@ -457,9 +457,9 @@ SPARSIFIERS = {"magnitude": "window", "magnitude_outliers": "window", "random": 
 
 def spec(method: str, options: dict[str, Any], consensus: bool = False, normalize: bool = False) -> Spec:
     """The fused pass's :class:`~evomerge.merge.methods.fused.Spec` for sparsifier ``method``."""
-    inverse_p = bool(options.get("rescale", False)) and options.get("rescale_mode", "l1") == "inverse_p"
+    rescale = options.get("rescale_mode", "l1") if options.get("rescale", False) else ""
     return Spec(SPARSIFIERS[method], consensus=consensus, count=options.get("sign_method", "sum") == "count",
-                normalize=normalize, entry_divisor=method == "della" and inverse_p)
+                normalize=normalize, rescale=rescale)
 
 
 def random_keys(method: str, params: list[dict[str, Any]], generator: torch.Generator | None) -> list[int]:
