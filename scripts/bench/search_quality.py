@@ -108,8 +108,7 @@ class Bench:
                                 for t in tasks])
         self.common = {"models": {"zoo": args.preset, "experts": ["math", "french"]},
                        "objectives": self.search_objs, "evaluation": {"batch_size": args.batch_size, "dtype": args.dtype},
-                       "executor": {"torch_threads": args.threads},
-                       "memory": {"max_length": 256}}  # every prompt + answer here is < 128 tokens
+                       "executor": {"torch_threads": args.threads}}
         first = SearchConfig.from_dict({**self.common, "space": TV, "budget": {"evaluations": 1},
                                         "validation": {"when": "best", "objectives": self.heldout_objs}})
         self.pool = resolve_models(first)
