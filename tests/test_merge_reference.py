@@ -218,7 +218,7 @@ def test_order_is_cached_on_the_second_sighting_and_follows_in_place_changes():
     w1 = sp.window(t, base, "magnitude", p)
     assert sp.order_cache_bytes() == 0  # seen once: nothing built
     w2 = sp.window(t, base, "magnitude", p)
-    assert sp.order_cache_bytes() == 4 * t.numel()  # int32 permutation
+    assert sp.order_cache_bytes() == sp.cache_bytes("ties", t.shape) < t.numel()  # a rank table
     assert w1 == w2 == sp.window(t, base, "magnitude", p)
     t.add_(0.5 * torch.sign(t - base))  # in place: the version counter moves, the cache must not answer
     fresh = sp.window(t.clone(), base, "magnitude", p)
@@ -259,7 +259,7 @@ def test_upcast_copies_find_the_order_cached_for_their_source():
         t, b = t16.float(), base16.float()  # fresh copies every call, as merge_tensor makes them
         with sp.converted_from([(t, t16), (b, base16)]):
             assert sp.window(t, b, "magnitude", {"density": 0.3}) == want
-        assert sp.order_cache_bytes() == (4 * t.numel() if call >= 1 else 0)
+        assert sp.order_cache_bytes() == (sp.cache_bytes("ties", t.shape) if call >= 1 else 0)
     sp.release_order_cache()
 
 
@@ -268,5 +268,105 @@ def test_bucketed_order_build_equals_a_stable_sort(kind):
     base, (t, *_) = experts((600, 700), "normal" if kind == "zeros" else kind)
     if kind == "zeros":
         t = base.clone()
-    want = torch.sort((t - base).reshape(-1).abs(), stable=True).indices
-    assert torch.equal(sp._build_order(t, base, torch.int32).long(), want)
+    want = torch.sort((t - base).reshape(-1).abs(), stable=True)
+    n = t.numel()
+    everything = torch.arange(n)
+    mags, poss = sp._order_at(t, base, everything)
+    assert torch.equal(poss, want.indices) and torch.equal(mags, want.values)
+    some = torch.unique(torch.randint(0, n, (5000,), generator=torch.Generator().manual_seed(1)))
+    mags, poss = sp._order_at(t, base, some)  # a few ranks, as a rank table asks
+    assert torch.equal(poss, want.indices[some]) and torch.equal(mags, want.values[some])
+
+
+# ---------------------------------------------------------------------- rank tables and the density grid
+def ref_key(tau: torch.Tensor, rank: int) -> tuple[float, int]:
+    """The window sort key at ``rank`` from a full stable sort (see sparsify.Window)."""
+    s = torch.sort(tau.reshape(-1).abs(), stable=True)
+    v, i = float(s.values[rank]), int(s.indices[rank])
+    return v, i if rank > 0 and float(s.values[rank - 1]) == v and v != 0 else 0
+
+
+@pytest.mark.parametrize("shape", [(700, 500), (3, 1500), (63,)])
+@pytest.mark.parametrize("kind", ["quantised", "sparse"])
+def test_rank_table_holds_the_keys_grid_densities_need(shape, kind):
+    base, (t, *_) = experts(shape, kind)
+    n, tau = t.numel(), t - base
+    table = sp._build_table(t, base)
+    grid = [j / sp.CUT_GRID for j in range(sp.CUT_GRID + 1)]
+    ranks = {n - max(1, int(d * n)) for d in grid[1:]}  # TIES
+    for a in grid[::7]:  # breadcrumbs: both cuts for density a, gamma b
+        for b in grid[::5]:
+            target = int(a * n)
+            r0 = max(0, n - target - int(b * n))
+            ranks |= {r0, r0 + target}
+    ranks = sorted(r for r in ranks if 0 < r < n)
+    s = torch.sort(tau.reshape(-1).abs(), stable=True)
+    for r in ranks:
+        v, i = float(s.values[r]), int(s.indices[r])
+        want = (v, i if float(s.values[r - 1]) == v and v != 0 else 0)
+        assert table.key(r) == want, r
+    assert sp._table_bytes(n) >= (sum(x.itemsize * len(x) for x in (table.mags, table.poss, table.memo,
+                                                                     table.memo_mags, table.memo_poss)))
+
+
+def test_off_grid_ranks_take_the_pass_path_and_are_remembered():
+    sp.release_order_cache()
+    base, (t, *_) = experts((700, 500), "quantised")
+    n = t.numel()
+    table = sp._build_table(t, base)
+    r = n - int(0.3001 * n)
+    assert table.key(r) is None  # not a grid rank
+    sp.rank_window(t, base, r, n)  # first sighting: the pass path, nothing cached
+    assert sp.order_cache_bytes() == 0
+    w = sp.rank_window(t, base, r, n)  # builds the table; r is off the grid: the pass path, remembered
+    cached = sp._rank_table(t, base)
+    assert cached.key(r) == ref_key(t - base, r) == (w.lo, w.lo_pos)
+    assert sp.rank_window(t, base, r, n) == w
+    for extra in range(1, sp._MEMO + 1):  # first in, first out
+        sp.rank_window(t, base, r + extra, n)
+    assert cached.key(r) is None
+    sp.release_order_cache()
+
+
+def test_cache_bytes_per_operator():
+    assert sp.cache_bytes("ties", (4096, 4096)) == sp.cache_bytes("breadcrumbs_ties", 4096 * 4096)
+    assert sp.cache_bytes("ties", (4096, 4096)) < 64 * 1024  # a table, not 4 bytes per entry
+    assert sp.cache_bytes("ties", 100) == 16 * 100 + 24 * sp._MEMO + sp._TABLE_OVERHEAD  # every rank
+    assert sp.cache_bytes("della", (1000, 640)) == 2 * 640_000  # int16 row ranks
+    assert sp.cache_bytes("della_linear", (10, 40_000)) == 4 * 400_000
+    for name in ("task_arithmetic", "dare_ties", "dare_linear", "linear", "slerp"):
+        assert sp.cache_bytes(name, (1000, 640)) == 0
+    assert sp.cache_bytes("ties", (0, 640)) == 0
+    with pytest.raises(Exception, match="unknown merge_method"):
+        sp.cache_bytes("nope", 10)
+
+
+def test_snap_puts_values_on_the_grid_within_bounds():
+    assert sp.snap(0.3) == 307 / 1024 and sp.snap(0.3) * 1024 == 307
+    assert sp.snap(0.0) == 0.0 and sp.snap(1.0) == 1.0
+    assert sp.snap(0.3, lo=0.3) == 308 / 1024  # 307/1024 < 0.3: the nearest grid value inside
+    assert sp.snap(0.7, hi=0.7) == 716 / 1024
+    assert sp.snap(0.30001, lo=0.30001, hi=0.30002) == 307 / 1024  # no grid value inside: nearest
+    assert abs(sp.snap(0.123456) - 0.123456) <= 0.5 / 1024
+
+
+GRID = [{"weight": 0.5, "density": 614 / 1024, "gamma": 51 / 1024},
+        {"weight": -0.3, "density": 276 / 1024, "gamma": 102 / 1024},
+        {"weight": 0.7, "density": 952 / 1024, "gamma": 0.0}]
+OFF_GRID = [{"weight": 0.5, "density": 0.6001, "gamma": 0.0503},
+            {"weight": -0.3, "density": 276 / 1024, "gamma": 0.1},
+            {"weight": 0.7, "density": 0.9307, "gamma": 0.0}]
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("kind", ["normal", "quantised", "sparse"])
+@pytest.mark.parametrize("params", [GRID, OFF_GRID], ids=["grid", "off-grid"])
+def test_grid_and_off_grid_densities_equal_the_reference(name, kind, params):
+    sp.release_order_cache()
+    check(name, (700, 500), kind, {}, params=params, calls=4)  # pass, build, table (or memo) twice
+    tables = [e[3] for k, e in sp._CACHE.entries.items() if k[0] == "order"]
+    assert len(tables) == 3
+    missed = any(r >= 0 for tb in tables for r in tb.memo)  # ranks that took the pass path
+    assert missed == (params is OFF_GRID)
+    check(name, (37, 53), kind, {}, params=params, calls=3)  # every rank kept
+    sp.release_order_cache()

@@ -46,6 +46,8 @@ import math
 import os
 import threading
 import weakref
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -54,6 +56,7 @@ import torch
 from evomerge.merge.methods.counter_rng import draw_keys
 from evomerge.merge.methods import fused
 from evomerge.merge.methods.fused import CHUNK, Expert, Spec, della_rule, pieces, tau_hat_
+from evomerge.merge.methods.registry import get_operator
 from evomerge.merge.methods.scratch import scratch
 
 _SMALL = 1 << 18  # below this, torch.kthvalue is as fast as anything else
@@ -159,31 +162,126 @@ def resident(t: torch.Tensor, b: torch.Tensor | None) -> bool:
     return b is not None and _CACHE.get("pair", t, b, 0, lambda: True) is not None
 
 
-def _stable_order(t: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """The cached stable ascending order of |t − b| (flat positions), or None."""
-    n = t.numel()
-    idx_dtype = torch.int32 if n < 2**31 else torch.int64
+# ---------------------------------------------------------------------- the density grid
+CUT_GRID = 1024
+"""Searches decode ``density`` and ``gamma`` genes to multiples of 1/CUT_GRID (:func:`snap`), the
+ranks whose sort keys a resident pair's rank table holds (:func:`_table_slot`). A resolution of
+~0.001 is far below what changes a merge (one density step moves n/1024 entries of n, each of
+them among the smallest kept); multiples of 1/1024 are exact binary fractions, so ``density · n``
+is exact and the recipe stores — and YAML/JSON write back — exactly the merged value. Values
+written by hand keep any value: they take the pass path once per pair, then the table's memo."""
 
-    return _CACHE.get("order", t, b, n * torch.empty((), dtype=idx_dtype).element_size(),
-                      lambda: _build_order(t, b, idx_dtype))
+GRID_PARAMS = ("density", "gamma")  # per-model parameters a search snaps to the grid
+
+
+def snap(value: float, lo: float = 0.0, hi: float = 1.0) -> float:
+    """``value`` on the density grid: the nearest multiple of 1/:data:`CUT_GRID` within
+    [lo, hi] (the nearest overall when none lies within)."""
+    v = round(float(value) * CUT_GRID)
+    if v < lo * CUT_GRID and math.ceil(lo * CUT_GRID) <= hi * CUT_GRID:
+        v = math.ceil(lo * CUT_GRID)
+    elif v > hi * CUT_GRID and math.floor(hi * CUT_GRID) >= lo * CUT_GRID:
+        v = math.floor(hi * CUT_GRID)
+    return v / CUT_GRID
+
+
+# ---------------------------------------------------------------------- rank tables
+_ALL_RANKS = 4 * CUT_GRID  # tensors this small keep the key of every rank
+_MEMO = 16  # off-grid ranks remembered per pair (first in, first out)
+_TABLE_OVERHEAD = 1024  # ≥ the Python objects around a table's arrays (tests check the bound)
+
+
+def _slots(n: int) -> int:
+    return n if n <= _ALL_RANKS else 3 * (CUT_GRID + 1)
+
+
+def _table_slot(n: int, rank: int) -> int | None:
+    """Where a table of ``n`` entries keeps the key of ``rank`` (None: not kept).
+
+    Small tensors keep every rank. Otherwise slot 3j + d holds rank f_j + d, d ∈ {0, 1, 2}, for
+    f_j = int(j/CUT_GRID · n) — the arithmetic of :func:`window` for a grid density or gamma
+    j/CUT_GRID — which covers every rank a pair of grid values produces: the cut of TIES
+    (n − f_j = f_{G−j} or f_{G−j} + 1, G = CUT_GRID), breadcrumbs' upper cut (n − int(γ·n), or
+    int(density·n) when no outliers are dropped) and its lower cut n − int(a·n) − int(b·n)
+    (int(a·n) + int(b·n) ∈ {f_{i+j} − 1, f_{i+j}}; ≤ 1 when i + j > G). With n > 4·CUT_GRID the
+    f_j are ≥ 4 apart, so each rank has at most one slot; f_j ≤ rank ≤ f_j + 2 puts j in
+    [(rank − 2)·G/n, (rank + 1)·G/n): j = ⌊(rank + 1)·G/n⌋ or the one below."""
+    if n <= _ALL_RANKS:
+        return rank if 0 <= rank < n else None
+    j = (rank + 1) * CUT_GRID // n
+    for j in (j, j - 1):
+        d = rank - int(j / CUT_GRID * n)
+        if 0 <= d <= 2 and 0 <= j <= CUT_GRID:
+            return 3 * j + d
+    return None
+
+
+class _RankTable:
+    """The window sort keys (:func:`_key`) of one resident pair at the ranks grid densities
+    produce (:func:`_table_slot`), plus a memo of the last :data:`_MEMO` other ranks asked for.
+    Float64 magnitudes (exact for float32 |τ|) and int64 positions: 16 bytes a slot."""
+
+    __slots__ = ("n", "mags", "poss", "memo", "memo_mags", "memo_poss", "next", "lock")
+
+    def __init__(self, n: int, mags: list[float], poss: list[int]) -> None:
+        self.n, self.mags, self.poss = n, array("d", mags), array("q", poss)
+        self.memo = array("q", [-1] * _MEMO)
+        self.memo_mags, self.memo_poss = array("d", [0.0] * _MEMO), array("q", [0] * _MEMO)
+        self.next, self.lock = 0, threading.Lock()
+
+    def key(self, rank: int) -> tuple[float, int] | None:
+        s = _table_slot(self.n, rank)
+        if s is not None:
+            return self.mags[s], self.poss[s]
+        with self.lock:
+            try:
+                m = self.memo.index(rank)
+            except ValueError:
+                return None
+            return self.memo_mags[m], self.memo_poss[m]
+
+    def remember(self, rank: int, key: tuple[float, int]) -> None:
+        with self.lock:
+            m, self.next = self.next, (self.next + 1) % _MEMO
+            self.memo[m], self.memo_mags[m], self.memo_poss[m] = rank, key[0], key[1]
+
+
+def _table_bytes(n: int) -> int:
+    return 16 * _slots(n) + 24 * _MEMO + _TABLE_OVERHEAD
+
+
+def _rank_table(t: torch.Tensor, b: torch.Tensor) -> _RankTable | None:
+    """The cached rank table of (t, b), or None (see :class:`_OrderCache`)."""
+    return _CACHE.get("order", t, b, _table_bytes(t.numel()), lambda: _build_table(t, b))
+
+
+def _build_table(t: torch.Tensor, b: torch.Tensor) -> _RankTable:
+    """The rank table of |t − b|: the order at the slots' ranks and the ranks just below them
+    (:func:`_order_at`, ~0.6x the tensor transiently; no permutation is kept)."""
+    n = t.numel()
+    if n <= _ALL_RANKS:
+        slots = torch.arange(n)
+    else:
+        f = torch.tensor([int(j / CUT_GRID * n) for j in range(CUT_GRID + 1)])
+        slots = (f[:, None] + torch.arange(3)).reshape(-1)
+    ranks = slots.clamp(max=n - 1)
+    need = torch.unique(torch.cat([ranks, (ranks - 1).clamp(min=0)]))  # sorted
+    mags, poss = _order_at(t, b, need)
+    at = mags[torch.searchsorted(need, ranks)]
+    below = mags[torch.searchsorted(need, (ranks - 1).clamp(min=0))]
+    straddles = (ranks > 0) & (below == at) & (at != 0)  # as :func:`_key` on the pass path
+    keys = torch.where(straddles, poss[torch.searchsorted(need, ranks)], 0)
+    return _RankTable(n, at.double().tolist(), keys.tolist())
 
 
 _BUCKETS = 16
 
 
-def _build_order(t: torch.Tensor, b: torch.Tensor, idx_dtype: torch.dtype) -> torch.Tensor:
-    """The stable ascending order of |t − b| (= ``torch.sort(..., stable=True).indices``) with
-    ~0.4x the tensor of transient memory instead of a whole sort's ~4x.
-
-    Magnitude buckets between quantiles of a strided sample are gathered one chunked pass each
-    (positions ascending) and sorted on their own; a magnitude that holds a large share of the
-    entries (e.g. the zeros of an expert that left most of a tensor untouched) is its own bucket,
-    whose order is just its positions.
-    """
-    ft, fb = t.reshape(-1), b.reshape(-1)
+def _buckets(ft: torch.Tensor, fb: torch.Tensor) -> list[tuple[float, float, str]]:
+    """Magnitude buckets (lo, hi, kind) in ascending order between quantiles of a strided sample
+    of |ft − fb|; a magnitude that holds a large share of the entries (e.g. the zeros of an
+    expert that left most of a tensor untouched) is its own ``point`` bucket."""
     n = ft.numel()
-    if n <= _SMALL:
-        return torch.sort(torch.sub(ft, fb).abs_(), stable=True).indices.to(idx_dtype)
     step = max(1, n // _SAMPLE)
     ss = torch.sort(torch.sub(ft[::step], fb[::step]).abs_()).values
     m = ss.numel()
@@ -196,36 +294,66 @@ def _build_order(t: torch.Tensor, b: torch.Tensor, idx_dtype: torch.dtype) -> to
             segments.append((prev, c, "closed"))
         prev = c
     segments.append((prev, math.inf, "open"))
-    perm = torch.empty(n, dtype=idx_dtype, device=t.device)
+    return segments
+
+
+def _order_at(t: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|τ|, position) of the entries at the sorted, distinct 0-based ``ranks`` of the stable
+    ascending order of |τ| = |t − b| (= ``torch.sort(..., stable=True)`` at those ranks), with
+    ~0.6x the tensor of transient memory instead of a whole sort's ~4x.
+
+    Small tensors are sorted whole. Otherwise each magnitude bucket (:func:`_buckets`) is
+    gathered in one chunked pass (positions ascending) and sorted on its own; a ``point``
+    bucket's order is its positions, so only the chunks holding wanted ranks list theirs."""
+    ft, fb = t.reshape(-1), b.reshape(-1)
+    n = ft.numel()
+    if n <= _SMALL:
+        s = torch.sort(torch.sub(ft, fb).abs_(), stable=True)
+        return s.values[ranks].cpu(), s.indices[ranks].cpu()
+    mags = torch.empty(ranks.numel(), dtype=ft.dtype)
+    poss = torch.empty(ranks.numel(), dtype=torch.int64)
     chunk = _CHUNK if t.device.type == "cpu" else 1 << 24
     x = scratch("order.abs", ft[:chunk])
     mask, upper = scratch("order.mask", ft[:chunk], torch.bool), scratch("order.upper", ft[:chunk], torch.bool)
-    write = 0
-    for lo, hi, kind in segments:
-        vals, pos = [], []
+    ranks_c = ranks.cpu()
+    start = 0  # rank of the bucket's first entry
+
+    def wanted(lo: int, hi: int) -> slice:  # the ranks in [lo, hi), as a slice of ``ranks``
+        a, z = torch.searchsorted(ranks_c, torch.tensor([lo, hi])).tolist()
+        return slice(a, z)
+
+    for lo, hi, kind in _buckets(ft, fb):
+        vals, pos, count = [], [], 0
         for i in range(0, n, chunk):
             xc = _values(ft[i:i + chunk], fb[i:i + chunk], True, out=x[: min(chunk, n - i)])
             mc, uc = mask[: xc.numel()], upper[: xc.numel()]
             if kind == "point":
-                torch.eq(xc, hi, out=mc)
-            else:
-                torch.gt(xc, lo, out=mc)
-                mc.logical_and_(torch.lt(xc, hi, out=uc) if kind == "open" else torch.le(xc, hi, out=uc))
+                c = int(torch.count_nonzero(torch.eq(xc, hi, out=mc)))
+                w = wanted(start + count, start + count + c)
+                if w.start < w.stop:
+                    mags[w] = hi
+                    poss[w] = torch.nonzero(mc).squeeze(1)[ranks_c[w] - start - count].to(poss.device) + i
+                count += c
+                continue
+            torch.gt(xc, lo, out=mc)
+            mc.logical_and_(torch.lt(xc, hi, out=uc) if kind == "open" else torch.le(xc, hi, out=uc))
             idx = torch.nonzero(mc).squeeze(1)
-            if kind == "point":
-                perm[write:write + idx.numel()] = idx + i
-                write += idx.numel()
-            elif idx.numel():
+            if idx.numel():
                 vals.append(xc[idx])
                 pos.append(idx + i)
         if vals:
-            p = torch.cat(pos)
-            order = torch.sort(torch.cat(vals), stable=True).indices
-            perm[write:write + p.numel()] = p[order]
-            write += p.numel()
-    if write != n:  # cannot happen for finite inputs; never return a wrong order
-        return torch.sort(torch.sub(ft, fb).abs_(), stable=True).indices.to(idx_dtype)
-    return perm
+            s = torch.sort(torch.cat(vals), stable=True)
+            count = s.values.numel()
+            w = wanted(start, start + count)
+            local = ranks_c[w] - start
+            mags[w] = s.values[local].cpu()
+            poss[w] = torch.cat(pos)[s.indices[local]].cpu()
+            del s
+        start += count
+    if start != n:  # cannot happen for finite inputs; never return a wrong order
+        s = torch.sort(torch.sub(ft, fb).abs_(), stable=True)
+        return s.values[ranks].cpu(), s.indices[ranks].cpu()
+    return mags, poss
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +367,7 @@ def _row_ranks(t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     rt = _rows(t)
     rb = _rows(b) if b is not None else None
     n_rows, cols = rt.shape
-    dtype = torch.int16 if cols <= 2**15 else torch.int32 if cols < 2**31 else torch.int64
+    dtype = _rank_dtype(cols)
     ranks = torch.empty((n_rows, cols), dtype=dtype, device=t.device)
     step = max(1, ROW_CHUNK // max(cols, 1))
     ar = torch.arange(cols, dtype=dtype, device=t.device)
@@ -251,12 +379,42 @@ def _row_ranks(t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return ranks
 
 
+def _rank_dtype(cols: int) -> torch.dtype:
+    """The narrowest integer type of ranks 0 … cols − 1."""
+    return torch.int16 if cols <= 2**15 else torch.int32 if cols < 2**31 else torch.int64
+
+
+def _cols(shape: Sequence[int]) -> int:
+    """The row length of :func:`_rows` for a tensor of ``shape``."""
+    return math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
+
+
 def row_ranks(t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """:func:`_row_ranks`, from the order cache when (t, b) is a resident pair."""
-    n_rows, cols = _rows(t).shape
-    size = 2 if cols <= 2**15 else 4 if cols < 2**31 else 8
-    cached = _CACHE.get("rows", t, b, t.numel() * size, lambda: _row_ranks(t, b)) if b is not None else None
+    """:func:`_row_ranks`, from the order cache when (t, b) is a resident pair. Unlike a window's
+    two cuts, DELLA's keep probability depends on every entry's rank, so the cache holds them all
+    (int16 for rows up to 32768: ½ float32 tensor per expert) — inherent to DELLA."""
+    nbytes = t.numel() * _rank_dtype(_cols(t.shape)).itemsize
+    cached = _CACHE.get("rows", t, b, nbytes, lambda: _row_ranks(t, b)) if b is not None else None
     return cached if cached is not None else _row_ranks(t, b)
+
+
+def cache_bytes(operator: str, shape: Sequence[int] | int) -> int:
+    """Bytes the order cache holds for one resident (θ_k, θ0) pair of a tensor of ``shape`` (or of
+    that many entries, one row) merged by ``operator`` (a recipe's ``merge_method``): a rank table
+    for TIES and breadcrumbs (~49 KB whatever the size: :func:`_table_slot`), the row ranks for
+    DELLA (2 bytes an entry for rows up to 32768), 0 for the others. The cache holds one such
+    entry per resident expert, up to ``EVOMERGE_ORDER_CACHE_MB``; this is the number it
+    charges against that bound."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    n = math.prod(shape)
+    kind = SPARSIFIERS.get(get_operator(operator).sparsifier or "")
+    if n == 0 or kind is None:
+        return 0
+    if kind == "window":
+        return _table_bytes(n)
+    if kind == "della":
+        return n * _rank_dtype(_cols(shape)).itemsize
+    return 0
 
 
 # ---------------------------------------------------------------------- exact order statistics
@@ -379,22 +537,18 @@ class Window:
 
 
 def _key(t: torch.Tensor, base: torch.Tensor | None, rank: int,
-         order: torch.Tensor | None) -> tuple[float, int]:
+         table: _RankTable | None) -> tuple[float, int]:
     """The sort key (|τ_i|, i) of the entry with 0-based ``rank`` in stable ascending |τ| order,
-    with i = 0 unless an entry of equal nonzero magnitude ranks below it (see :class:`Window`)."""
-    if order is not None:
-        i = int(order[rank])
-        v = _magnitude(t, base, i)
-        straddles = rank > 0 and _magnitude(t, base, int(order[rank - 1])) == v
-    else:
+    with i = 0 unless an entry of equal nonzero magnitude ranks below it (see :class:`Window`):
+    from the pair's rank table when it holds the rank, else from an exact pass (remembered in
+    the table's memo)."""
+    key = table.key(rank) if table is not None else None
+    if key is None:
         v, n_lt, _, i = _order_key(t, rank + 1, True, base)
-        straddles = n_lt < rank
-    return v, i if straddles and v != 0 else 0
-
-
-def _magnitude(t: torch.Tensor, base: torch.Tensor | None, i: int) -> float:
-    x = t.reshape(-1)[i:i + 1]
-    return float(_values(x, base.reshape(-1)[i:i + 1] if base is not None else None, True))
+        key = (v, i if n_lt < rank and v != 0 else 0)
+        if table is not None:
+            table.remember(rank, key)
+    return key
 
 
 def rank_window(t: torch.Tensor, base: torch.Tensor | None, r0: int, r1: int) -> Window:
@@ -404,12 +558,12 @@ def rank_window(t: torch.Tensor, base: torch.Tensor | None, r0: int, r1: int) ->
         return Window(nothing=True)
     if r0 == 0 and r1 == n:
         return Window(everything=True)
-    order = _stable_order(t, base) if base is not None else None
+    table = _rank_table(t, base) if base is not None else None
     w: dict[str, Any] = {}
     if r0 > 0:
-        w["lo"], w["lo_pos"] = _key(t, base, r0, order)
+        w["lo"], w["lo_pos"] = _key(t, base, r0, table)
     if r1 < n:
-        w["hi"], w["hi_pos"] = _key(t, base, r1, order)
+        w["hi"], w["hi_pos"] = _key(t, base, r1, table)
     return Window(**w)
 
 
