@@ -58,8 +58,25 @@ def test_ps_layer_granularity_shape_bounds_and_exact_values():
     assert [m.alias for m in r.models] == ["e0", "e1"]
     wv = r.models[1].parameters["weight"]
     assert wv == GroupValues(embed=0.06, layers=[0.07, 0.08, 0.09, 0.10], head=0.11)
-    np.testing.assert_allclose(s.from_recipe(r), g)
+    back = s.from_recipe(r)
+    np.testing.assert_allclose(back[w], g[w])
+    np.testing.assert_array_equal(back[d], np.round(g[d] * 1024) / 1024)  # densities on the grid
+    assert r.models[0].parameters["density"].layers[1] == 143 / 1024  # gene 0.14
     assert_round_trips(s)
+
+
+def test_ps_density_and_gamma_snap_to_the_grid_within_bounds():
+    s = make_space({"type": "ps", "operator": "breadcrumbs", "granularity": "global",
+                    "parameters": {"weight": None, "density": {"bounds": [0.3, 0.7]},
+                                   "gamma": {"bounds": [0.0, 0.2]}}}, pool(k=1))
+    assert s.names == ["weight[e0].all", "density[e0].all", "gamma[e0].all"]
+    p = s.to_recipe([0.123456, 0.3, 0.0123]).models[0].parameters
+    assert p == {"weight": 0.1235, "density": 308 / 1024, "gamma": 13 / 1024}  # 307/1024 < 0.3
+    assert s.to_recipe([1.0, 0.7, 0.2]).models[0].parameters["density"] == 716 / 1024  # inside [0.3, 0.7]
+    assert_round_trips(s)
+    fixed = make_space({"type": "ps", "granularity": "global", "parameters": {"weight": None},
+                        "fixed": {"density": 0.1234567}}, pool(k=1))
+    assert fixed.to_recipe([0.5]).models[0].parameters == {"density": 0.1234567, "weight": 0.5}  # as written
 
 
 def test_ps_blocks_of_k_and_global():
@@ -77,7 +94,7 @@ def test_ps_blocks_of_k_and_global():
     g = make_space({"type": "ps", "granularity": "global"}, pool(k=3))
     assert g.dim == 6 and g.names[0] == "weight[e0].all"
     r = g.to_recipe([1.23456, 0, 2, 0.1, 0.2, 0.3])
-    assert r.models[0].parameters == {"weight": 1.2346, "density": 0.1}  # rounded to 4 decimals
+    assert r.models[0].parameters == {"weight": 1.2346, "density": 102 / 1024}  # 4 decimals; the grid
     assert_round_trips(g)
 
 

@@ -17,6 +17,11 @@ gene for gene with one run there. The default, ``own``, gives them genes of thei
 With ``filters`` (e.g. ``[self_attn, mlp]``) each filter gets its own block genes and the other
 tensors (norms, embeddings, head) a "rest" set, written as mergekit-style ``{filter, value}``
 lists. Genes are ordered parameter → expert → filter → group.
+
+``density`` and ``gamma`` genes decode to multiples of 1/1024 (the density grid,
+:data:`evomerge.merge.methods.sparsify.CUT_GRID`): a search worker then finds every TIES or
+breadcrumbs cut in its experts' cached rank tables, and the recipe stores exactly the value
+merged. Other genes are rounded to ``decimals``; values under ``fixed`` are kept as written.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evomerge.errors import ConfigError
 from evomerge.merge.methods import get_operator
+from evomerge.merge.methods.sparsify import GRID_PARAMS, snap
 from evomerge.recipe import FilteredValue, GroupValues, InputModel, Recipe, TensorSite, resolve
 from evomerge.spaces.base import ModelPool, Space, SpaceConfig, register_space
 
@@ -215,7 +221,7 @@ class PSSpace(Space):
     # ------------------------------------------------------------------ genome -> recipe
     def _value(self, g: np.ndarray, p: str, e: str, f: str | None):
         groups = self._groups_for(f)
-        vals = {grp.label: self.round(g[self._index[(p, e, f, grp.label)]]) for grp in groups}
+        vals = {grp.label: self._decode(p, g[self._index[(p, e, f, grp.label)]]) for grp in groups}
         if self.config.granularity == "global":
             return vals["all"]
         layers = [0.0] * self.num_blocks
@@ -225,6 +231,16 @@ class PSSpace(Space):
         embed = vals.get("embed", layers[0])
         head = vals.get("head", layers[-1])
         return GroupValues(embed=embed, layers=layers, head=head)
+
+    def _decode(self, p: str, x: float) -> float:
+        """A gene's recipe value: ``density`` and ``gamma`` on the density grid (multiples of
+        1/:data:`~evomerge.merge.methods.sparsify.CUT_GRID` within the gene's bounds, so that a
+        search worker finds every cut in its experts' rank tables), the others rounded to
+        ``decimals``."""
+        if p in GRID_PARAMS:
+            (lo, hi), _ = self.params[p]
+            return snap(x, lo, hi)
+        return self.round(x)
 
     def param_values(self, genome: np.ndarray) -> dict[str, dict[str, Any]]:
         """Expert alias → its parameter values (fixed ones included); ``"*"`` → the searched
