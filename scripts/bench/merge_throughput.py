@@ -10,14 +10,18 @@ For each operator, in its own subprocess (so that memory high-water marks don't 
 * bytes moved per merge = (inputs read + output written) × tensor bytes, against a plain torch
   copy of the same number of bytes measured in the same subprocess (``of copy``: per wall
   second; ``(cpu)``: per process CPU second, steadier on a machine shared with other jobs);
-* working memory = the RSS high-water mark (CPU; CUDA: the allocator's peak) minus the resident
-  inputs and output, as a multiple of one tensor (``peak/T``: over the first two calls too, so
-  including the order cache, the scratch buffers, the transient of building the cache and
-  whatever compiling the fused kernels holds), the steady state's own high-water mark above the
-  memory held before it (``steady``: reset through ``/proc/self/clear_refs``; what one more
-  candidate needs), and the order cache alone (``cache/T``, kept between candidates); operators
-  with a cache run a second time with it off (``EVOMERGE_ORDER_CACHE_MB=0``): the pass path's
-  time and peak, as an export sees them.
+* working memory = the RSS high-water mark (CPU, reset through ``/proc/self/clear_refs`` once
+  the inputs and the output are resident — the output written once, as the model parameter it
+  stands for; CUDA: the allocator's peak) above the resident inputs and output, as a multiple of
+  one tensor (``peak/T``: over the first two calls too, so including the order cache, the
+  scratch buffers and the transient of building the cache), the steady state's own high-water
+  mark above the memory held before it (``steady``: what one more candidate needs), and the
+  order cache alone (``cache/T``, kept between candidates); operators with a cache run a second
+  time with it off (``EVOMERGE_ORDER_CACHE_MB=0``): the pass path's time and peak, as an export
+  sees them;
+* the compiler's own memory (``comp MiB``: code and data of dynamo/inductor and the compiled
+  kernels, once per process whatever the tensor size), measured apart by compiling the
+  operator's kernels on small copies of the inputs first.
 
     python scripts/bench/merge_throughput.py [--rows 65536 --cols 640] [--threads 2] [--device cpu]
     python scripts/bench/merge_throughput.py --model      # also: in-place merges of a 110M Llama + export
@@ -103,6 +107,25 @@ def copy_bandwidth(nbytes: int, device: str, reps: int = 5) -> tuple[float, floa
     return 2 * src.numel() * 4 / min(t[0] for t in times), 2 * src.numel() * 4 / max(min(t[1] for t in times), 1e-9)
 
 
+def _compiler_bytes(call, b, tensors, device: str) -> int:
+    """Compile the operator's fused kernels on small copies of the inputs (≥ COMPILE_MIN entries,
+    three calls: pass path, cache build, compiled) and return the RSS that took: the compiler's
+    code and data, held once per process whatever the tensor size, measured apart from
+    ``peak/T`` (0 on accelerators, where the kernels run eagerly)."""
+    from evomerge.merge.methods.fused import COMPILE_MIN
+
+    if device != "cpu":
+        return 0
+    ref = tensors[0]
+    rows = -(-COMPILE_MIN // max(1, ref[0].numel()))
+    small = [t[:rows].clone() for t in tensors]
+    sb = b[:rows].clone() if b is not None else None
+    before = _status_kib("VmRSS") or 0
+    for _ in range(3):
+        call(sb, small, torch.empty_like(small[0]))
+    return max(0, (_status_kib("VmRSS") or 0) - before)
+
+
 def worker(name: str, rows: int, cols: int, experts: int, reps: int, device: str) -> dict:
     """One operator's numbers (run in a fresh process)."""
     from evomerge.merge.methods.sparsify import order_cache_bytes
@@ -112,26 +135,31 @@ def worker(name: str, rows: int, cols: int, experts: int, reps: int, device: str
     g = torch.Generator(device=device).manual_seed(0)
     base = torch.randn(rows, cols, device=device, generator=g)
     tensors = [base + 0.01 * torch.randn(rows, cols, device=device, generator=g) for _ in range(k)]
-    out = torch.empty_like(base)
+    out = torch.zeros_like(base)  # written once, as the resident parameter it stands for
     params = [{p: v for p, v in {**op.model_params, "weight": w, "density": d}.items() if p in op.model_params}
               for w, d in PARAMS[:k]]
     opts = {**op.global_params, **({"t": 0.3} if "t" in op.global_params or name == "slerp" else {})}
     b = base if op.needs_base else None
     tensor_bytes = base.numel() * 4
+
+    def call(b=b, tensors=tensors, out=out):
+        gen = torch.Generator(device=device).manual_seed(1) if op.random else None
+        op.fn(b, tensors, params, opts, gen, out=out)
+
+    compiler = _compiler_bytes(call, b, tensors, device)
     _sync(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         resident = torch.cuda.memory_allocated()
-    else:
-        resident = _rss_peak()
-
-    def call():
-        gen = torch.Generator(device=device).manual_seed(1) if op.random else None
-        op.fn(b, tensors, params, opts, gen, out=out)
+    else:  # the high-water mark from here on (setup temporaries left it above the RSS)
+        resident = _reset_rss_peak()
+        if resident is None:
+            resident = _rss_peak()
 
     first, first_cpu = _timed2(call, device)
-    _timed(call, device)  # builds the order cache where the operator has one (and compiles)
-    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss_peak()) - resident
+    _timed(call, device)  # builds the order cache where the operator has one (and runs compiled)
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else
+            _status_kib("VmHWM") or _rss_peak()) - resident
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base_now = torch.cuda.memory_allocated()
@@ -151,6 +179,7 @@ def worker(name: str, rows: int, cols: int, experts: int, reps: int, device: str
                 moved_bytes=moved, gbps=moved / steady / 1e9, copy_gbps=bw / 1e9, of_copy=moved / steady / bw,
                 of_copy_cpu=moved / max(steady_cpu, 1e-9) / bw_cpu,
                 peak_per_tensor=max(peak, 0) / tensor_bytes, cache_per_tensor=order_cache_bytes() / tensor_bytes,
+                compiler_mib=compiler / 2**20,
                 steady_peak_per_tensor=None if steady_peak is None else max(steady_peak, 0) / tensor_bytes)
 
 
@@ -161,7 +190,7 @@ def operator_table(args) -> list[dict]:
           f"({args.rows * args.cols * 4 / 2**20:.0f} MiB), up to {args.experts} experts; one subprocess per operator")
     print(f"{'operator':17} {'k':>2} {'first s':>8} {'(cpu)':>6} {'steady s':>9} {'GB/s':>7} {'copy GB/s':>9} "
           f"{'of copy':>8} "
-          f"{'(cpu)':>7} {'peak/T':>7} {'steady':>7} {'cache/T':>8}")
+          f"{'(cpu)':>7} {'peak/T':>7} {'steady':>7} {'cache/T':>8} {'comp MiB':>8}")
     for name in names:
         r = _run_worker(args, name, cache=True)
         if r is None:
@@ -175,7 +204,7 @@ def operator_table(args) -> list[dict]:
         line = (f"{name:17} {r['experts']:2d} {r['first_s']:8.3f} {r['first_cpu_s']:6.2f} {r['steady_s']:9.3f} "
                 f"{r['gbps']:7.2f} "
                 f"{r['copy_gbps']:9.2f} {r['of_copy']:8.1%} {r['of_copy_cpu']:7.1%} {r['peak_per_tensor']:7.2f} "
-                f"{'—' if sp is None else f'{sp:.2f}':>7} {r['cache_per_tensor']:8.2f}")
+                f"{'—' if sp is None else f'{sp:.2f}':>7} {r['cache_per_tensor']:8.3f} {r['compiler_mib']:8.0f}")
         if r.get("nocache_peak_per_tensor") is not None:
             line += (f"   without cache: {r['nocache_steady_s']:.3f} s, peak/T {r['nocache_peak_per_tensor']:.2f}")
         print(line, flush=True)
