@@ -5,24 +5,33 @@ random masks of DARE and DELLA (:mod:`.counter_rng`) and the rescale entry by en
 
 Performance (searches merge thousands of times):
 
-* **Order cache.** A search worker merges the *same* resident experts for every candidate, so the
-  order of |τ_k| = |θ_k − θ0| never changes. The second time a (θ_k, θ0) tensor pair is seen, its
-  stable ascending order of |τ| is cached (an int32 permutation, 4 bytes per entry; built bucket
-  by bucket with ~0.4x the tensor transiently, see :func:`_build_order`) and every later
-  magnitude cut is a lookup of two entries: the cut value and whether an equal magnitude ranks
-  just below it. DELLA caches its per-row magnitude ranks the same way (int16 when rows are
-  shorter than 32768), the ``l1`` rescale each pair's Σ|τ| and bound (a few bytes). The cache is
-  keyed by tensor identity (weak references, in-place changes detected by the version counter),
-  bounded by ``EVOMERGE_ORDER_CACHE_MB`` (default 2048; 0 turns it off; tensors beyond the bound
-  use the pass path) and freed by :func:`release_order_cache`. Tensors seen once (an export reads
-  each tensor once) never pay for a sort. Float32 copies made per call from resident
-  low-precision tensors are keyed by their source (:func:`converted_from`). The same sightings
-  decide when the fused pass runs compiled (:func:`resident`).
-* **Why a permutation, not sorted values.** Sorted |τ| would give a density's cut value just as
-  fast and take as much memory (4 bytes per entry), but not the *position* of the boundary entry
-  when a run of equal magnitudes straddles the cut — and in bf16 experts such runs are the rule
-  (few distinct magnitudes). The permutation gives both in O(1). A quantile sketch would be
-  smaller but needs a pass over the experts per new density, which is what the cache avoids.
+* **Order cache: rank tables.** A search worker merges the *same* resident experts for every
+  candidate, so the order of |τ_k| = |θ_k − θ0| never changes. A window only ever needs, at the
+  ranks its density (and breadcrumbs' gamma) produce, the cut's sort key: the magnitude there
+  and, when an equal nonzero magnitude ranks just below, the position. The second time a
+  (θ_k, θ0) tensor pair is seen, those keys are cached for every rank a pair of grid values
+  (multiples of 1/:data:`CUT_GRID`, what searches decode ``density`` and ``gamma`` to) can
+  produce — 3·(CUT_GRID + 1) slots, ~49 KB per pair whatever its size; every rank for tensors of
+  at most 4·CUT_GRID entries (:func:`_table_slot`, :class:`_RankTable`). They are read off the
+  stable order at those ranks, built bucket by bucket with ~0.6x the tensor transiently and
+  then dropped (:func:`_order_at`): no permutation is kept. Any other rank (a hand-written,
+  off-grid density) takes the exact pass path once and is remembered (the last 16 per pair).
+  DELLA caches its per-row magnitude ranks (int16 when rows are at most 32768 long, ½ float32
+  tensor per expert): its keep probability depends on every entry's rank, so they cannot be
+  condensed — inherent to DELLA. The ``l1`` rescale caches each pair's Σ|τ| and bound (a few
+  bytes). :func:`cache_bytes` says what one pair costs; the cache is keyed by tensor identity
+  (weak references, in-place changes detected by the version counter), bounded by
+  ``EVOMERGE_ORDER_CACHE_MB`` (default 2048; 0 turns it off; tensors beyond the bound use the
+  pass path) and freed by :func:`release_order_cache`. Tensors seen once (an export reads each
+  tensor once) never pay for a sort. Float32 copies made per call from resident low-precision
+  tensors are keyed by their source (:func:`converted_from`). The same sightings decide when
+  the fused pass runs compiled (:func:`resident`).
+* **Why a table, not the permutation (or sorted values).** The whole stable order (an int32
+  permutation, 4 bytes per entry: 1x a float32 expert, 2x a bf16 one) answers any density but
+  held three experts' worth of memory for answers a search asks at ~3000 ranks. Sorted |τ|
+  would cost as much and miss the *position* of a cut inside a run of equal magnitudes — the
+  rule in bf16 experts. A quantile sketch would need a pass over the experts per new density,
+  which is what the cache avoids.
 * **Windows as thresholds.** A window is two sort keys; a position is kept only when a run of
   equal nonzero magnitudes straddles the cut (equal zeros are never split: the merge does not
   depend on which of them is kept). The tensor is then cut at those positions into at most
@@ -67,8 +76,9 @@ ROW_CHUNK = 1 << 18  # entries per chunk of whole rows when DELLA's ranks are bu
 
 # ---------------------------------------------------------------------- the order cache
 class _OrderCache:
-    """Orders of |τ| per (θ_k, θ0) tensor pair, built the second time a pair is seen (see the
-    module docstring). Thread-safe; entries die with their tensors."""
+    """Rank tables, DELLA's row ranks and l1 statistics per (θ_k, θ0) tensor pair, built the
+    second time a pair is seen (see the module docstring). Thread-safe; entries die with their
+    tensors."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
