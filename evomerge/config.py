@@ -305,7 +305,8 @@ class MemoryConfig(_Strict):
 class SearchOptions(_Strict):
     deterministic: bool = True  # tell results in ask order: same seed ⇒ same run, any timing
     window: int | None = Field(default=None, ge=1)  # candidates in flight; default 1, or 2×workers
-    checkpoint_every: int = Field(default=1, ge=1)  # optimizer checkpoint every N tells
+    checkpoint_every: int = Field(default=1, ge=1)  # optimizer checkpoint after at least N tells ...
+    checkpoint_seconds: float = Field(default=1.0, ge=0, allow_inf_nan=False)  # ... and S seconds since the last
     failure_penalty: float | None = None  # fitness told for failures; default: worst so far − 1
     references: bool = True  # score the parents (search + validation) at the start
     max_duplicate_asks: int = Field(default=1000, ge=1)  # stop when the optimizer only repeats itself

@@ -147,10 +147,14 @@ def test_resume_extends_budget_and_equals_a_longer_run(tiny_models, tmp_path):
         run_search(SearchConfig.from_dict(config(tiny_models, tmp_path)), tmp_path / "a")
 
 
-@pytest.mark.parametrize("optimizer", ["cmaes", "m2n2"])
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_models, tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,checkpoint_seconds", [("cmaes", 0.0), ("m2n2", 0.0), ("cmaes", 3600.0),
+                                                          ("m2n2", 3600.0)])
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_models, tmp_path, optimizer, checkpoint_seconds):
+    """A checkpoint after every tell (0 s), or only after the first (3600 s: the resume replays
+    every later tell from the store): the same run, no committed evaluation repeated."""
     cfg = config(tiny_models, tmp_path, optimizer=optimizer, budget={"evaluations": 40},
-                 executor={"worker_options": {"sleep": 0.03, "log": str(tmp_path / "log.txt")}})
+                 executor={"worker_options": {"sleep": 0.03, "log": str(tmp_path / "log.txt")}},
+                 search={"checkpoint_seconds": checkpoint_seconds})
     run_search_then_sigkill(cfg, tmp_path / "killed", after=15, timeout=60)
     with RunStore(tmp_path / "killed") as s:
         committed = {t.recipe_hash for t in s.trials(kind=None)}

@@ -3,9 +3,13 @@
 Guarantees (docs/search.md):
 
 * **commit before tell** — every evaluation is a committed row of the run store before the
-  optimizer hears of it; optimizer + loop state is checkpointed after every tell
-  (``search.checkpoint_every``), so ``evomerge resume`` restores the last checkpoint, re-asks,
-  answers asks whose recipe is already stored without evaluating, and goes on;
+  optimizer hears of it; optimizer + loop state is checkpointed at most once a second
+  (``search.checkpoint_every`` tells and ``checkpoint_seconds``, default 1 tell and 1 s), so
+  ``evomerge resume`` restores the last checkpoint, re-asks, answers asks whose recipe is
+  already stored without evaluating (replaying the tells since that checkpoint), and goes on.
+  A checkpoint costs the driver ~5 ms (24 genes, CMA-ES), four times the rest of a tell: at one
+  per tell the driver, not the workers, would cap the candidates/min of many workers on fast
+  candidates (scripts/bench/worker_scaling.py);
 * **one evaluation per recipe** — an ask whose recipe hash is stored, or in flight, is answered
   from there; the evaluation budget counts distinct recipes;
 * **deterministic** (``search.deterministic``, default) — results are told in ask order and new
@@ -36,6 +40,7 @@ only for the final best (``final``), or with every candidate (``all``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import time
@@ -214,6 +219,7 @@ class Search:
         self.evaluated_here = 0
         self.cached = 0
         self.t_start = time.monotonic()
+        self._last_checkpoint = -math.inf  # the first tell is checkpointed
         self.stopped = ""
         self.message = ""
         self._refs: dict | None = None
@@ -246,6 +252,7 @@ class Search:
         self.store.save_checkpoint(st.stage, st.n_told, blob, evaluations=st.n_evals, elapsed=self.elapsed,
                                    failures=st.failures, updated=time.time(),
                                    best_fitness=None if best is None else best["fitness"])
+        self._last_checkpoint = time.monotonic()
 
     def _restore(self) -> bool:
         from evomerge.optimizers import Optimizer, load_optimizer
@@ -545,6 +552,11 @@ class Search:
             for o in self.executor.poll(timeout=0):
                 self._handle(o)
 
+    def _checkpoint_due(self, told_since: int) -> bool:
+        opts = self.cfg.search
+        return (told_since >= opts.checkpoint_every
+                and time.monotonic() - self._last_checkpoint >= opts.checkpoint_seconds)
+
     def _run_stage(self) -> None:
         self._fill()
         told_since = 0
@@ -556,7 +568,7 @@ class Search:
             self._tell(p)
             self._fill()
             told_since += 1
-            if told_since >= self.cfg.search.checkpoint_every:
+            if self._checkpoint_due(told_since):
                 self._checkpoint()
                 told_since = 0
             self._report()
