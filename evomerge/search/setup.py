@@ -108,7 +108,7 @@ def build_optimizer(cfg: SearchConfig, space: Space, stage: int, fixed: np.ndarr
     genes = space.stages[stage].genes
     o = cfg.optimizer
     lo, hi, x0 = space.lower[genes], space.upper[genes], fixed[genes]
-    options = dict(o.options)
+    options = {**optimizer_class(o.name).parallel_options(len(genes), cfg.window), **o.options}
     if "ties" in option_names(optimizer_class(o.name)) and "ties" not in options:
         options["ties"] = space.tied_genes()[genes].tolist()  # the space's structure, for a prior over it
     ws = o.warm_start
