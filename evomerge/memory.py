@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError
+from evomerge.recipe import reference_alias
 
 GB = 1e9
 # Bytes per second of the link a placement's merge is bound by (assumptions; docs/scale.md).
@@ -278,8 +279,7 @@ def _longest_request(cfg, models: dict[str, str]) -> int | None:
         objectives += [o.to_objective() for o in cfg.validation.objectives]
     if ex.worker is not None or not objectives:
         return None
-    alias = "base" if "base" in models else next(iter(models))
-    tok_dir = str(models[alias]).split("+", 1)[0]
+    tok_dir = str(models[reference_alias(models)]).split("+", 1)[0]
     if not (Path(tok_dir) / "tokenizer_config.json").is_file() and not (Path(tok_dir) / "tokenizer.json").is_file():
         return None
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
@@ -326,7 +326,7 @@ def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
                                       max((h.nbytes for h in d.headers.values()), default=0))
         by_path[key].aliases.append(alias)
     inputs = list(by_path.values())
-    ref = dirs[str(Path(models.get("base") or next(iter(models.values()))).resolve())]
+    ref = dirs[str(Path(models[reference_alias(models)]).resolve())]
     heads = ref.headers.values()
     model_params = sum(h.numel for h in heads if h.floating)
     model_bytes = sum(h.numel * itemsize if h.floating else h.nbytes for h in heads)
