@@ -407,6 +407,11 @@ class SearchConfig(_Strict):
 
     # ------------------------------------------------------------------ derived
     @property
+    def scored_validation(self) -> list[ObjectiveConfig]:
+        """The validation objectives the run scores (none when ``validation.when`` is ``none``)."""
+        return list(self.validation.objectives) if self.validation.when != "none" else []
+
+    @property
     def window(self) -> int:
         if self.search.window is not None:
             return self.search.window

@@ -266,30 +266,31 @@ def _budgets(device: str, memory, workers_per_node: int) -> tuple[int | None, st
     return dev, dev_from, host_per_worker, f"{host_from}, shared by {workers_per_node} worker(s)"
 
 
-def _longest_request(cfg, models: dict[str, str]) -> int | None:
-    """Tokens of the longest request of the search and validation objectives (lm-eval tasks built
-    and tokenized with the worker's tokenizer), or None when unknown or for a custom worker."""
+def _longest_request(cfg, models: dict[str, str], objectives=None) -> int | None:
+    """Tokens of the longest request of the search and validation objectives (their lm-eval tasks
+    tokenized with the worker's tokenizer), or None when unknown or for a custom worker.
+    ``objectives``: the config's :class:`~evomerge.evaluation.check.CheckedObjectives` (the search
+    preflight's, tasks already built); built here when not given."""
     from transformers import AutoTokenizer
 
-    from evomerge.evaluation.check import longest_sequence
-
-    ex, ev = cfg.executor, cfg.evaluation
-    objectives = [o.to_objective() for o in cfg.objectives]
-    if cfg.validation.when != "none":
-        objectives += [o.to_objective() for o in cfg.validation.objectives]
-    if ex.worker is not None or not objectives:
+    if cfg.executor.worker is not None:
         return None
     tok_dir = str(models[reference_alias(models)]).split("+", 1)[0]
     if not (Path(tok_dir) / "tokenizer_config.json").is_file() and not (Path(tok_dir) / "tokenizer.json").is_file():
         return None
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    return longest_sequence(objectives, tokenizer, evals_dir=ev.evals_dir, builtin_tasks=ev.builtin_tasks)
+    if objectives is None:
+        from evomerge.evaluation.check import check_search_objectives
+
+        objectives = check_search_objectives(cfg)
+    return objectives.longest_request(AutoTokenizer.from_pretrained(tok_dir))
 
 
-def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
+def plan_worker(cfg, models: dict[str, str], objectives=None) -> MemoryPlan:
     """The plan for one worker of ``cfg`` (a SearchConfig) merging ``models`` (alias → model
     reference: a directory, a LoRA adapter or ``base+adapter``, sized as the adapted model — the
-    base's tensors at their stored dtypes)."""
+    base's tensors at their stored dtypes). ``objectives``: ``cfg``'s objectives as the search
+    preflight checked them (:func:`evomerge.evaluation.check.check_search_objectives`), so their
+    tasks are not built twice; checked here when the plan needs them and none are given."""
     from evomerge.merge.devices import resolve_dtype
     from evomerge.merge.lora import open_model
     from evomerge.merge.placement import default_lookahead
@@ -340,7 +341,7 @@ def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
 
     # ---------------------------------------------------------------- evaluation
     shape = EvalShape.from_config(ref.config)
-    measured = None if mem.max_length is not None else _longest_request(cfg, models)
+    measured = None if mem.max_length is not None else _longest_request(cfg, models, objectives)
     if mem.max_length is not None:
         length, length_from = mem.max_length, "memory.max_length"
     elif measured is not None and measured < shape.max_positions:

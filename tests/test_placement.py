@@ -273,6 +273,40 @@ def test_plan_counts_match_the_models(families):
     assert p.eval["kv_cache"] == 2 * 2 * 2 * 16 * 4 * 8 * 4  # 2 (k,v) · layers · batch · length · heads · head_dim · 4 B
 
 
+def measured_config(models: dict[str, Path]) -> SearchConfig:
+    """Two lm-eval objectives (search + validation), no memory.max_length: the plan measures them."""
+    d = config(models).to_dict()
+    d["objectives"] = [{"task": "fx_add", "limit": 4}]
+    d["validation"] = {"objectives": [{"task": "fx_add", "split": "test", "limit": 3}]}
+    d["memory"] = {"headroom": 0.0}
+    return SearchConfig.from_dict(d)
+
+
+def test_preflight_builds_the_tasks_once_and_the_plan_measures_them(families, monkeypatch):
+    from evomerge.evaluation.tasks import TaskCatalog
+    from evomerge.search import plan_memory, preflight
+
+    built = []
+    build = TaskCatalog.build
+    monkeypatch.setattr(TaskCatalog, "build", lambda self, name, split, **k: built.append((name, split))
+                        or build(self, name, split, **k))
+    cfg = measured_config(families["llama"])
+    pf = preflight(cfg)
+    plan = plan_memory(cfg, pf.pool, pf.objectives)
+    assert built == [("fx_add", "search"), ("fx_add", "test")]  # once each: the plan reused them
+    # the longest request, one character a token: question + BOS + max_gen_toks (5)
+    rows = [json.loads(line)["question"] for split, n in (("search", 4), ("test", 3))
+            for line in (FIXTURES / "data" / f"fx_add_{split}.jsonl").read_text().splitlines()[:n]]
+    assert plan.max_length == max(map(len, rows)) + 1 + 5 < 64
+    assert plan.max_length_from.startswith("the objectives' longest request")
+    # planned alone (`evomerge plan`), the plan builds them itself and measures the same
+    alone = plan_worker(cfg, pf.pool.paths)
+    assert len(built) == 4 and alone.max_length == plan.max_length
+    # memory.max_length still overrides, and nothing is measured then
+    fixed = SearchConfig.from_dict({**cfg.to_dict(), "memory": {"max_length": 40}})
+    assert plan_worker(fixed, pf.pool.paths).max_length == 40 and len(built) == 4
+
+
 # ---------------------------------------------------------------------- header-only models (docs/scale.md)
 LLAMA_7B = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=11008,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,

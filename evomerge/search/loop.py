@@ -194,7 +194,7 @@ class Search:
         self.search_keys = [o.key for o in cfg.objectives]
         self.weights = [o.weight for o in cfg.objectives]
         self.signs = [1.0 if o.weight >= 0 else -1.0 for o in cfg.objectives]
-        self.val_keys = [o.key for o in cfg.validation.objectives] if cfg.validation.when != "none" else []
+        self.val_keys = [o.key for o in cfg.scored_validation]
         self.val_weights = {o.key: o.weight for o in cfg.validation.objectives}
         self.window = cfg.window
         self.racing = cfg.evaluation.fidelity.mode == "racing"

@@ -46,7 +46,7 @@ def run_search(config: SearchConfig | str | Path, run_dir: str | Path, *, resume
             refuse_existing(run_dir)  # cheap, before the (slower) checks
             pf = preflight(cfg)
             if executor is None:  # workers that cannot fit: one line and no run directory (docs/scale.md)
-                plan_memory(cfg, pf.pool)
+                plan_memory(cfg, pf.pool, pf.objectives)
             store, lock = create_run_dir(run_dir, dict(
                 config=cfg.to_dict(), name=cfg.name or run_dir.name, created=time.time(), status="new",
                 splits=pf.splits, fingerprint=fingerprint(cfg)))

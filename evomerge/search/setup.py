@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -54,7 +54,7 @@ def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
     spec = WorkerSpec(
         models=pool.paths,
         objectives=[o.model_dump() for o in cfg.objectives],
-        validation=[o.model_dump() for o in cfg.validation.objectives] if cfg.validation.when != "none" else [],
+        validation=[o.model_dump() for o in cfg.scored_validation],
         evals_dir=cfg.evaluation.evals_dir, builtin_tasks=cfg.evaluation.builtin_tasks,
         batch_size=cfg.evaluation.batch_size, dtype=cfg.evaluation.dtype,
         device=cfg.executor.device, threads=cfg.executor.threads, factory=cfg.executor.worker,
@@ -66,27 +66,28 @@ def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
     return spec
 
 
-def plan_memory(cfg: SearchConfig, pool: ModelPool):
+def plan_memory(cfg: SearchConfig, pool: ModelPool, objectives=None):
     """The model workers' :class:`~evomerge.memory.MemoryPlan` (docs/scale.md), or ``None`` for a
     custom worker (``executor.worker``), which sizes its own memory. Raises ``ConfigError`` (one
-    line saying what to change) when no placement fits."""
+    line saying what to change) when no placement fits. ``objectives``: :func:`check_tasks`'s
+    result (the preflight's), so the plan measures the tasks already built."""
     if cfg.executor.worker is not None:
         return None
     from evomerge.memory import plan_worker
 
-    plan = plan_worker(cfg, pool.paths)
+    plan = plan_worker(cfg, pool.paths, objectives)
     plan.require_fit()
     return plan
 
 
-def check_tasks(cfg: SearchConfig) -> dict[str, str]:
-    """Build the config's lm-eval objectives once here (see evomerge/evaluation/check.py): objective
-    key → the dataset split it scores; unknown tasks, splits, metrics or missing data fail now."""
-    from evomerge.evaluation.check import check_objectives
+def check_tasks(cfg: SearchConfig):
+    """Build the config's lm-eval objectives once here (see evomerge/evaluation/check.py): the
+    :class:`~evomerge.evaluation.check.CheckedObjectives` (``.splits``: objective key → the dataset
+    split it scores; the built tasks, which the memory plan measures); unknown tasks, splits,
+    metrics or missing data fail now."""
+    from evomerge.evaluation.check import check_search_objectives
 
-    val = cfg.validation.objectives if cfg.validation.when != "none" else []
-    return check_objectives([o.to_objective() for o in cfg.objectives], [o.to_objective() for o in val],
-                            evals_dir=cfg.evaluation.evals_dir, builtin_tasks=cfg.evaluation.builtin_tasks)
+    return check_search_objectives(cfg)
 
 
 def stage_bounds(cfg: SearchConfig, space: Space) -> list[tuple[int | None, float | None]]:
@@ -139,11 +140,14 @@ class Preflight:
     pool: ModelPool | None = None
     space: Space | None = None
     splits: dict[str, str] = field(default_factory=dict)  # objective key -> dataset split scored
+    objectives: Any = None  # evaluation.check.CheckedObjectives: the tasks built (None: a custom worker)
 
 
 def _tasks(pf: Preflight) -> None:
     # bad tasks, splits, metrics or data (a custom worker scores its own way)
-    pf.splits = check_tasks(pf.cfg) if pf.cfg.executor.worker is None else {}
+    if pf.cfg.executor.worker is None:
+        pf.objectives = check_tasks(pf.cfg)
+        pf.splits = pf.objectives.splits
 
 
 def _models(pf: Preflight) -> None:
