@@ -226,6 +226,29 @@ def test_forced_placements_give_equal_fitness(families, family, monkeypatch):
         assert scores == first, key
 
 
+def test_a_new_run_plans_its_workers_memory_once_and_the_spec_takes_that_plan(families, tmp_path, monkeypatch):
+    import evomerge.memory as memory
+    from evomerge.search import run_search
+    from evomerge.store import RunStore
+
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    models = families["llama"]
+    budgets = forced_budgets(models)
+    calls = []
+    plan = memory.plan_worker
+    monkeypatch.setattr(memory, "plan_worker", lambda *a, **k: calls.append(a[0].memory.placement) or plan(*a, **k))
+    run_search(config(models, **budgets["pinned"]), tmp_path / "run")
+    assert len(calls) == 1  # the preflight's plan (refusal and placement alike)
+    with RunStore(tmp_path / "run") as s:
+        assert s.meta("status") == "finished"
+    # a plan handed over is the one the spec follows (nothing is planned again)
+    pool = ModelPool.from_paths(str(models["base"]), config(models).models.input_models())
+    mmap = plan(config(models, **budgets["mmap"]), pool.paths)
+    spec = worker_spec(config(models, **budgets["resident"]), pool, mmap)
+    assert (spec.placement, spec.devices, len(calls)) == ("mmap", None, 1)
+    assert worker_spec(config(models, **budgets["resident"]), pool).placement == "resident" and len(calls) == 2
+
+
 def test_a_plan_that_cannot_fit_is_refused_with_one_line(families, tmp_path):
     models = families["llama"]
     cfg = config(models, device_memory=1000, host_memory=1000).to_dict()
@@ -284,7 +307,7 @@ def measured_config(models: dict[str, Path]) -> SearchConfig:
 
 def test_preflight_builds_the_tasks_once_and_the_plan_measures_them(families, monkeypatch):
     from evomerge.evaluation.tasks import TaskCatalog
-    from evomerge.search import plan_memory, preflight
+    from evomerge.search import preflight
 
     built = []
     build = TaskCatalog.build
@@ -292,7 +315,7 @@ def test_preflight_builds_the_tasks_once_and_the_plan_measures_them(families, mo
                         or build(self, name, split, **k))
     cfg = measured_config(families["llama"])
     pf = preflight(cfg)
-    plan = plan_memory(cfg, pf.pool, pf.objectives)
+    plan = pf.plan
     assert built == [("fx_add", "search"), ("fx_add", "test")]  # once each: the plan reused them
     # the longest request, one character a token: question + BOS + max_gen_toks (5)
     rows = [json.loads(line)["question"] for split, n in (("search", 4), ("test", 3))

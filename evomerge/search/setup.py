@@ -2,8 +2,10 @@
 
 :func:`preflight` runs every check a config must pass before a run directory is created (or a
 resumed run is touched): tasks, models, space, the search kind's optimizer and extras, the
-executor's resources. It is one list of check functions (:data:`PREFLIGHT_CHECKS`); more checks
-(a memory plan that cannot fit, ...) are added with :func:`register_preflight_check`.
+executor's resources, the workers' memory plan. It is one list of check functions
+(:data:`PREFLIGHT_CHECKS`); more checks are added with :func:`register_preflight_check`. What the
+checks build is kept on the :class:`Preflight` and handed on (the tasks to the memory plan, the
+plan to the worker spec), so nothing is built twice.
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ def stored_models(store: RunStore) -> ModelPool | None:
     return ModelPool.from_paths(m["base"], [InputModel(**e) for e in m["experts"]])
 
 
-def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
-    """The workers' spec; the model worker's inputs are placed by the memory plan (refused with
-    one line if nothing fits: :func:`plan_memory`)."""
+def worker_spec(cfg: SearchConfig, pool: ModelPool, plan=None) -> WorkerSpec:
+    """The workers' spec; the model worker's inputs are placed by the memory plan: ``plan`` (the
+    preflight's, :attr:`Preflight.plan`), else :func:`plan_memory` here (refused with one line if
+    nothing fits)."""
     spec = WorkerSpec(
         models=pool.paths,
         objectives=[o.model_dump() for o in cfg.objectives],
@@ -60,7 +63,8 @@ def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
         device=cfg.executor.device, threads=cfg.executor.threads, factory=cfg.executor.worker,
         options=dict(cfg.executor.worker_options),
     )
-    plan = plan_memory(cfg, pool)
+    if plan is None:
+        plan = plan_memory(cfg, pool)
     if plan is not None:
         spec.placement, spec.devices = plan.placement, plan.split_devices
     return spec
@@ -141,6 +145,8 @@ class Preflight:
     space: Space | None = None
     splits: dict[str, str] = field(default_factory=dict)  # objective key -> dataset split scored
     objectives: Any = None  # evaluation.check.CheckedObjectives: the tasks built (None: a custom worker)
+    with_plan: bool = True  # plan the workers' memory (not for a caller's executor, whose workers are its own)
+    plan: Any = None  # memory.MemoryPlan the workers are placed by (None: not planned, or a custom worker)
 
 
 def _tasks(pf: Preflight) -> None:
@@ -172,9 +178,15 @@ def _executor(pf: Preflight) -> None:
     check_executor(pf.cfg.executor)
 
 
+def _memory(pf: Preflight) -> None:
+    # workers that cannot fit: one line (docs/scale.md); the plan then places the workers' inputs
+    if pf.with_plan:
+        pf.plan = plan_memory(pf.cfg, pf.pool, pf.objectives)
+
+
 #: the checks :func:`preflight` runs, in order; each takes the :class:`Preflight` and raises a
 #: one-line :class:`~evomerge.errors.EvomergeError` when the run cannot work
-PREFLIGHT_CHECKS: list[Callable[[Preflight], None]] = [_tasks, _models, _space, _kind, _executor]
+PREFLIGHT_CHECKS: list[Callable[[Preflight], None]] = [_tasks, _models, _space, _kind, _executor, _memory]
 
 
 def register_preflight_check(check: Callable[[Preflight], None]) -> Callable[[Preflight], None]:
@@ -184,10 +196,11 @@ def register_preflight_check(check: Callable[[Preflight], None]) -> Callable[[Pr
     return check
 
 
-def preflight(cfg: SearchConfig, *, pool: ModelPool | None = None) -> Preflight:
+def preflight(cfg: SearchConfig, *, pool: ModelPool | None = None, plan: bool = True) -> Preflight:
     """Every check a run of ``cfg`` must pass, before anything is written (``pool``: the models a
-    resumed run started with)."""
-    pf = Preflight(cfg=cfg, pool=pool)
+    resumed run started with; ``plan``: plan the workers' memory — ``Preflight.plan``, handed on
+    to :func:`worker_spec`)."""
+    pf = Preflight(cfg=cfg, pool=pool, with_plan=plan)
     for check in list(PREFLIGHT_CHECKS):
         check(pf)
     return pf
