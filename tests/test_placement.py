@@ -21,7 +21,7 @@ from conftest import REPO, char_tokenizer, make_model
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError, ModelError
 from evomerge.executors.worker import ModelWorker, Task
-from evomerge.memory import parse_bytes, plan_worker
+from evomerge.memory import parse_bytes, plan_worker, render
 from evomerge.merge.devices import resolve_dtype, tensor_devices
 from evomerge.merge.headers import read_header, write_sparse_model
 from evomerge.merge.materialize import apply_in_place, build_model, merged_tensors
@@ -328,6 +328,65 @@ def test_preflight_builds_the_tasks_once_and_the_plan_measures_them(families, mo
     # memory.max_length still overrides, and nothing is measured then
     fixed = SearchConfig.from_dict({**cfg.to_dict(), "memory": {"max_length": 40}})
     assert plan_worker(fixed, pf.pool.paths).max_length == 40 and len(built) == 4
+
+
+def test_the_plan_counts_the_order_cache_of_the_space_operator(families, monkeypatch):
+    """TIES/breadcrumbs keep an int32 order of |τ| per (expert, base) tensor pair, DELLA int16 row
+    ranks (merge/methods/sparsify.py), bounded by EVOMERGE_ORDER_CACHE_MB: the plan adds exactly
+    that to what stays on the merge's device (resident, and pinned on CPU), and the cache of a
+    real worker holds exactly what the plan said."""
+    from safetensors.torch import load_file
+
+    from evomerge.merge.methods import sparsify
+
+    monkeypatch.delenv("EVOMERGE_ORDER_CACHE_MB", raising=False)
+    models = families["llama"]
+    paths = {k: str(v) for k, v in models.items()}
+
+    def plan(operator: str):
+        d = config(models).to_dict()
+        d["space"] = {"type": "task_vector", "operator": operator, "fixed": {"density": 0.5}}
+        d["executor"] = {"device": "cpu"}
+        return plan_worker(SearchConfig.from_dict(d), paths)
+
+    floating = sum(t.numel() for t in load_file(models["base"] / "model.safetensors").values()
+                   if t.is_floating_point())
+    ta, dare, ties, crumbs, della = (plan(o) for o in ("task_arithmetic", "dare_linear", "ties", "breadcrumbs",
+                                                        "della"))
+    assert ta.order_cache_bytes == dare.order_cache_bytes == 0
+    assert ties.order_cache_bytes == crumbs.order_cache_bytes == 2 * floating * 4  # 2 experts, int32 per entry
+    assert della.order_cache_bytes == 2 * floating * 2  # int16 ranks: every row is short
+    for p in (ties, della):
+        grown = {k: p.needs[k].device_bytes - ta.needs[k].device_bytes for k in PLACEMENTS}
+        assert grown == {"resident": p.order_cache_bytes, "pinned": p.order_cache_bytes, "mmap": 0}
+        assert all(p.needs[k].host_bytes == ta.needs[k].host_bytes for k in PLACEMENTS)
+    assert "ties: 2 expert(s)" in ties.order_cache_from and "order cache" in render(ties)
+    # a worker merging with resident inputs caches exactly that, from the second candidate on
+    recipe = Recipe.model_validate({
+        "merge_method": "ties", "base_model": paths["base"],
+        "models": [{"model": paths[a], "name": a, "parameters": {"weight": 0.5, "density": 0.5}} for a in "ab"]})
+    src = Sources.from_recipe(recipe).resident("cpu")
+    sparsify.release_order_cache()
+    try:
+        for _ in range(2):
+            for _name, _t in merged_tensors(recipe, src):
+                pass
+        assert sparsify.order_cache_bytes() == ties.order_cache_bytes
+    finally:
+        sparsify.release_order_cache()
+        src.close()
+    # the bound caps it, 0 turns it off, and a bound that is not a number is one line
+    monkeypatch.setenv("EVOMERGE_ORDER_CACHE_MB", "0.01")
+    capped = plan("ties")
+    assert capped.order_cache_bytes == int(0.01 * 2**20) < ties.order_cache_bytes
+    assert capped.needs["resident"].device_bytes - ta.needs["resident"].device_bytes == int(0.01 * 2**20)
+    assert "capped by EVOMERGE_ORDER_CACHE_MB" in capped.order_cache_from
+    monkeypatch.setenv("EVOMERGE_ORDER_CACHE_MB", "0")
+    off = plan("ties")
+    assert off.order_cache_bytes == 0 and off.needs["resident"].device_bytes == ta.needs["resident"].device_bytes
+    monkeypatch.setenv("EVOMERGE_ORDER_CACHE_MB", "lots")
+    with pytest.raises(ConfigError, match="EVOMERGE_ORDER_CACHE_MB='lots' is not a number of megabytes"):
+        plan("ties")
 
 
 # ---------------------------------------------------------------------- header-only models (docs/scale.md)
