@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evomerge.errors import EvomergeError
-from evomerge.outputs import public_mode
 from evomerge.optimizers.m2n2 import split_slerp_parts
+from evomerge.outputs import public_mode
 
 ARCHIVE_DIR = "archive"
 LINEAGE_KEY = "model_archive"

@@ -45,6 +45,7 @@ def reference_alias(models: Mapping[str, Any]) -> str:
         raise ConfigError("a merge needs at least one input model")
     return "base" if "base" in models else next(iter(models))
 
+
 Scalar = Union[float, int, bool, str]
 
 
