@@ -203,6 +203,30 @@ def test_malformed_configs_give_one_line_errors(tmp_path, text, message):
     assert message in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith(str(p))
 
 
+def test_registry_fields_are_checked_against_the_registry_at_validation_time(monkeypatch):
+    """config.registered: one validator for every config field that names a registry entry
+    (executor.type, optimizer.warm_start.kind); a name registered after import is accepted."""
+    from evomerge import config as config_module
+    from evomerge.executors import EXECUTORS
+    from evomerge.spaces.warm import WARM_STARTS
+
+    base = {"models": {"experts": ["a"]}, "objectives": [{"task": "x"}], "budget": {"evaluations": 3}}
+    monkeypatch.setitem(EXECUTORS, "slurm", object)
+    monkeypatch.setitem(WARM_STARTS, "lucky", object)
+    cfg = SearchConfig.from_dict({**base, "executor": "slurm", "optimizer": {"name": "cmaes", "warm_start": "lucky"}})
+    assert (cfg.executor.type, cfg.optimizer.warm_start.kind) == ("slurm", "lucky")
+    with pytest.raises(ConfigError) as e:
+        SearchConfig.from_dict({**base, "executor": "pbs"})
+    assert str(e.value) == "config: executor.type: unknown executor 'pbs'; choose one of local, ray, slurm"
+    with pytest.raises(ConfigError) as e:
+        SearchConfig.from_dict({**base, "optimizer": {"name": "cmaes", "warm_start": "unlucky"}})
+    assert str(e.value) == ("config: optimizer.warm_start.kind: unknown warm start 'unlucky'; "
+                            "choose one of auto, parents, grid, none, lucky")
+    for cls, field in ((config_module.ExecutorConfig, "type"), (config_module.WarmStartConfig, "kind")):
+        (validator,) = [d for d in cls.__pydantic_decorators__.field_validators.values() if field in d.info.fields]
+        assert validator.func.__qualname__ == "registered.<locals>.check"
+
+
 def test_bad_optimizer_is_reported_before_workers_start(tiny_models, tmp_path):
     cfg = config(tiny_models, tmp_path, optimizer={"name": "cmaes", "options": {"popsize": 1}})
     with pytest.raises(ConfigError, match="popsize"):

@@ -255,16 +255,19 @@ def test_memory_plan_sizes_the_batch_by_the_longest_request_not_the_context(zoo)
 
     from evomerge.config import SearchConfig
     from evomerge.evaluation import Objective
-    from evomerge.evaluation.check import longest_sequence
+    from evomerge.evaluation.check import check_objectives
     from evomerge.memory import plan_worker
 
     tok = AutoTokenizer.from_pretrained(str(zoo.base))
     docs = eval_docs("smol_math_fr", "search")[:5]
     ll = max(len(tok(d["prompt"] + " " + d["answer"] + "\n", add_special_tokens=False).input_ids) for d in docs) + 1
     gen = max(len(tok(d["prompt"], add_special_tokens=False).input_ids) for d in docs) + 1 + 6  # max_gen_toks 6
-    assert longest_sequence([Objective("smol_math_fr_ll", limit=5)], tok) == ll
-    assert longest_sequence([Objective("smol_math_fr_ll", limit=5), Objective("smol_math_fr", limit=5)], tok) == max(ll, gen)
-    assert longest_sequence([Objective("python:evomerge.zoo.french:eval_docs")], tok) is None
+    def longest(*objectives):
+        return check_objectives(objectives).longest_request(tok)
+
+    assert longest(Objective("smol_math_fr_ll", limit=5)) == ll
+    assert longest(Objective("smol_math_fr_ll", limit=5), Objective("smol_math_fr", limit=5)) == max(ll, gen)
+    assert longest(Objective("python:evomerge.zoo.french:eval_docs")) is None
     d = {"models": {"zoo": "smollm2-ci"}, "objectives": [{"task": "smol_math_fr_ll", "limit": 5}],
          "space": {"type": "task_vector", "operator": "task_arithmetic"}, "budget": {"evaluations": 1},
          "executor": {"device": "cpu"}}

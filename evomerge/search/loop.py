@@ -189,7 +189,7 @@ class Search:
 
     def __init__(self, cfg: SearchConfig, store: RunStore, *, executor: Executor | None = None,
                  on_progress: Callable[[Progress], None] | None = None, pool: ModelPool | None = None,
-                 allow_pickle: bool = False):
+                 allow_pickle: bool = False, plan=None):
         self.cfg, self.store = cfg, store
         self.pool = pool or stored_models(store) or resolve_models(cfg)
         store.set_meta(models={"base": self.pool.base, "experts": [e.model_dump() for e in self.pool.experts]})
@@ -199,7 +199,7 @@ class Search:
         self.search_keys = [o.key for o in cfg.objectives]
         self.weights = [o.weight for o in cfg.objectives]
         self.signs = [1.0 if o.weight >= 0 else -1.0 for o in cfg.objectives]
-        self.val_keys = [o.key for o in cfg.validation.objectives] if cfg.validation.when != "none" else []
+        self.val_keys = [o.key for o in cfg.scored_validation]
         self.val_weights = {o.key: o.weight for o in cfg.validation.objectives}
         self.window = cfg.window
         self.racing = cfg.evaluation.fidelity.mode == "racing"
@@ -207,7 +207,8 @@ class Search:
         self.on_progress = on_progress
         self.allow_pickle = allow_pickle  # read an old (pickled) checkpoint: the user's explicit opt-in
         self._own_executor = executor is None  # a caller's executor stays open (benchmarks reuse workers)
-        self.executor = executor or make_executor(cfg.executor, worker_spec(cfg, self.pool))
+        # plan: the preflight's memory plan for ``pool`` (planned here when not given)
+        self.executor = executor or make_executor(cfg.executor, worker_spec(cfg, self.pool, plan))
         # run-time (not checkpointed) bookkeeping
         self.pending: dict[int, _Pending] = {}
         self.inflight: dict[str, list[_Pending]] = {}  # recipe hash -> asks waiting on it

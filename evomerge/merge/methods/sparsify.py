@@ -153,6 +153,11 @@ def order_cache_bytes() -> int:
     return _CACHE.nbytes
 
 
+def order_cache_limit() -> int:
+    """The order cache's bound in bytes (``EVOMERGE_ORDER_CACHE_MB``; 0 turns it off)."""
+    return _OrderCache.limit()
+
+
 def resident(t: torch.Tensor, b: torch.Tensor | None) -> bool:
     """Whether the (θ_k, θ0) pair was seen before, unchanged (a search worker's resident
     experts; records this sighting). The fused kernels run compiled only for resident pairs."""
@@ -161,11 +166,8 @@ def resident(t: torch.Tensor, b: torch.Tensor | None) -> bool:
 
 def _stable_order(t: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """The cached stable ascending order of |t − b| (flat positions), or None."""
-    n = t.numel()
-    idx_dtype = torch.int32 if n < 2**31 else torch.int64
-
-    return _CACHE.get("order", t, b, n * torch.empty((), dtype=idx_dtype).element_size(),
-                      lambda: _build_order(t, b, idx_dtype))
+    idx_dtype, nbytes = cache_entry("magnitude", t.shape)
+    return _CACHE.get("order", t, b, nbytes, lambda: _build_order(t, b, idx_dtype))
 
 
 _BUCKETS = 16
@@ -239,7 +241,7 @@ def _row_ranks(t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     rt = _rows(t)
     rb = _rows(b) if b is not None else None
     n_rows, cols = rt.shape
-    dtype = torch.int16 if cols <= 2**15 else torch.int32 if cols < 2**31 else torch.int64
+    dtype = cache_entry("della", t.shape)[0]
     ranks = torch.empty((n_rows, cols), dtype=dtype, device=t.device)
     step = max(1, ROW_CHUNK // max(cols, 1))
     ar = torch.arange(cols, dtype=dtype, device=t.device)
@@ -253,10 +255,34 @@ def _row_ranks(t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
 
 def row_ranks(t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """:func:`_row_ranks`, from the order cache when (t, b) is a resident pair."""
-    n_rows, cols = _rows(t).shape
-    size = 2 if cols <= 2**15 else 4 if cols < 2**31 else 8
-    cached = _CACHE.get("rows", t, b, t.numel() * size, lambda: _row_ranks(t, b)) if b is not None else None
+    nbytes = cache_entry("della", t.shape)[1]
+    cached = _CACHE.get("rows", t, b, nbytes, lambda: _row_ranks(t, b)) if b is not None else None
     return cached if cached is not None else _row_ranks(t, b)
+
+
+def cache_entry(method: str, shape) -> tuple[torch.dtype | None, int]:
+    """What the order cache holds for one resident (θ_k, θ0) pair of a tensor of ``shape`` merged
+    with sparsifier ``method`` (a key of :data:`SPARSIFIERS`): (dtype per entry or None, bytes
+    charged against ``EVOMERGE_ORDER_CACHE_MB``). The one home of these sizes: the cache's
+    builders take their dtype from it and the memory plan (:mod:`evomerge.memory`) sums its bytes.
+
+    Counted: ``magnitude`` and ``magnitude_outliers`` windows (TIES, breadcrumbs) — the stable
+    order of |τ|, an int32 per entry (int64 from 2^31 entries); ``della`` — the per-row magnitude
+    ranks, an int16 per entry for rows of at most 2^15 entries, else int32 (int64 from 2^31).
+    ``random`` (DARE) caches no order. Not counted here: the ``l1`` rescale's per-pair grid and
+    Σ|τ| (a few bytes, charged 0), the l1 histograms kept per (pair, key), and the 0-byte
+    sightings of :func:`resident`.
+    """
+    numel = math.prod(shape)
+    kind = SPARSIFIERS[method]
+    if kind == "window":
+        dtype = torch.int32 if numel < 2**31 else torch.int64
+    elif kind == "della":
+        cols = numel // shape[0] if len(shape) >= 2 and shape[0] else numel  # _rows
+        dtype = torch.int16 if cols <= 2**15 else torch.int32 if cols < 2**31 else torch.int64
+    else:
+        return None, 0
+    return dtype, numel * dtype.itemsize
 
 
 # ---------------------------------------------------------------------- exact order statistics
