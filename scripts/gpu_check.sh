@@ -95,12 +95,12 @@ if not gpu and not os.environ.get("GPU_CHECK_ALLOW_CPU"):
 import lm_eval, cmaes  # noqa: F401  (fail here, not in the middle of the search)
 PYEOF
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  DEVICE=cuda ROWS="${ROWS:-262144}" EVALS="${EVALS:-400}" WALL="${WALL:-50}" THREADS=4 GPU_FLAG=--gpu REPS=5 ZOO_S=150
+  DEVICE=cuda ROWS="${ROWS:-262144}" EVALS="${EVALS:-400}" WALL="${WALL:-50}" THREADS=4 GPU_FLAG=--gpu REPS=5 ZOO_S=150 MERGES_S=90
   OPS="${OPS:-}" METHODS="${METHODS:-}" DEADLINE="${DEADLINE:-450}" MODEL=(--hidden 768 --layers 12 --vocab 16000)
   nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader 2>/dev/null || true
 else
-  DEVICE=cpu ROWS="${ROWS:-4096}" EVALS="${EVALS:-4}" WALL="${WALL:-90}" THREADS=1 GPU_FLAG= REPS=1 ZOO_S=900
-  OPS="${OPS:-task_arithmetic,ties}" METHODS="${METHODS:-task_arithmetic,ties}" DEADLINE="${DEADLINE:-1500}"
+  DEVICE=cpu ROWS="${ROWS:-4096}" EVALS="${EVALS:-4}" WALL="${WALL:-90}" THREADS=1 GPU_FLAG= REPS=1 ZOO_S=900 MERGES_S=300
+  OPS="${OPS:-task_arithmetic,ties}" METHODS="${METHODS:-task_arithmetic}" DEADLINE="${DEADLINE:-1500}"
   MODEL=(--hidden 256 --layers 2 --vocab 4000)
   echo "dry run on CPU: small sizes, operators ${OPS}, merges ${METHODS}, ${EVALS} candidates per search"
 fi
@@ -132,12 +132,12 @@ STAGES+=("\"zoo\": {\"preset\": \"$PRESET\", \"s\": $(elapsed)}")
 
 if [ "$PRESET" = smollm2 ]; then
   stage "1. in-place merges of the smollm2 zoo (base + 2 LoRA experts, 135M) in bf16 on $DEVICE vs its copy bandwidth"
-  run_stage merges 90 "$PY" scripts/bench/merge_throughput.py --model-only --zoo smollm2 --device "$DEVICE" \
+  run_stage merges "$MERGES_S" "$PY" scripts/bench/merge_throughput.py --model-only --zoo smollm2 --device "$DEVICE" \
     --dtype bfloat16 --reps "$REPS" --threads "$THREADS" "${METHODS_ARG[@]}" --json "$OUT_DIR/gpu_check_merges.json"
   SEARCH=(--limit "${LIMIT:-128}")  # smol_math_ll, the search split's 128 items
 else
   stage "1. in-place merges of a 110M random Llama in bf16 on $DEVICE vs its copy bandwidth"
-  run_stage merges 90 "$PY" scripts/bench/merge_throughput.py --model-only --device "$DEVICE" --dtype bfloat16 \
+  run_stage merges "$MERGES_S" "$PY" scripts/bench/merge_throughput.py --model-only --device "$DEVICE" --dtype bfloat16 \
     --reps "$REPS" --threads "$THREADS" "${MODEL[@]}" "${METHODS_ARG[@]}" --json "$OUT_DIR/gpu_check_merges.json"
   SEARCH=(--limit "${LIMIT:-100}")  # zoo_add_l2
 fi

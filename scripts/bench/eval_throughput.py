@@ -102,6 +102,7 @@ def main() -> None:
     preset = args.preset or ("tiny" if args.quick else "demo")
     n = args.evaluations or (10 if args.quick else 30)
     task = args.task or ("smol_math_ll" if preset.startswith("smollm2") else "zoo_add_l2")
+    device = torch.cuda.get_device_name(0) if args.gpu and torch.cuda.is_available() else "cpu"
     results = {}
     runs = [(setting, mode) for mode in args.fidelity.split(",") for setting in args.settings.split(",")]
     with tempfile.TemporaryDirectory(prefix="evomerge-throughput-") as tmp:
@@ -114,8 +115,9 @@ def main() -> None:
             results[key] = measure(run_dir, time.perf_counter() - t0)
             r = results[key]
             if args.json:  # written after every run: a run cut short by a time limit keeps the earlier ones
-                args.json.write_text(json.dumps({"preset": preset, "task": task, "evaluations": n, "limit": args.limit,
-                                                 "results": results}, indent=2, default=float))
+                args.json.write_text(json.dumps({"preset": preset, "task": task, "metric": args.metric, "dtype": args.dtype,
+                                                 "device": device, "evaluations": n, "wall_time": args.wall_time,
+                                                 "limit": args.limit, "results": results}, indent=2, default=float))
             stopped = f" · {r['reduced']} stopped early (mean fidelity {r['mean_fidelity']:.2f})" if mode != "off" else ""
             print(f"{key:>8}: {r['per_min_steady']:7.1f} candidates/min steady, {r['per_min_wall']:6.1f}/min "
                   f"with start-up ({r['wall_s']:.0f} s) · merge {100 * r['merge_share']:.1f} % "

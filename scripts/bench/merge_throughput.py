@@ -258,7 +258,9 @@ def cast_models(paths: dict[str, Path], root: Path, dtype: torch.dtype) -> dict[
     return out
 
 
-def model_benchmark(args) -> dict:
+def model_benchmark(args, on_update=lambda result: None) -> dict:
+    """Whole-model in-place merges; ``on_update(result)`` after each operator (a run cut short by
+    a time limit keeps what it measured)."""
     from evomerge.merge.export import export_model
     from evomerge.merge.materialize import apply_in_place, build_model
     from evomerge.merge.mergekit import recipe_to_mergekit
@@ -301,15 +303,16 @@ def model_benchmark(args) -> dict:
               f"{'/'.join(in_dtype)}; one merge moves {moved / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.2f} GB/s")
         run = {"inputs": inputs, "input_dtypes": in_dtype, "params": n_params, "moved_bytes": moved,
                "copy_gbps": bw / 1e9, "methods": {}}
+        result["runs"].append(run)
         for method in methods:
             r = recipe_for(method, paths)
             apply_in_place(model, r, src)
             apply_in_place(model, r, src)  # builds the order caches
             t = min(_timed(lambda: apply_in_place(model, r, src), args.device) for _ in range(args.reps))
             run["methods"][method] = {"seconds": t, "gbps": moved / t / 1e9, "of_copy": moved / t / bw}
+            on_update(result)
             print(f"in-place {method:16s} {t:6.3f} s  {moved / t / 1e9:7.1f} GB/s  {moved / t / bw:6.1%} of copy "
                   "bandwidth", flush=True)
-        result["runs"].append(run)
         src.close()
         del model, src
         if args.device.startswith("cuda"):
@@ -372,7 +375,8 @@ def main() -> None:
         out["rows"] = operator_table(args, on_row=lambda rows: args.json and args.json.write_text(
             json.dumps({**out, "rows": rows}, indent=1)))
     if args.model or args.model_only:
-        out["model"] = model_benchmark(args)
+        out["model"] = model_benchmark(args, on_update=lambda m: args.json and args.json.write_text(
+            json.dumps({**out, "model": m}, indent=1)))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 
