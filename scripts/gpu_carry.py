@@ -139,24 +139,17 @@ def part_sizes(total: int, extra: int, cap: int) -> list[int]:
     raise CarryError(f"{total / MiB:.0f} MiB cannot be cut into parts of {cap / MiB:.1f} MiB")
 
 
-def pack(args) -> int:
-    files, identity = payload_files(args.preset)
-    if sha256_file(files[identity["gguf"]["file"]]) != identity["gguf"]["sha256"]:
-        raise CarryError("the cached GGUF does not match the pin in evomerge/zoo/gguf.py", code=1)
-    out = Path(args.out)
-    last = [Path(x) for x in args.last]
-    for x in last:
-        if not x.exists():
-            raise CarryError(f"{x}: not there (it is to travel with the last part)")
-    tree = tree_bytes()
-    budget = int(args.call_mib * MiB)
-    extra = sum(path_bytes(x) for x in last)
-    with tempfile.TemporaryDirectory(prefix=".gpu_carry-", dir=out.parent if out.parent.exists() else None) as tmp:
+def write_parts(files: dict[str, Path], identity: dict, out: Path, cap: int, extra: int) -> dict:
+    """The payload of ``files`` cut into ``out/<i>/part.bin`` (each with the manifest beside it)
+    so that no call carries more than ``cap`` bytes, the last one ``extra`` more; the manifest.
+    ``out`` is replaced only once every part is written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
         payload = Path(tmp) / "payload.tar"
         write_payload(files, payload)
         total = payload.stat().st_size
-        # every part's folder also holds the manifest (a few KiB): keep 64 KiB for it
-        sizes = part_sizes(total, extra, budget - tree - 64 * 1024)
+        sizes = part_sizes(total, extra, cap - 64 * 1024)  # each part's folder also holds the manifest (KiB)
         staged = Path(tmp) / "parts"
         staged.mkdir()
         parts = []
@@ -169,14 +162,28 @@ def pack(args) -> int:
         manifest = {"format": FORMAT, **identity, "payload": {"bytes": total, "sha256": sha256_file(payload)},
                     "parts": parts,
                     "files": {k: {"bytes": v.stat().st_size, "sha256": sha256_file(v)} for k, v in sorted(files.items())}}
-        if manifest["files"][identity["gguf"]["file"]]["sha256"] != identity["gguf"]["sha256"]:
-            raise CarryError("the GGUF changed while it was packed", code=1)
         text = json.dumps(manifest, indent=1) + "\n"
         for i in range(1, len(sizes) + 1):
             (staged / str(i) / MANIFEST).write_text(text)
         if out.exists():
             shutil.rmtree(out)
         shutil.move(str(staged), out)
+    return manifest
+
+
+def pack(args) -> int:
+    files, identity = payload_files(args.preset)
+    out = Path(args.out)
+    last = [Path(x) for x in args.last]
+    for x in last:
+        if not x.exists():
+            raise CarryError(f"{x}: not there (it is to travel with the last part)")
+    tree = tree_bytes()
+    manifest = write_parts(files, identity, out, int(args.call_mib * MiB) - tree, sum(path_bytes(x) for x in last))
+    if manifest["files"][identity["gguf"]["file"]]["sha256"] != identity["gguf"]["sha256"]:
+        shutil.rmtree(out)
+        raise CarryError("the GGUF does not match the pin in evomerge/zoo/gguf.py", code=1)
+    total, sizes = manifest["payload"]["bytes"], manifest["parts"]
     calls = device_calls(out, manifest, last, tree)
     print(f"{args.preset} zoo (digest {identity['digest']}): {len(files)} files, {total / MiB:.1f} MiB in "
           f"{len(sizes)} parts under {out}/ (working tree {tree / MiB:.1f} MiB travels with every call)")
