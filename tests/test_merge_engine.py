@@ -335,3 +335,18 @@ def test_random_operators_do_not_depend_on_where_models_live(tiny_models, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
     c = dict(merged_tensors(dare(tiny_models, seed=1), Sources.from_recipe(here)))
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], c["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_reference_alias_is_the_base_else_the_first_input(tiny_models):
+    """One rule (recipe.reference_alias) for the model a set of inputs follows: its layout
+    (Sources.reference, the memory plan) and its tokenizer (the worker, the memory plan)."""
+    from evomerge.recipe import reference_alias
+
+    assert reference_alias({"e0": 1, "base": 2, "e1": 3}) == "base"
+    assert reference_alias({"e1": 1, "e0": 2}) == "e1"
+    with pytest.raises(ConfigError, match="at least one input model"):
+        reference_alias({})
+    dirs = {a: ModelDir(tiny_models[a]) for a in ("e1", "base", "e0")}
+    assert Sources(dirs).reference is dirs["base"]
+    del dirs["base"]
+    assert Sources(dirs).reference is dirs["e1"]

@@ -12,6 +12,7 @@ while the order is being cached, and from the cache.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -218,7 +219,7 @@ def test_order_is_cached_on_the_second_sighting_and_follows_in_place_changes():
     w1 = sp.window(t, base, "magnitude", p)
     assert sp.order_cache_bytes() == 0  # seen once: nothing built
     w2 = sp.window(t, base, "magnitude", p)
-    assert sp.order_cache_bytes() == sp.cache_bytes("ties", t.shape) < t.numel()  # a rank table
+    assert sp.order_cache_bytes() == sp.cache_entry("magnitude", t.shape)[1] < t.numel()  # a rank table
     assert w1 == w2 == sp.window(t, base, "magnitude", p)
     t.add_(0.5 * torch.sign(t - base))  # in place: the version counter moves, the cache must not answer
     fresh = sp.window(t.clone(), base, "magnitude", p)
@@ -259,7 +260,7 @@ def test_upcast_copies_find_the_order_cached_for_their_source():
         t, b = t16.float(), base16.float()  # fresh copies every call, as merge_tensor makes them
         with sp.converted_from([(t, t16), (b, base16)]):
             assert sp.window(t, b, "magnitude", {"density": 0.3}) == want
-        assert sp.order_cache_bytes() == (sp.cache_bytes("ties", t.shape) if call >= 1 else 0)
+        assert sp.order_cache_bytes() == (sp.cache_entry("magnitude", t.shape)[1] if call >= 1 else 0)
     sp.release_order_cache()
 
 
@@ -305,8 +306,8 @@ def test_rank_table_holds_the_keys_grid_densities_need(shape, kind):
         v, i = float(s.values[r]), int(s.indices[r])
         want = (v, i if float(s.values[r - 1]) == v and v != 0 else 0)
         assert table.key(r) == want, r
-    assert sp._table_bytes(n) >= (sum(x.itemsize * len(x) for x in (table.mags, table.poss, table.memo,
-                                                                     table.memo_mags, table.memo_poss)))
+    held = [table, table.mags, table.poss, table.memo, table.memo_mags, table.memo_poss, table.lock]
+    assert sp._table_bytes(n) >= sum(sys.getsizeof(x) for x in held) + 512  # + the cache entry around it
 
 
 def test_off_grid_ranks_take_the_pass_path_and_are_remembered():
@@ -328,17 +329,16 @@ def test_off_grid_ranks_take_the_pass_path_and_are_remembered():
     sp.release_order_cache()
 
 
-def test_cache_bytes_per_operator():
-    assert sp.cache_bytes("ties", (4096, 4096)) == sp.cache_bytes("breadcrumbs_ties", 4096 * 4096)
-    assert sp.cache_bytes("ties", (4096, 4096)) < 64 * 1024  # a table, not 4 bytes per entry
-    assert sp.cache_bytes("ties", 100) == 16 * 100 + 24 * sp._MEMO + sp._TABLE_OVERHEAD  # every rank
-    assert sp.cache_bytes("della", (1000, 640)) == 2 * 640_000  # int16 row ranks
-    assert sp.cache_bytes("della_linear", (10, 40_000)) == 4 * 400_000
-    for name in ("task_arithmetic", "dare_ties", "dare_linear", "linear", "slerp"):
-        assert sp.cache_bytes(name, (1000, 640)) == 0
-    assert sp.cache_bytes("ties", (0, 640)) == 0
-    with pytest.raises(Exception, match="unknown merge_method"):
-        sp.cache_bytes("nope", 10)
+def test_cache_entry_per_sparsifier():
+    big = sp.cache_entry("magnitude", (4096, 4096))
+    assert big == sp.cache_entry("magnitude_outliers", (4096 * 4096,)) == (None, sp._table_bytes(4096 * 4096))
+    assert big[1] == 16 * 3 * 1025 + 24 * sp._MEMO + sp._TABLE_OVERHEAD < 64 * 1024  # not 4 bytes per entry
+    assert sp.cache_entry("magnitude", (100,))[1] == 16 * 100 + 24 * sp._MEMO + sp._TABLE_OVERHEAD  # every rank
+    assert sp.cache_entry("della", (1000, 640)) == (torch.int16, 2 * 640_000)  # row ranks
+    assert sp.cache_entry("della", (10, 40_000)) == (torch.int32, 4 * 400_000)
+    assert sp.cache_entry("random", (1000, 640)) == (None, 0)
+    assert sp.cache_entry("magnitude", (0, 640)) == (None, 0)
+    assert get_operator("ties").sparsify == "magnitude" and get_operator("task_arithmetic").sparsify is None
 
 
 def test_snap_puts_values_on_the_grid_within_bounds():

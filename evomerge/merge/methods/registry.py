@@ -29,7 +29,9 @@ class Operator:
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # allowed string values
     optional_base: bool = False  # gets the base tensor when the recipe has one (else None)
     wants_site: bool = False  # gets ``options["site"]``: the tensor's TensorSite (name, layer)
-    sparsifier: str | None = None  # task-arithmetic family: how τ is sparsified (sparsify.SPARSIFIERS)
+    #: the sparsifier (a key of ``sparsify.SPARSIFIERS``) it applies to each τ_k = θ_k − θ0, if any:
+    #: what a worker's order cache holds for it (``sparsify.cache_entry``, sized by the memory plan)
+    sparsify: str | None = None
 
     def check(self, pname: str, value: Any, where: str | None = None) -> Any:
         """Raise a :class:`ConfigError` naming ``where`` when ``value`` is not allowed."""
@@ -57,7 +59,7 @@ OPERATORS: dict[str, Operator] = {}
 
 def register(name: str, *, needs_base: bool, model_params=None, global_params=None, ranges=None,
              random: bool = False, min_models: int = 1, max_models: int | None = None, choices=None,
-             optional_base: bool = False, wants_site: bool = False, sparsifier: str | None = None):
+             optional_base: bool = False, wants_site: bool = False, sparsify: str | None = None):
     """Decorator: add an operator to the registry under ``name``."""
 
     def deco(fn: OperatorFn) -> OperatorFn:
@@ -66,7 +68,7 @@ def register(name: str, *, needs_base: bool, model_params=None, global_params=No
             global_params=dict(global_params or {}), ranges=dict(ranges or {}), random=random,
             min_models=min_models, max_models=max_models, doc=(fn.__doc__ or "").strip(),
             choices=dict(choices or {}), optional_base=optional_base, wants_site=wants_site,
-            sparsifier=sparsifier,
+            sparsify=sparsify,
         )
         return fn
 

@@ -19,7 +19,7 @@ Performance (searches merge thousands of times):
   DELLA caches its per-row magnitude ranks (int16 when rows are at most 32768 long, ½ float32
   tensor per expert): its keep probability depends on every entry's rank, so they cannot be
   condensed — inherent to DELLA. The ``l1`` rescale caches each pair's Σ|τ| and bound (a few
-  bytes). :func:`cache_bytes` says what one pair costs; the cache is keyed by tensor identity
+  bytes). :func:`cache_entry` says what one pair costs; the cache is keyed by tensor identity
   (weak references, in-place changes detected by the version counter), bounded by
   ``EVOMERGE_ORDER_CACHE_MB`` (default 2048; 0 turns it off; tensors beyond the bound use the
   pass path) and freed by :func:`release_order_cache`. Tensors seen once (an export reads each
@@ -65,7 +65,6 @@ import torch
 from evomerge.merge.methods.counter_rng import draw_keys
 from evomerge.merge.methods import fused
 from evomerge.merge.methods.fused import CHUNK, Expert, Spec, della_rule, pieces, tau_hat_
-from evomerge.merge.methods.registry import get_operator
 from evomerge.merge.methods.scratch import scratch
 
 _SMALL = 1 << 18  # below this, torch.kthvalue is as fast as anything else
@@ -164,6 +163,11 @@ def release_order_cache() -> None:
 def order_cache_bytes() -> int:
     """Bytes held by the order cache now."""
     return _CACHE.nbytes
+
+
+def order_cache_limit() -> int:
+    """The order cache's bound in bytes (``EVOMERGE_ORDER_CACHE_MB``; 0 turns it off)."""
+    return _OrderCache.limit()
 
 
 def resident(t: torch.Tensor, b: torch.Tensor | None) -> bool:
@@ -377,7 +381,7 @@ def _row_ranks(t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     rt = _rows(t)
     rb = _rows(b) if b is not None else None
     n_rows, cols = rt.shape
-    dtype = _rank_dtype(cols)
+    dtype = cache_entry("della", t.shape)[0]
     ranks = torch.empty((n_rows, cols), dtype=dtype, device=t.device)
     step = max(1, ROW_CHUNK // max(cols, 1))
     ar = torch.arange(cols, dtype=dtype, device=t.device)
@@ -389,42 +393,39 @@ def _row_ranks(t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return ranks
 
 
-def _rank_dtype(cols: int) -> torch.dtype:
-    """The narrowest integer type of ranks 0 … cols − 1."""
-    return torch.int16 if cols <= 2**15 else torch.int32 if cols < 2**31 else torch.int64
-
-
-def _cols(shape: Sequence[int]) -> int:
-    """The row length of :func:`_rows` for a tensor of ``shape``."""
-    return math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
-
-
 def row_ranks(t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """:func:`_row_ranks`, from the order cache when (t, b) is a resident pair. Unlike a window's
     two cuts, DELLA's keep probability depends on every entry's rank, so the cache holds them all
     (int16 for rows up to 32768: ½ float32 tensor per expert) — inherent to DELLA."""
-    nbytes = t.numel() * _rank_dtype(_cols(t.shape)).itemsize
+    nbytes = cache_entry("della", t.shape)[1]
     cached = _CACHE.get("rows", t, b, nbytes, lambda: _row_ranks(t, b)) if b is not None else None
     return cached if cached is not None else _row_ranks(t, b)
 
 
-def cache_bytes(operator: str, shape: Sequence[int] | int) -> int:
-    """Bytes the order cache holds for one resident (θ_k, θ0) pair of a tensor of ``shape`` (or of
-    that many entries, one row) merged by ``operator`` (a recipe's ``merge_method``): a rank table
-    for TIES and breadcrumbs (~49 KB whatever the size: :func:`_table_slot`), the row ranks for
-    DELLA (2 bytes an entry for rows up to 32768), 0 for the others. The cache holds one such
-    entry per resident expert, up to ``EVOMERGE_ORDER_CACHE_MB``; this is the number it
-    charges against that bound."""
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    n = math.prod(shape)
-    kind = SPARSIFIERS.get(get_operator(operator).sparsifier or "")
-    if n == 0 or kind is None:
-        return 0
+def cache_entry(method: str, shape: Sequence[int]) -> tuple[torch.dtype | None, int]:
+    """What the order cache holds for one resident (θ_k, θ0) pair of a tensor of ``shape`` merged
+    with sparsifier ``method`` (a key of :data:`SPARSIFIERS`; an operator's ``sparsify``): (dtype
+    per entry or None, bytes charged against ``EVOMERGE_ORDER_CACHE_MB``). The one home of these
+    sizes: the cache's builders take their dtype from it and the memory plan
+    (:mod:`evomerge.memory`) sums its bytes.
+
+    Counted: ``magnitude`` and ``magnitude_outliers`` windows (TIES, breadcrumbs) — a rank table
+    (:class:`_RankTable`): 16 bytes a slot, 3·(CUT_GRID + 1) slots (~49 KB) whatever the size, one
+    per entry up to 4·CUT_GRID entries, plus the memo and the objects around them (dtype None:
+    nothing per entry); ``della`` — the per-row magnitude ranks, an int16 per entry for rows of
+    at most 2^15 entries, else int32 (int64 from 2^31). ``random`` (DARE) caches no order. Not
+    counted here: the ``l1`` rescale's per-pair grid and Σ|τ| (a few bytes, charged 0), the l1
+    histograms kept per (pair, key), and the 0-byte sightings of :func:`resident`.
+    """
+    numel = math.prod(shape)
+    kind = SPARSIFIERS[method]
     if kind == "window":
-        return _table_bytes(n)
+        return None, _table_bytes(numel) if numel else 0
     if kind == "della":
-        return n * _rank_dtype(_cols(shape)).itemsize
-    return 0
+        cols = numel // shape[0] if len(shape) >= 2 and shape[0] else numel  # _rows
+        dtype = torch.int16 if cols <= 2**15 else torch.int32 if cols < 2**31 else torch.int64
+        return dtype, numel * dtype.itemsize
+    return None, 0
 
 
 # ---------------------------------------------------------------------- exact order statistics
