@@ -11,7 +11,7 @@ Performance (searches merge thousands of times):
   and, when an equal nonzero magnitude ranks just below, the position. The second time a
   (θ_k, θ0) tensor pair is seen, those keys are cached for every rank a pair of grid values
   (multiples of 1/:data:`CUT_GRID`, what searches decode ``density`` and ``gamma`` to) can
-  produce — 3·(CUT_GRID + 1) slots, ~49 KB per pair whatever its size; every rank for tensors of
+  produce — 3·(CUT_GRID + 1) slots, ~50 KB per pair whatever its size; every rank for tensors of
   at most 4·CUT_GRID entries (:func:`_table_slot`, :class:`_RankTable`). They are read off the
   stable order at those ranks, built bucket by bucket with ~0.6x the tensor transiently and
   then dropped (:func:`_order_at`): no permutation is kept. Any other rank (a hand-written,
@@ -202,7 +202,7 @@ def snap(value: float, lo: float = 0.0, hi: float = 1.0) -> float:
 # ---------------------------------------------------------------------- rank tables
 _ALL_RANKS = 4 * CUT_GRID  # tensors this small keep the key of every rank
 _MEMO = 16  # off-grid ranks remembered per pair (first in, first out)
-_TABLE_OVERHEAD = 1024  # ≥ the Python objects around a table's arrays (tests check the bound)
+_TABLE_OVERHEAD = 2048  # ≥ the Python objects around the arrays and the cache entry (tests check it)
 
 
 def _slots(n: int) -> int:
@@ -410,7 +410,7 @@ def cache_entry(method: str, shape: Sequence[int]) -> tuple[torch.dtype | None, 
     (:mod:`evomerge.memory`) sums its bytes.
 
     Counted: ``magnitude`` and ``magnitude_outliers`` windows (TIES, breadcrumbs) — a rank table
-    (:class:`_RankTable`): 16 bytes a slot, 3·(CUT_GRID + 1) slots (~49 KB) whatever the size, one
+    (:class:`_RankTable`): 16 bytes a slot, 3·(CUT_GRID + 1) slots (~50 KB) whatever the size, one
     per entry up to 4·CUT_GRID entries, plus the memo and the objects around them (dtype None:
     nothing per entry); ``della`` — the per-row magnitude ranks, an int16 per entry for rows of
     at most 2^15 entries, else int32 (int64 from 2^31). ``random`` (DARE) caches no order. Not
