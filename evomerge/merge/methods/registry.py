@@ -22,7 +22,7 @@ class Operator:
     model_params: dict[str, Any] = field(default_factory=dict)  # name -> default (None = required)
     global_params: dict[str, Any] = field(default_factory=dict)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # allowed closed ranges
-    random: bool = False
+    random: str = ""  # random operators: the name of their mask family ("" = deterministic)
     min_models: int = 1
     max_models: int | None = None
     doc: str = ""
@@ -55,7 +55,7 @@ OPERATORS: dict[str, Operator] = {}
 
 
 def register(name: str, *, needs_base: bool, model_params=None, global_params=None, ranges=None,
-             random: bool = False, min_models: int = 1, max_models: int | None = None, choices=None,
+             random: str = "", min_models: int = 1, max_models: int | None = None, choices=None,
              optional_base: bool = False, wants_site: bool = False):
     """Decorator: add an operator to the registry under ``name``."""
 
