@@ -517,8 +517,10 @@ def with_l1_factors(experts: list[Expert], tensors: list[torch.Tensor], base: to
         befores = [st[1] for st in stats]
         afters = [_l1_lookup(t, base, e) if sp.kind == "random" else None for t, e in zip(tensors, experts)]
         missing = [j for j, a in enumerate(afters) if a is None]
-        for j, a in zip(missing, fused.l1_sums(flat_b, [experts[j] for j in missing], sp, compile_ok, before=False)):
-            afters[j] = a
+        if missing:
+            sums = fused.l1_sums(flat_b, [experts[j] for j in missing], sp, compile_ok, before=False)
+            for j, a in zip(missing, sums):
+                afters[j] = a
     else:
         experts = [replace(e, grid=fused.l1_grid(fused.l1_bound(e.t, flat_b), e.t.numel())) for e in experts]
         sums = fused.l1_sums(flat_b, experts, sp, compile_ok, before=True)
