@@ -18,11 +18,11 @@ costs ~3 ns per entry and must be drawn in index order).
   :func:`hash32_reference` is the plain-integer definition a test holds the tensor version to).
 * **Uniform.** The top 24 bits, ``(x >>> 8) · 2⁻²⁴``: exactly representable floats in [0, 1),
   the resolution of ``torch.rand`` for float32.
-* **Keep probabilities on a grid.** DARE keeps an entry iff u < p̂ with p̂ = :func:`keep_probability`
-  (density) = round(density · 2¹²) / 2¹² (resolution 2.4e-4). Then u < p̂ ⇔ :func:`bucket` (the
-  hash's top 12 bits) < p̂·2¹² exactly, so Σ|τ̂| of an expert at *any* density is a prefix sum of a
-  4096-bin histogram of |τ| over buckets, built once per resident expert and key
-  (``sparsify.with_l1_factors``): the ``l1`` rescale then needs no pass of its own.
+* **Keep probabilities on a grid.** DARE keeps an entry iff u < p̂, p̂ = :func:`keep_probability`
+  (density) = round(density · 2¹²) / 2¹² (resolution 2.4e-4). Then u < p̂ ⇔ the hash's top 12
+  bits (its bucket, :func:`bucket_reference`) < p̂·2¹² exactly, so Σ|τ̂| of an expert at *any*
+  density is a prefix sum of a 4096-bin histogram of |τ| over buckets, built once per resident
+  expert and key (``sparsify.with_l1_factors``): the ``l1`` rescale then needs no pass of its own.
 * **Huge tensors.** Positions are taken modulo 2³¹ (int32 arithmetic); block j ≥ 1 of 2³¹
   entries uses the key :func:`block_key` ``(key, j)`` — callers split passes at block boundaries.
 """

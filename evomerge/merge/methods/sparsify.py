@@ -61,7 +61,8 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.methods.counter_rng import BLOCK, KEEP_STEPS, block_key, buckets_into, draw_keys, keep_probability
+from evomerge.merge.methods.counter_rng import (BLOCK, KEEP_STEPS, block_key, buckets_into, draw_keys,
+                                                keep_probability)
 from evomerge.merge.methods import fused
 from evomerge.merge.methods.fused import CHUNK, Expert, Spec, della_rule, pieces, tau_hat_
 from evomerge.merge.methods.scratch import scratch
