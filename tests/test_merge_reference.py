@@ -242,6 +242,20 @@ def test_order_cache_bound(monkeypatch):
     assert sp.order_cache_bytes() == 0
 
 
+def test_sightings_are_bounded(monkeypatch):
+    """Callers that never repeat a (kind, pair) — e.g. a new key per call — cannot grow the record
+    of sightings without bound: the oldest are forgotten first."""
+    sp.release_order_cache()
+    monkeypatch.setattr(sp, "_SEEN_MAX", 3)
+    base, (t, *_) = experts((10, 10), "normal")
+    for key in range(5):
+        assert sp._CACHE.get(("l1hist", key), t, base, 8, lambda: 1) is None
+    assert list(sp._CACHE.seen) == [(("l1hist", k), id(t), id(base)) for k in (2, 3, 4)]
+    assert sp._CACHE.get(("l1hist", 4), t, base, 8, lambda: "built") == "built"  # seen: built
+    assert sp._CACHE.get(("l1hist", 0), t, base, 8, lambda: "built") is None  # forgotten: seen anew
+    sp.release_order_cache()
+
+
 def test_row_ranks_are_stable_and_compact():
     t = torch.tensor([[0.5, -0.5, 0.1, 0.5], [3.0, -1.0, 2.0, 0.0]])
     r = sp.row_ranks(t, torch.zeros_like(t))
