@@ -34,9 +34,9 @@ Performance (searches merge thousands of times):
   its hash, :mod:`.counter_rng`), so Σ|τ̂_k| = Σ_{j<m} H[j] with H[j] = Σ trunc(|τ_i|·grid) over
   the entries in bucket j — the same fixed-point terms :func:`.fused.l1_sums` adds, hence equal to
   its pass exactly. The engine's keys do not depend on coefficients (common random numbers), so a
-  search worker's (pair, key) is the same for every candidate: the second time it is seen the
-  prefix sums of H (4097 int64, 32 KB) are built in one pass (:func:`_l1_prefix`) and every
-  later DARE merge with the ``l1`` rescale is ONE fused pass. DELLA's keep probability depends on
+  search worker's (pair, key) is the same for every candidate: the second time it is seen (once
+  the pair's Σ|τ| is cached) the prefix sums of H (4097 int64, 32 KB) are built in one pass
+  (:func:`_l1_prefix`) and every later DARE merge with the ``l1`` rescale is ONE fused pass. DELLA's keep probability depends on
   each entry's row rank and on (density, ε), which no 1-D table of u answers: it keeps the
   Σ|τ̂| pass (docs/operators.md, *Performance*).
 * **Pass path.** Without a cached order, :func:`_order_key` finds an exact order statistic with a
