@@ -22,6 +22,7 @@ is loaded, so a run directory's stored config is self-contained.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,6 +64,32 @@ def parse_duration(value: Any) -> float | None:
     if not seconds > 0 or seconds == float("inf"):
         raise ValueError(f"duration must be positive and finite, got {value!r}")
     return seconds
+
+
+def registered(field: str, what: str, registry: Callable[[], Mapping[str, Any]]):
+    """A validator of ``field`` (assign it in the class body): the value must be a name of
+    ``registry()`` — called when validating, since a registry fills as its package is imported
+    (plugins included) — else one line ``unknown WHAT 'x'; choose one of a, b`` (registry order)."""
+
+    def check(cls, v: str) -> str:
+        names = registry()
+        if v not in names:
+            raise ValueError(f"unknown {what} {v!r}; choose one of {', '.join(names)}")
+        return v
+
+    return field_validator(field)(check)
+
+
+def _warm_starts() -> Mapping[str, Any]:
+    from evomerge.spaces.warm import WARM_STARTS
+
+    return WARM_STARTS
+
+
+def _executors() -> Mapping[str, Any]:
+    from evomerge.executors import EXECUTORS
+
+    return EXECUTORS
 
 
 class _Strict(BaseModel):
@@ -143,14 +170,7 @@ class WarmStartConfig(_Strict):
     levels: int = Field(default=3, ge=1)  # grid: values per tie group
     max_points: int = Field(default=64, ge=1)  # grid: refuse larger designs
 
-    @field_validator("kind")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from evomerge.spaces.warm import WARM_STARTS
-
-        if v not in WARM_STARTS:
-            raise ValueError(f"unknown warm start {v!r}; choose one of {', '.join(WARM_STARTS)}")
-        return v
+    _known = registered("kind", "warm start", _warm_starts)
 
     @property
     def explicit(self) -> bool:
@@ -224,14 +244,7 @@ class ExecutorConfig(_Strict):
     worker: str | None = None  # advanced: "module:factory" building a custom worker (tests, benchmarks)
     worker_options: dict[str, Any] = Field(default_factory=dict)  # passed to a custom worker
 
-    @field_validator("type")
-    @classmethod
-    def _registered(cls, v: str) -> str:
-        from evomerge.executors import EXECUTORS
-
-        if v not in EXECUTORS:
-            raise ValueError(f"unknown executor {v!r}; choose one of {', '.join(sorted(EXECUTORS))}")
-        return v
+    _registered = registered("type", "executor", _executors)
 
     @model_validator(mode="after")
     def _local_one(self) -> "ExecutorConfig":
@@ -305,7 +318,8 @@ class MemoryConfig(_Strict):
 class SearchOptions(_Strict):
     deterministic: bool = True  # tell results in ask order: same seed ⇒ same run, any timing
     window: int | None = Field(default=None, ge=1)  # candidates in flight; default 1, or 2×workers
-    checkpoint_every: int = Field(default=1, ge=1)  # optimizer checkpoint every N tells
+    checkpoint_every: int = Field(default=1, ge=1)  # optimizer checkpoint after at least N tells ...
+    checkpoint_seconds: float = Field(default=1.0, ge=0, allow_inf_nan=False)  # ... and S seconds since the last
     failure_penalty: float | None = None  # fitness told for failures; default: worst so far − 1
     references: bool = True  # score the parents (search + validation) at the start
     max_duplicate_asks: int = Field(default=1000, ge=1)  # stop when the optimizer only repeats itself
@@ -406,6 +420,11 @@ class SearchConfig(_Strict):
         return self
 
     # ------------------------------------------------------------------ derived
+    @property
+    def scored_validation(self) -> list[ObjectiveConfig]:
+        """The validation objectives the run scores (none when ``validation.when`` is ``none``)."""
+        return list(self.validation.objectives) if self.validation.when != "none" else []
+
     @property
     def window(self) -> int:
         if self.search.window is not None:

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from evomerge.errors import EvomergeError
 from evomerge.optimizers.m2n2 import split_slerp_parts
+from evomerge.outputs import public_mode
 
 ARCHIVE_DIR = "archive"
 LINEAGE_KEY = "model_archive"
@@ -174,7 +175,9 @@ class ArchiveWeights:
         return self._remember(h, out)
 
     def save(self, h: str, tensors: list) -> None:
-        """Atomic write of a member's file (a reader or a kill -9 never leaves half a file)."""
+        """Atomic write of a member's file (a reader or a kill -9 never leaves half a file). Its
+        mode follows the umask like every other file of the run directory (``mkstemp`` makes 0600;
+        nothing in a member's weights is more private than the run store beside it)."""
         from safetensors.torch import save_file
 
         final = self.path(h)
@@ -185,6 +188,7 @@ class ArchiveWeights:
         os.close(fd)
         try:
             save_file({n: t.detach().contiguous().cpu() for n, t in zip(self.names, tensors)}, tmp)
+            os.chmod(tmp, public_mode("file"))
             os.replace(tmp, final)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -5,7 +5,9 @@ From the models' safetensors headers (dtypes and shapes; no tensor is read), the
 
 * what each part needs — the inputs (base + experts at their stored dtype), the merged model
   (at ``evaluation.dtype``), the merge's float32 scratch for the largest tensor, the staging
-  buffers of streamed placements, the evaluation batch (KV cache, activations, logits);
+  buffers of streamed placements, the order cache the space's operator keeps between
+  candidates (TIES, breadcrumbs, DELLA; bounded by ``EVOMERGE_ORDER_CACHE_MB``), the evaluation
+  batch (KV cache, activations, logits);
 * what each placement (:mod:`evomerge.merge.placement`) would need on the device and in host
   memory, whether it fits the budget (less the headroom), and what a merge costs in bytes moved
   over the slowest link (HBM, PCIe or disk, at the assumed bandwidths of :data:`BANDWIDTH`);
@@ -20,12 +22,14 @@ field of :class:`MemoryPlan`.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError
+from evomerge.recipe import reference_alias
 
 GB = 1e9
 # Bytes per second of the link a placement's merge is bound by (assumptions; docs/scale.md).
@@ -152,6 +156,8 @@ class MemoryPlan:
     scratch_bytes: int
     staging_device_bytes: int
     staging_host_bytes: int
+    order_cache_bytes: int  # on the merge's device, kept between candidates (resident inputs)
+    order_cache_from: str
     batch_size: int
     max_length: int
     max_length_from: str
@@ -265,31 +271,31 @@ def _budgets(device: str, memory, workers_per_node: int) -> tuple[int | None, st
     return dev, dev_from, host_per_worker, f"{host_from}, shared by {workers_per_node} worker(s)"
 
 
-def _longest_request(cfg, models: dict[str, str]) -> int | None:
-    """Tokens of the longest request of the search and validation objectives (lm-eval tasks built
-    and tokenized with the worker's tokenizer), or None when unknown or for a custom worker."""
+def _longest_request(cfg, models: dict[str, str], objectives=None) -> int | None:
+    """Tokens of the longest request of the search and validation objectives (their lm-eval tasks
+    tokenized with the worker's tokenizer), or None when unknown or for a custom worker.
+    ``objectives``: the config's :class:`~evomerge.evaluation.check.CheckedObjectives` (the search
+    preflight's, tasks already built); built here when not given."""
     from transformers import AutoTokenizer
 
-    from evomerge.evaluation.check import longest_sequence
-
-    ex, ev = cfg.executor, cfg.evaluation
-    objectives = [o.to_objective() for o in cfg.objectives]
-    if cfg.validation.when != "none":
-        objectives += [o.to_objective() for o in cfg.validation.objectives]
-    if ex.worker is not None or not objectives:
+    if cfg.executor.worker is not None:
         return None
-    alias = "base" if "base" in models else next(iter(models))
-    tok_dir = str(models[alias]).split("+", 1)[0]
+    tok_dir = str(models[reference_alias(models)]).split("+", 1)[0]
     if not (Path(tok_dir) / "tokenizer_config.json").is_file() and not (Path(tok_dir) / "tokenizer.json").is_file():
         return None
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    return longest_sequence(objectives, tokenizer, evals_dir=ev.evals_dir, builtin_tasks=ev.builtin_tasks)
+    if objectives is None:
+        from evomerge.evaluation.check import check_search_objectives
+
+        objectives = check_search_objectives(cfg)
+    return objectives.longest_request(AutoTokenizer.from_pretrained(tok_dir))
 
 
-def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
+def plan_worker(cfg, models: dict[str, str], objectives=None) -> MemoryPlan:
     """The plan for one worker of ``cfg`` (a SearchConfig) merging ``models`` (alias → model
     reference: a directory, a LoRA adapter or ``base+adapter``, sized as the adapted model — the
-    base's tensors at their stored dtypes)."""
+    base's tensors at their stored dtypes). ``objectives``: ``cfg``'s objectives as the search
+    preflight checked them (:func:`evomerge.evaluation.check.check_search_objectives`), so their
+    tasks are not built twice; checked here when the plan needs them and none are given."""
     from evomerge.merge.devices import resolve_dtype
     from evomerge.merge.lora import open_model
     from evomerge.merge.placement import default_lookahead
@@ -326,7 +332,7 @@ def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
                                       max((h.nbytes for h in d.headers.values()), default=0))
         by_path[key].aliases.append(alias)
     inputs = list(by_path.values())
-    ref = dirs[str(Path(models.get("base") or next(iter(models.values()))).resolve())]
+    ref = dirs[str(Path(models[reference_alias(models)]).resolve())]
     heads = ref.headers.values()
     model_params = sum(h.numel for h in heads if h.floating)
     model_bytes = sum(h.numel * itemsize if h.floating else h.nbytes for h in heads)
@@ -338,9 +344,13 @@ def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
     lookahead = default_lookahead(n_merge)
     staged = (lookahead + n_merge) * largest_input  # in flight + the tensor being merged
 
+    base_key = str(Path(models["base"]).resolve()) if "base" in models else None
+    experts = len([k for k in by_path if k != base_key]) if base_key is not None else 0
+    order_cache, order_cache_from = _order_cache(cfg, [h.shape for h in heads if h.floating], experts)
+
     # ---------------------------------------------------------------- evaluation
     shape = EvalShape.from_config(ref.config)
-    measured = None if mem.max_length is not None else _longest_request(cfg, models)
+    measured = None if mem.max_length is not None else _longest_request(cfg, models, objectives)
     if mem.max_length is not None:
         length, length_from = mem.max_length, "memory.max_length"
     elif measured is not None and measured < shape.max_positions:
@@ -358,6 +368,7 @@ def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
         input_bytes=sum(f.bytes for f in inputs), model_params=model_params, model_bytes=model_bytes,
         largest_numel=largest_numel, merge_inputs=n_merge, scratch_bytes=scratch,
         staging_device_bytes=staged if device == "cuda" else 0, staging_host_bytes=staged,
+        order_cache_bytes=order_cache, order_cache_from=order_cache_from,
         batch_size=ev.batch_size, max_length=length, max_length_from=length_from, eval=evb,
         device_budget=dev_budget, device_budget_from=dev_from, host_budget=host_budget,
         host_budget_from=host_from, headroom=mem.headroom,
@@ -366,6 +377,31 @@ def plan_worker(cfg, models: dict[str, str]) -> MemoryPlan:
     )
     _fill_needs(plan)
     return plan
+
+
+def _order_cache(cfg, shapes: list[tuple[int, ...]], experts: int) -> tuple[int, str]:
+    """Bytes a worker's order cache may hold (:mod:`evomerge.merge.methods.sparsify`) and why:
+    min(``EVOMERGE_ORDER_CACHE_MB``, Σ over the experts and the floating tensors of what the
+    space's operator caches per (expert, base) tensor pair, ``sparsify.cache_entry``) — the
+    largest of the space's operators when it has several. Pairs need a base (τ = θ_k − θ0)."""
+    from evomerge.merge.methods import get_operator
+    from evomerge.merge.methods.sparsify import cache_entry, order_cache_limit
+
+    per_expert = {name: sum(cache_entry(op.sparsify, s)[1] for s in shapes) if op.sparsify else 0
+                  for name, op in ((n, get_operator(n)) for n in cfg.space.merge_methods())}
+    name, each = max(per_expert.items(), key=lambda kv: kv[1], default=("", 0))
+    if not each or not experts:
+        return 0, "no operator of the space keeps an order of its task vectors"
+    try:
+        bound = max(0, order_cache_limit())
+    except ValueError:
+        raise ConfigError(f"EVOMERGE_ORDER_CACHE_MB={os.environ.get('EVOMERGE_ORDER_CACHE_MB')!r} is not a "
+                          "number of megabytes (0 turns the order cache off)") from None
+    total = experts * each
+    why = f"{name}: {experts} expert(s) × {size(each)}, kept with resident inputs"
+    if bound < total:
+        return bound, f"{why}; capped by EVOMERGE_ORDER_CACHE_MB at {size(bound)}"
+    return total, f"{why}; EVOMERGE_ORDER_CACHE_MB allows {size(bound)}"
 
 
 def _fill_needs(p: MemoryPlan) -> None:
@@ -377,13 +413,17 @@ def _fill_needs(p: MemoryPlan) -> None:
     # evaluation's (KV cache spread with the layers; activations and logits on one device).
     evaluation = spread(p.eval["kv_cache"]) + p.eval["activations"] + p.eval["logits"]
     stays = spread(p.model_bytes)
+    # the order cache is kept for inputs that stay put between candidates: resident ones, and
+    # pinned ones on a CPU worker (used where they lie); streamed copies are new every candidate
+    cache = spread(p.order_cache_bytes)
     # On a CPU worker device and host are one RAM: a streamed tensor is used where it lies
     # (pinned) or read into it (mmap). The two budgets stay separate (both default to the
     # machine's share), so a test can force each placement with small budgets.
     rows = {
-        "resident": (spread(p.input_bytes) + stays + max(p.scratch_bytes, evaluation), 0, "dram" if cpu else "hbm"),
-        "pinned": (stays + max(p.scratch_bytes + p.staging_device_bytes, evaluation), p.input_bytes,
-                   "dram" if cpu else "pcie"),
+        "resident": (spread(p.input_bytes) + stays + cache + max(p.scratch_bytes, evaluation), 0,
+                     "dram" if cpu else "hbm"),
+        "pinned": (stays + (cache if cpu else 0) + max(p.scratch_bytes + p.staging_device_bytes, evaluation),
+                   p.input_bytes, "dram" if cpu else "pcie"),
         "mmap": (stays + max(p.scratch_bytes + (p.staging_host_bytes if cpu else p.staging_device_bytes), evaluation),
                  0 if cpu else p.staging_host_bytes, "nvme"),
     }
@@ -435,6 +475,7 @@ def render(plan: MemoryPlan, eval_seconds: float = 0.0) -> str:
         f"  merged model    {size(p.model_bytes)} ({p.model_params / 1e9:.3f} B parameters in {p.dtype})",
         f"  merge scratch   {size(p.scratch_bytes)} (largest tensor {p.largest_numel:,} × 4 B × {2 * p.merge_inputs + 2})",
         f"  staging         {size(p.staging_device_bytes)} device, {size(p.staging_host_bytes)} host (streamed placements)",
+        f"  order cache     {size(p.order_cache_bytes)} ({p.order_cache_from})",
         f"  evaluation      batch {p.batch_size} × {p.max_length} tokens ({p.max_length_from}): "
         + ", ".join(f"{k.replace('_', ' ')} {size(v)}" for k, v in p.eval.items()),
         "",

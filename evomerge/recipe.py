@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -34,6 +35,16 @@ from evomerge.io import atomic_write_text, load_yaml, parse_model
 
 RECIPE_VERSION = 1
 MERGED = "merge"  # layer-flow source name for the recipe's own parameter-space merge
+
+
+def reference_alias(models: Mapping[str, Any]) -> str:
+    """The alias of the model a set of inputs (alias → model, base first as
+    :meth:`Recipe.model_paths` orders them) follows for its layout and tokenizer: ``base`` when
+    there is one, else the first input. The one home of this rule (workers, memory plan, sources)."""
+    if not models:
+        raise ConfigError("a merge needs at least one input model")
+    return "base" if "base" in models else next(iter(models))
+
 
 Scalar = Union[float, int, bool, str]
 

@@ -150,3 +150,32 @@ def test_outcomes_collected_between_tells_leave_a_deterministic_run_unchanged(ti
     run_search(cfg, tmp_path / "local")  # one in-process worker, same window
     assert sequence(tmp_path / "s0") == sequence(tmp_path / "s1") == sequence(tmp_path / "local")
     assert all(0 in ex.timeouts for ex in runs)  # polls between tells that did not wait
+
+
+def _cmaes_built_for(workers: int, options: dict | None = None):
+    from evomerge.recipe import InputModel
+    from evomerge.search import check_optimizer
+    from evomerge.spaces import ModelPool, make_space
+
+    names = ("math", "cipher")
+    pool = ModelPool(base="/zoo/base", experts=tuple(InputModel(model=f"/zoo/{n}", name=n) for n in names),
+                     num_blocks=dict.fromkeys(("base", *names), 4))
+    cfg = SearchConfig.from_dict({
+        "models": {"zoo": "demo"}, "objectives": [{"task": "fake"}], "budget": {"evaluations": 8},
+        "space": {"type": "ps", "operator": "ties", "granularity": "layer"},
+        "optimizer": {"name": "cmaes", "options": options or {}},
+        "executor": "local" if workers == 1 else {"type": "ray", "workers": workers}})
+    return check_optimizer(cfg, make_space(cfg.space, pool))
+
+
+def test_cmaes_drops_its_generation_barrier_for_several_workers():
+    """24 genes (default popsize 13): one worker keeps the barrier; W workers (window 2·W) get
+    ask_ahead 2 and popsize ≥ W; the user's own options win."""
+    one = _cmaes_built_for(1)
+    assert (one.ask_ahead, one.popsize) == (0, 13)
+    two = _cmaes_built_for(2)
+    assert (two.ask_ahead, two.popsize) == (2, 13)
+    many = _cmaes_built_for(32)
+    assert (many.ask_ahead, many.popsize) == (2, 32)
+    mine = _cmaes_built_for(32, {"ask_ahead": 0, "popsize": 8})
+    assert (mine.ask_ahead, mine.popsize) == (0, 8)

@@ -387,3 +387,18 @@ def test_mask_key_ignores_coefficients_and_paths_but_not_models():
     assert key == recipe(0.5, 0.5, models=("/b/x", "/b/y")).mask_key("random")  # aliases, not paths
     assert key != recipe(0.5, 0.5, models=("/a/y", "/a/x")).mask_key("random")  # the models' order
     assert key != recipe(0.5, 0.5).mask_key("della")
+
+
+def test_reference_alias_is_the_base_else_the_first_input(tiny_models):
+    """One rule (recipe.reference_alias) for the model a set of inputs follows: its layout
+    (Sources.reference, the memory plan) and its tokenizer (the worker, the memory plan)."""
+    from evomerge.recipe import reference_alias
+
+    assert reference_alias({"e0": 1, "base": 2, "e1": 3}) == "base"
+    assert reference_alias({"e1": 1, "e0": 2}) == "e1"
+    with pytest.raises(ConfigError, match="at least one input model"):
+        reference_alias({})
+    dirs = {a: ModelDir(tiny_models[a]) for a in ("e1", "base", "e0")}
+    assert Sources(dirs).reference is dirs["base"]
+    del dirs["base"]
+    assert Sources(dirs).reference is dirs["e1"]

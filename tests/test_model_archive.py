@@ -212,6 +212,26 @@ def test_lost_member_files_are_recomputed_bit_for_bit(archive_run, tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(fresh.get(h), saved))
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_member_files_in_the_run_directory_follow_the_umask(umask, archive_run, tmp_path):
+    """Like every other file of a run directory (and every export), not mkstemp's 0600."""
+    import shutil
+
+    run, _ = archive_run
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    shutil.rmtree(copy / "archive")
+    weights, store = _weights(copy)
+    with store:
+        h = store.meta("archive_members")[-1]["hash"]
+        old = os.umask(umask)
+        try:
+            weights.get(h, save=True)
+        finally:
+            os.umask(old)
+    assert stat.S_IMODE(weights.path(h).stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in (copy / "archive").iterdir()] == [f"{h}.safetensors"]  # no temporary left
+
+
 def _relocated(archive_run, tmp_path):
     """A copy of the run whose parent models are private copies (so a test may change them)."""
     import shutil

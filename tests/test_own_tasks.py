@@ -111,14 +111,18 @@ def test_objective_and_config_accept_any_split(tmp_path):
 def test_check_objectives_returns_the_scored_splits_and_keeps_validation_held_out(tmp_path):
     write_task(tmp_path, "own", {"dev": ["d"], "test": ["t"]}, splits="validation_split: dev\ntest_split: test")
     got = check_objectives([Objective("own")], [Objective("own", split="test")], evals_dir=tmp_path)
-    assert got == {"own:search": "dev", "validation/own:test": "test"}
+    assert got.splits == {"own:search": "dev", "validation/own:test": "test"}
+    assert [(o.key, task.config.test_split) for o, task in got.tasks] == [("own:search", "dev"), ("own:test", "test")]
+    assert got.python is False
     with pytest.raises(ConfigError) as e:
         check_objectives([Objective("own")], [Objective("own", split="validation")], evals_dir=tmp_path)
     assert str(e.value) == ("validation objective own:validation scores the same split ('dev') as the search "
                             "objective own:search; validation must be held out: give it another of the task's splits")
     with pytest.raises(EvomergeError, match="task 'own:search' has no metric 'bleu'; its metrics: exact_match,none"):
         check_objectives([Objective("own", metric="bleu")], evals_dir=tmp_path)
-    assert check_objectives([Objective("python:m:f")], evals_dir=tmp_path) == {}
+    python = check_objectives([Objective("python:m:f")], evals_dir=tmp_path)
+    assert (python.splits, python.tasks, python.python) == ({}, [], True)
+    assert python.longest_request(tokenizer=None) is None  # a Python objective's requests are unknown ahead
 
 
 def search_yaml(tmp_path: Path, evals, task: str, **extra) -> Path:

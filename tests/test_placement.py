@@ -21,7 +21,7 @@ from conftest import REPO, char_tokenizer, make_model
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError, ModelError
 from evomerge.executors.worker import ModelWorker, Task
-from evomerge.memory import parse_bytes, plan_worker
+from evomerge.memory import parse_bytes, plan_worker, render
 from evomerge.merge.devices import resolve_dtype, tensor_devices
 from evomerge.merge.headers import read_header, write_sparse_model
 from evomerge.merge.materialize import apply_in_place, build_model, merged_tensors
@@ -226,6 +226,29 @@ def test_forced_placements_give_equal_fitness(families, family, monkeypatch):
         assert scores == first, key
 
 
+def test_a_new_run_plans_its_workers_memory_once_and_the_spec_takes_that_plan(families, tmp_path, monkeypatch):
+    import evomerge.memory as memory
+    from evomerge.search import run_search
+    from evomerge.store import RunStore
+
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    models = families["llama"]
+    budgets = forced_budgets(models)
+    calls = []
+    plan = memory.plan_worker
+    monkeypatch.setattr(memory, "plan_worker", lambda *a, **k: calls.append(a[0].memory.placement) or plan(*a, **k))
+    run_search(config(models, **budgets["pinned"]), tmp_path / "run")
+    assert len(calls) == 1  # the preflight's plan (refusal and placement alike)
+    with RunStore(tmp_path / "run") as s:
+        assert s.meta("status") == "finished"
+    # a plan handed over is the one the spec follows (nothing is planned again)
+    pool = ModelPool.from_paths(str(models["base"]), config(models).models.input_models())
+    mmap = plan(config(models, **budgets["mmap"]), pool.paths)
+    spec = worker_spec(config(models, **budgets["resident"]), pool, mmap)
+    assert (spec.placement, spec.devices, len(calls)) == ("mmap", None, 1)
+    assert worker_spec(config(models, **budgets["resident"]), pool).placement == "resident" and len(calls) == 2
+
+
 def test_a_plan_that_cannot_fit_is_refused_with_one_line(families, tmp_path):
     models = families["llama"]
     cfg = config(models, device_memory=1000, host_memory=1000).to_dict()
@@ -271,6 +294,100 @@ def test_plan_counts_match_the_models(families):
     assert p.input_bytes == files - headers
     assert p.dtype == "float32" and p.device == "cpu"
     assert p.eval["kv_cache"] == 2 * 2 * 2 * 16 * 4 * 8 * 4  # 2 (k,v) · layers · batch · length · heads · head_dim · 4 B
+
+
+def measured_config(models: dict[str, Path]) -> SearchConfig:
+    """Two lm-eval objectives (search + validation), no memory.max_length: the plan measures them."""
+    d = config(models).to_dict()
+    d["objectives"] = [{"task": "fx_add", "limit": 4}]
+    d["validation"] = {"objectives": [{"task": "fx_add", "split": "test", "limit": 3}]}
+    d["memory"] = {"headroom": 0.0}
+    return SearchConfig.from_dict(d)
+
+
+def test_preflight_builds_the_tasks_once_and_the_plan_measures_them(families, monkeypatch):
+    from evomerge.evaluation.tasks import TaskCatalog
+    from evomerge.search import preflight
+
+    built = []
+    build = TaskCatalog.build
+    monkeypatch.setattr(TaskCatalog, "build", lambda self, name, split, **k: built.append((name, split))
+                        or build(self, name, split, **k))
+    cfg = measured_config(families["llama"])
+    pf = preflight(cfg)
+    plan = pf.plan
+    assert built == [("fx_add", "search"), ("fx_add", "test")]  # once each: the plan reused them
+    # the longest request, one character a token: question + BOS + max_gen_toks (5)
+    rows = [json.loads(line)["question"] for split, n in (("search", 4), ("test", 3))
+            for line in (FIXTURES / "data" / f"fx_add_{split}.jsonl").read_text().splitlines()[:n]]
+    assert plan.max_length == max(map(len, rows)) + 1 + 5 < 64
+    assert plan.max_length_from.startswith("the objectives' longest request")
+    # planned alone (`evomerge plan`), the plan builds them itself and measures the same
+    alone = plan_worker(cfg, pf.pool.paths)
+    assert len(built) == 4 and alone.max_length == plan.max_length
+    # memory.max_length still overrides, and nothing is measured then
+    fixed = SearchConfig.from_dict({**cfg.to_dict(), "memory": {"max_length": 40}})
+    assert plan_worker(fixed, pf.pool.paths).max_length == 40 and len(built) == 4
+
+
+def test_the_plan_counts_the_order_cache_of_the_space_operator(families, monkeypatch):
+    """TIES/breadcrumbs keep an int32 order of |τ| per (expert, base) tensor pair, DELLA int16 row
+    ranks (merge/methods/sparsify.py), bounded by EVOMERGE_ORDER_CACHE_MB: the plan adds exactly
+    that to what stays on the merge's device (resident, and pinned on CPU), and the cache of a
+    real worker holds exactly what the plan said."""
+    from safetensors.torch import load_file
+
+    from evomerge.merge.methods import sparsify
+
+    monkeypatch.delenv("EVOMERGE_ORDER_CACHE_MB", raising=False)
+    models = families["llama"]
+    paths = {k: str(v) for k, v in models.items()}
+
+    def plan(operator: str):
+        d = config(models).to_dict()
+        d["space"] = {"type": "task_vector", "operator": operator, "fixed": {"density": 0.5}}
+        d["executor"] = {"device": "cpu"}
+        return plan_worker(SearchConfig.from_dict(d), paths)
+
+    tensors = [t for t in load_file(models["base"] / "model.safetensors").values() if t.is_floating_point()]
+    floating = sum(t.numel() for t in tensors)
+    ta, dare, ties, crumbs, della = (plan(o) for o in ("task_arithmetic", "dare_linear", "ties", "breadcrumbs",
+                                                        "della"))
+    assert ta.order_cache_bytes == 0
+    assert dare.order_cache_bytes == 2 * len(tensors) * 4097 * 8  # one l1 bucket histogram per pair
+    assert ties.order_cache_bytes == crumbs.order_cache_bytes == 2 * floating * 4  # 2 experts, int32 per entry
+    assert della.order_cache_bytes == 2 * floating * 2  # int16 ranks: every row is short
+    for p in (ties, della):
+        grown = {k: p.needs[k].device_bytes - ta.needs[k].device_bytes for k in PLACEMENTS}
+        assert grown == {"resident": p.order_cache_bytes, "pinned": p.order_cache_bytes, "mmap": 0}
+        assert all(p.needs[k].host_bytes == ta.needs[k].host_bytes for k in PLACEMENTS)
+    assert "ties: 2 expert(s)" in ties.order_cache_from and "order cache" in render(ties)
+    # a worker merging with resident inputs caches exactly that, from the second candidate on
+    recipe = Recipe.model_validate({
+        "merge_method": "ties", "base_model": paths["base"],
+        "models": [{"model": paths[a], "name": a, "parameters": {"weight": 0.5, "density": 0.5}} for a in "ab"]})
+    src = Sources.from_recipe(recipe).resident("cpu")
+    sparsify.release_order_cache()
+    try:
+        for _ in range(2):
+            for _name, _t in merged_tensors(recipe, src):
+                pass
+        assert sparsify.order_cache_bytes() == ties.order_cache_bytes
+    finally:
+        sparsify.release_order_cache()
+        src.close()
+    # the bound caps it, 0 turns it off, and a bound that is not a number is one line
+    monkeypatch.setenv("EVOMERGE_ORDER_CACHE_MB", "0.01")
+    capped = plan("ties")
+    assert capped.order_cache_bytes == int(0.01 * 2**20) < ties.order_cache_bytes
+    assert capped.needs["resident"].device_bytes - ta.needs["resident"].device_bytes == int(0.01 * 2**20)
+    assert "capped by EVOMERGE_ORDER_CACHE_MB" in capped.order_cache_from
+    monkeypatch.setenv("EVOMERGE_ORDER_CACHE_MB", "0")
+    off = plan("ties")
+    assert off.order_cache_bytes == 0 and off.needs["resident"].device_bytes == ta.needs["resident"].device_bytes
+    monkeypatch.setenv("EVOMERGE_ORDER_CACHE_MB", "lots")
+    with pytest.raises(ConfigError, match="EVOMERGE_ORDER_CACHE_MB='lots' is not a number of megabytes"):
+        plan("ties")
 
 
 # ---------------------------------------------------------------------- header-only models (docs/scale.md)

@@ -147,10 +147,14 @@ def test_resume_extends_budget_and_equals_a_longer_run(tiny_models, tmp_path):
         run_search(SearchConfig.from_dict(config(tiny_models, tmp_path)), tmp_path / "a")
 
 
-@pytest.mark.parametrize("optimizer", ["cmaes", "m2n2"])
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_models, tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,checkpoint_seconds", [("cmaes", 0.0), ("m2n2", 0.0), ("cmaes", 3600.0),
+                                                          ("m2n2", 3600.0)])
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_models, tmp_path, optimizer, checkpoint_seconds):
+    """A checkpoint after every tell (0 s), or only after the first (3600 s: the resume replays
+    every later tell from the store): the same run, no committed evaluation repeated."""
     cfg = config(tiny_models, tmp_path, optimizer=optimizer, budget={"evaluations": 40},
-                 executor={"worker_options": {"sleep": 0.03, "log": str(tmp_path / "log.txt")}})
+                 executor={"worker_options": {"sleep": 0.03, "log": str(tmp_path / "log.txt")}},
+                 search={"checkpoint_seconds": checkpoint_seconds})
     run_search_then_sigkill(cfg, tmp_path / "killed", after=15, timeout=60)
     with RunStore(tmp_path / "killed") as s:
         committed = {t.recipe_hash for t in s.trials(kind=None)}
@@ -197,6 +201,30 @@ def test_malformed_configs_give_one_line_errors(tmp_path, text, message):
     with pytest.raises(ConfigError) as e:
         SearchConfig.load(p)
     assert message in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith(str(p))
+
+
+def test_registry_fields_are_checked_against_the_registry_at_validation_time(monkeypatch):
+    """config.registered: one validator for every config field that names a registry entry
+    (executor.type, optimizer.warm_start.kind); a name registered after import is accepted."""
+    from evomerge import config as config_module
+    from evomerge.executors import EXECUTORS
+    from evomerge.spaces.warm import WARM_STARTS
+
+    base = {"models": {"experts": ["a"]}, "objectives": [{"task": "x"}], "budget": {"evaluations": 3}}
+    monkeypatch.setitem(EXECUTORS, "slurm", object)
+    monkeypatch.setitem(WARM_STARTS, "lucky", object)
+    cfg = SearchConfig.from_dict({**base, "executor": "slurm", "optimizer": {"name": "cmaes", "warm_start": "lucky"}})
+    assert (cfg.executor.type, cfg.optimizer.warm_start.kind) == ("slurm", "lucky")
+    with pytest.raises(ConfigError) as e:
+        SearchConfig.from_dict({**base, "executor": "pbs"})
+    assert str(e.value) == "config: executor.type: unknown executor 'pbs'; choose one of local, ray, slurm"
+    with pytest.raises(ConfigError) as e:
+        SearchConfig.from_dict({**base, "optimizer": {"name": "cmaes", "warm_start": "unlucky"}})
+    assert str(e.value) == ("config: optimizer.warm_start.kind: unknown warm start 'unlucky'; "
+                            "choose one of auto, parents, grid, none, lucky")
+    for cls, field in ((config_module.ExecutorConfig, "type"), (config_module.WarmStartConfig, "kind")):
+        (validator,) = [d for d in cls.__pydantic_decorators__.field_validators.values() if field in d.info.fields]
+        assert validator.func.__qualname__ == "registered.<locals>.check"
 
 
 def test_bad_optimizer_is_reported_before_workers_start(tiny_models, tmp_path):

@@ -175,6 +175,63 @@ def test_lora_adapters_load_as_peft_and_are_the_experts_delta(zoo):
             torch.testing.assert_close(peft_model(ids).logits, _load(path)(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_assembling_from_the_adapters_rebuilds_the_zoo_bit_for_bit(zoo, tmp_path):
+    """No training: base + each carried adapter, merged as the build merges, is the built zoo."""
+    from evomerge.zoo.build import ZooInfo
+    from evomerge.zoo.gguf import sha256_file
+    from evomerge.zoo.smollm2 import assemble_pretrained
+
+    source = tmp_path / "carried"  # what scripts/gpu_carry.py carries: build.json and adapters/
+    (source / "adapters").mkdir(parents=True)
+    (source / "build.json").write_bytes((zoo.root / "build.json").read_bytes())
+    for name in zoo.experts:
+        (source / "adapters" / name).mkdir()
+        for f in (zoo.root / "adapters" / name).iterdir():
+            (source / "adapters" / name / f.name).write_bytes(f.read_bytes())
+    info = assemble_pretrained("smollm2-ci", source, out=tmp_path / "zoo")
+    assert (info.preset, info.digest, info.root, sorted(info.experts)) == ("smollm2-ci", zoo.digest, tmp_path / "zoo",
+                                                                          sorted(zoo.experts))
+    assert not info.cached and ZooInfo.load(info.root).experts == {k: info.root / k for k in zoo.experts}
+    built, made = json.loads((zoo.root / "zoo.json").read_text()), json.loads((info.root / "zoo.json").read_text())
+    assert {k: v for k, v in made.items() if k not in ("root", "seconds")} == \
+        {k: v for k, v in built.items() if k not in ("root", "seconds")}
+    assert (info.root / "build.json").read_bytes() == (zoo.root / "build.json").read_bytes()
+    for rel in ["base", *zoo.experts, *(f"adapters/{n}" for n in zoo.experts)]:
+        names = sorted(f.name for f in (zoo.root / rel).iterdir())
+        assert sorted(f.name for f in (info.root / rel).iterdir()) == names, rel
+        for f in names:  # tokenizer_config.json records HF_HUB_OFFLINE at save time (local_files_only)
+            if f != "tokenizer_config.json":
+                assert sha256_file(info.root / rel / f) == sha256_file(zoo.root / rel / f), f"{rel}/{f}"
+    again = assemble_pretrained("smollm2-ci", source, out=tmp_path / "zoo")
+    assert again.cached and again.seconds == info.seconds  # complete: reused, never merged twice
+
+
+def test_assembly_refuses_a_foreign_or_incomplete_source_before_any_work(tmp_path):
+    from dataclasses import asdict
+
+    from evomerge.zoo.smollm2 import assemble_pretrained, get_pretrained
+
+    out = tmp_path / "zoo"
+    with pytest.raises(EvomergeError, match="no build.json"):
+        assemble_pretrained("smollm2-ci", tmp_path, out=out)
+    (tmp_path / "build.json").write_text("{not json")
+    with pytest.raises(EvomergeError, match="build.json: unreadable"):
+        assemble_pretrained("smollm2-ci", tmp_path, out=out)
+    (tmp_path / "build.json").write_text(json.dumps({"preset": asdict(get_pretrained("smollm2")), "experts": {}}))
+    with pytest.raises(EvomergeError, match="records another preset than 'smollm2-ci'") as err:
+        assemble_pretrained("smollm2-ci", tmp_path, out=out)
+    assert "\n" not in str(err.value)
+    (tmp_path / "build.json").write_text(json.dumps({"preset": asdict(get_pretrained("smollm2-ci")), "experts": {}}))
+    (tmp_path / "adapters" / "math").mkdir(parents=True)
+    (tmp_path / "adapters" / "math" / "adapter_config.json").write_text("{}")
+    with pytest.raises(EvomergeError, match=r"adapters/math: no adapter_model.safetensors \(expert 'math'"):
+        assemble_pretrained("smollm2-ci", tmp_path, out=out)
+    (tmp_path / "adapters" / "math" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(EvomergeError, match=r"adapters/french: no adapter_config.json \(expert 'french'"):
+        assemble_pretrained("smollm2-ci", tmp_path, out=out)
+    assert not out.exists()  # no partial output
+
+
 def test_lora_training_is_deterministic(zoo):
     from transformers import AutoTokenizer
 
@@ -255,16 +312,19 @@ def test_memory_plan_sizes_the_batch_by_the_longest_request_not_the_context(zoo)
 
     from evomerge.config import SearchConfig
     from evomerge.evaluation import Objective
-    from evomerge.evaluation.check import longest_sequence
+    from evomerge.evaluation.check import check_objectives
     from evomerge.memory import plan_worker
 
     tok = AutoTokenizer.from_pretrained(str(zoo.base))
     docs = eval_docs("smol_math_fr", "search")[:5]
     ll = max(len(tok(d["prompt"] + " " + d["answer"] + "\n", add_special_tokens=False).input_ids) for d in docs) + 1
     gen = max(len(tok(d["prompt"], add_special_tokens=False).input_ids) for d in docs) + 1 + 6  # max_gen_toks 6
-    assert longest_sequence([Objective("smol_math_fr_ll", limit=5)], tok) == ll
-    assert longest_sequence([Objective("smol_math_fr_ll", limit=5), Objective("smol_math_fr", limit=5)], tok) == max(ll, gen)
-    assert longest_sequence([Objective("python:evomerge.zoo.french:eval_docs")], tok) is None
+    def longest(*objectives):
+        return check_objectives(objectives).longest_request(tok)
+
+    assert longest(Objective("smol_math_fr_ll", limit=5)) == ll
+    assert longest(Objective("smol_math_fr_ll", limit=5), Objective("smol_math_fr", limit=5)) == max(ll, gen)
+    assert longest(Objective("python:evomerge.zoo.french:eval_docs")) is None
     d = {"models": {"zoo": "smollm2-ci"}, "objectives": [{"task": "smol_math_fr_ll", "limit": 5}],
          "space": {"type": "task_vector", "operator": "task_arithmetic"}, "budget": {"evaluations": 1},
          "executor": {"device": "cpu"}}

@@ -3,7 +3,8 @@
 ``--json`` prints :meth:`evomerge.memory.MemoryPlan.to_dict` as one object: every field of the
 plan (``device``, ``devices_per_worker``, ``workers``, ``dtype``, ``inputs`` [{``path``,
 ``aliases``, ``bytes``, ``dtypes``, ``largest_bytes``}], ``input_bytes``, ``model_params``,
-``model_bytes``, ``scratch_bytes``, ``staging_device_bytes``, ``staging_host_bytes``, ``eval``
+``model_bytes``, ``scratch_bytes``, ``staging_device_bytes``, ``staging_host_bytes``,
+``order_cache_bytes`` (per worker, on the merge's device; ``order_cache_from`` says why), ``eval``
 {``kv_cache``, ``activations``, ``logits``}, ``device_budget``, ``host_budget``, ``headroom``,
 ``needs`` {placement: {``device_bytes``, ``host_bytes``, ``fits``, ``why``, ``merge_link``,
 ``merge_s``}}, ``requested``, ``placement`` (null when nothing fits), ``split_devices``) plus

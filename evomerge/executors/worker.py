@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from evomerge.errors import ConfigError
+from evomerge.recipe import reference_alias
 
 # = evaluation.objective.SPLITS[:2], the names' home (a test checks); importing the evaluation
 # package here would load lm-eval into every process that only talks to workers
@@ -79,7 +80,7 @@ class WorkerSpec:
     split: bool = False  # take the device-map path even for one device (tests)
     threads: int = 1
     factory: str | None = None  # "module:callable" building a custom worker (spec, name) -> worker
-    tokenizer: str | None = None  # alias or directory; default: base, else the first model
+    tokenizer: str | None = None  # alias or directory; default: recipe.reference_alias (base, else the first)
     options: dict[str, Any] = field(default_factory=dict)  # for custom workers
 
 
@@ -179,7 +180,7 @@ class ModelWorker:
                                  split=spread)
         self.sources = lazy.place(spec.placement, device,
                                   tensor_devices(self.model, lazy.reference.tensor_names) if spread else None)
-        tok = spec.tokenizer or ("base" if "base" in spec.models else next(iter(spec.models)))
+        tok = spec.tokenizer or reference_alias(spec.models)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.models.get(tok, tok))
         self.evaluators = {}
         for split, objs in ((SEARCH, spec.objectives), (VALIDATION, spec.validation)):

@@ -50,7 +50,7 @@ def _plan(recipe: Recipe) -> _Plan:
         raise ConfigError(f"merge_method {op.name} takes {want} models, the recipe lists {n}")
     if op.needs_base and recipe.base_model is None:
         raise ConfigError(f"merge_method {op.name} needs `base_model`")
-    return _Plan(op=op, seed_key=recipe.mask_key(op.random) if op.random else "")
+    return _Plan(op=op, seed_key=recipe.mask_key(op.sparsify or op.name) if op.random else "")
 
 
 def _value(recipe: Recipe, model_index: int | None, pname: str, default: Any, site: TensorSite,

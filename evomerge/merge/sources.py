@@ -18,7 +18,7 @@ from evomerge.merge.lora import open_model
 from evomerge.merge.placement import check_finite, place
 from evomerge.merge.vocab import align as align_vocabularies
 from evomerge.models import ModelDir, check_compatible
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, reference_alias
 
 
 class Sources:
@@ -55,7 +55,7 @@ class Sources:
     @property
     def reference(self) -> ModelDir:
         """The model whose layout the output follows: the base, else the first input."""
-        return self.dirs.get("base") or next(iter(self.dirs.values()))
+        return self.dirs[reference_alias(self.dirs)]
 
     def place(self, kind: str, device: str | torch.device,
               devices: dict[str, torch.device] | None = None) -> "Sources":

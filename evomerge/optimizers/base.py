@@ -102,6 +102,12 @@ class Optimizer(ABC):
     warm_centres: ClassVar[bool] = True
 
     @classmethod
+    def parallel_options(cls, dim: int, window: int) -> dict[str, Any]:
+        """Option defaults for a loop that keeps ``window`` candidates in flight (several
+        workers), below the user's own options: none for an optimizer that can always ask."""
+        return {}
+
+    @classmethod
     def not_warmable(cls) -> str | None:
         """Why points evaluated first cannot start this optimizer (None: they can): its
         ``warm_start_refusal``; a finite optimizer asks its own fixed set."""

@@ -36,6 +36,7 @@ with one candidate in flight both versions ask the same candidates.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from cmaes import CMA, SepCMA
@@ -66,6 +67,16 @@ class CMAES(Optimizer):
     """
 
     ask_ahead: int = 0  # class default: checkpoints written before the option existed restore as barrier CMA
+
+    @classmethod
+    def parallel_options(cls, dim: int, window: int) -> dict[str, Any]:
+        """Several workers (``window`` > 1 candidates in flight): ``ask_ahead: 2`` and a population
+        of at least half the window (the loop's window is 2·W, so popsize ≥ W), the setting the
+        worker-scaling model puts at ≥ 0.9·W up to 64 workers (docs/optimizers.md); the barrier
+        version idles workers at every generation's end."""
+        if window <= 1:
+            return {}
+        return {"ask_ahead": 2, "popsize": max(default_popsize(dim), math.ceil(window / 2))}
 
     def __init__(
         self,

@@ -95,7 +95,7 @@ class ArchiveSearch(Search):
 
     state_type = ArchiveState
 
-    def __init__(self, cfg, store, *, executor=None, on_progress=None, pool=None, allow_pickle=False):
+    def __init__(self, cfg, store, *, executor=None, on_progress=None, pool=None, allow_pickle=False, plan=None):
         from evomerge.executors import make_executor
         from evomerge.spaces import make_space
 
@@ -104,7 +104,7 @@ class ArchiveSearch(Search):
         self.source_hashes = {space.recipes[a].hash(): a for a in space.members}
         self.elements = model_elements(pool)
         self.archive_size = int(cfg.optimizer.options.get("archive_size", 20))
-        spec = worker_spec(cfg, pool)
+        spec = worker_spec(cfg, pool, plan)
         spec.factory = WORKER
         spec.options = {"run_dir": str(Path(store.run_dir).resolve()), "sources": self.source_hashes,
                         "cache": space.config.cache or self.archive_size + 2}

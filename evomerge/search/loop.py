@@ -3,9 +3,13 @@
 Guarantees (docs/search.md):
 
 * **commit before tell** — every evaluation is a committed row of the run store before the
-  optimizer hears of it; optimizer + loop state is checkpointed after every tell
-  (``search.checkpoint_every``), so ``evomerge resume`` restores the last checkpoint, re-asks,
-  answers asks whose recipe is already stored without evaluating, and goes on;
+  optimizer hears of it; optimizer + loop state is checkpointed at most once a second
+  (``search.checkpoint_every`` tells and ``checkpoint_seconds``, default 1 tell and 1 s), so
+  ``evomerge resume`` restores the last checkpoint, re-asks, answers asks whose recipe is
+  already stored without evaluating (replaying the tells since that checkpoint), and goes on.
+  A checkpoint costs the driver ~5 ms (24 genes, CMA-ES), four times the rest of a tell: at one
+  per tell the driver, not the workers, would cap the candidates/min of many workers on fast
+  candidates (scripts/bench/worker_scaling.py);
 * **one evaluation per recipe** — an ask whose recipe hash is stored, or in flight, is answered
   from there; the evaluation budget counts distinct recipes;
 * **deterministic** (``search.deterministic``, default) — results are told in ask order and new
@@ -36,6 +40,7 @@ only for the final best (``final``), or with every candidate (``all``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import time
@@ -184,7 +189,7 @@ class Search:
 
     def __init__(self, cfg: SearchConfig, store: RunStore, *, executor: Executor | None = None,
                  on_progress: Callable[[Progress], None] | None = None, pool: ModelPool | None = None,
-                 allow_pickle: bool = False):
+                 allow_pickle: bool = False, plan=None):
         self.cfg, self.store = cfg, store
         self.pool = pool or stored_models(store) or resolve_models(cfg)
         store.set_meta(models={"base": self.pool.base, "experts": [e.model_dump() for e in self.pool.experts]})
@@ -194,7 +199,7 @@ class Search:
         self.search_keys = [o.key for o in cfg.objectives]
         self.weights = [o.weight for o in cfg.objectives]
         self.signs = [1.0 if o.weight >= 0 else -1.0 for o in cfg.objectives]
-        self.val_keys = [o.key for o in cfg.validation.objectives] if cfg.validation.when != "none" else []
+        self.val_keys = [o.key for o in cfg.scored_validation]
         self.val_weights = {o.key: o.weight for o in cfg.validation.objectives}
         self.window = cfg.window
         self.racing = cfg.evaluation.fidelity.mode == "racing"
@@ -202,7 +207,8 @@ class Search:
         self.on_progress = on_progress
         self.allow_pickle = allow_pickle  # read an old (pickled) checkpoint: the user's explicit opt-in
         self._own_executor = executor is None  # a caller's executor stays open (benchmarks reuse workers)
-        self.executor = executor or make_executor(cfg.executor, worker_spec(cfg, self.pool))
+        # plan: the preflight's memory plan for ``pool`` (planned here when not given)
+        self.executor = executor or make_executor(cfg.executor, worker_spec(cfg, self.pool, plan))
         # run-time (not checkpointed) bookkeeping
         self.pending: dict[int, _Pending] = {}
         self.inflight: dict[str, list[_Pending]] = {}  # recipe hash -> asks waiting on it
@@ -214,6 +220,7 @@ class Search:
         self.evaluated_here = 0
         self.cached = 0
         self.t_start = time.monotonic()
+        self._last_checkpoint = -math.inf  # the first tell is checkpointed
         self.stopped = ""
         self.message = ""
         self._refs: dict | None = None
@@ -246,6 +253,7 @@ class Search:
         self.store.save_checkpoint(st.stage, st.n_told, blob, evaluations=st.n_evals, elapsed=self.elapsed,
                                    failures=st.failures, updated=time.time(),
                                    best_fitness=None if best is None else best["fitness"])
+        self._last_checkpoint = time.monotonic()
 
     def _restore(self) -> bool:
         from evomerge.optimizers import Optimizer, load_optimizer
@@ -545,6 +553,11 @@ class Search:
             for o in self.executor.poll(timeout=0):
                 self._handle(o)
 
+    def _checkpoint_due(self, told_since: int) -> bool:
+        opts = self.cfg.search
+        return (told_since >= opts.checkpoint_every
+                and time.monotonic() - self._last_checkpoint >= opts.checkpoint_seconds)
+
     def _run_stage(self) -> None:
         self._fill()
         told_since = 0
@@ -556,7 +569,7 @@ class Search:
             self._tell(p)
             self._fill()
             told_since += 1
-            if told_since >= self.cfg.search.checkpoint_every:
+            if self._checkpoint_due(told_since):
                 self._checkpoint()
                 told_since = 0
             self._report()

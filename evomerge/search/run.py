@@ -1,6 +1,7 @@
 """Entry point: :func:`run_search` starts or resumes a run directory with the registered search kind.
 
-Order of a new run: the config → :func:`~evomerge.search.setup.preflight` (every check) → the run
+Order of a new run: the config → :func:`~evomerge.search.setup.preflight` (every check, the memory
+plan included; the plan is handed on to the workers' spec) → the run
 directory, created atomically and locked (:mod:`evomerge.search.rundir`) → the loop. A resume:
 the driver lock → the stored config and its fingerprint → the resume options → preflight → only
 then is anything in the run directory written. So a refused run leaves no directory behind and a
@@ -19,7 +20,7 @@ from evomerge.executors import Executor
 from evomerge.search.kinds import search_class
 from evomerge.search.loop import Progress, SearchSummary
 from evomerge.search.rundir import DriverLock, create_run_dir, refuse_existing
-from evomerge.search.setup import check_fingerprint, fingerprint, plan_memory, preflight, stored_models
+from evomerge.search.setup import check_fingerprint, fingerprint, preflight, stored_models
 from evomerge.search.signals import stop_on_signals
 from evomerge.store import RunStore
 
@@ -40,21 +41,19 @@ def run_search(config: SearchConfig | str | Path, run_dir: str | Path, *, resume
     run_dir = Path(run_dir)
     with stop_on_signals():
         if resume:
-            store, lock, cfg, pool = _open_for_resume(run_dir, budget, executor_overrides)
+            store, lock, cfg, pf = _open_for_resume(run_dir, budget, executor_overrides, executor is None)
         else:
             cfg = _new_config(config, executor_overrides)
             refuse_existing(run_dir)  # cheap, before the (slower) checks
-            pf = preflight(cfg)
-            if executor is None:  # workers that cannot fit: one line and no run directory (docs/scale.md)
-                plan_memory(cfg, pf.pool)
+            # a caller's executor brings its own workers: no memory plan for ours
+            pf = preflight(cfg, plan=executor is None)
             store, lock = create_run_dir(run_dir, dict(
                 config=cfg.to_dict(), name=cfg.name or run_dir.name, created=time.time(), status="new",
                 splits=pf.splits, fingerprint=fingerprint(cfg)))
-            pool = pf.pool
         try:
             cls = search_class(cfg)
             try:
-                summary = cls(cfg, store, executor=executor, on_progress=on_progress, pool=pool,
+                summary = cls(cfg, store, executor=executor, on_progress=on_progress, pool=pf.pool, plan=pf.plan,
                               allow_pickle=allow_pickle).run(resume=resume)
             finally:
                 store.close()
@@ -75,8 +74,9 @@ def _new_config(config, executor_overrides: dict | None) -> SearchConfig:
     return SearchConfig.from_dict(data, where="command-line options" if executor_overrides else "config")
 
 
-def _open_for_resume(run_dir: Path, budget: dict | None, executor_overrides: dict | None):
-    """Lock, read and check a run to resume; writes nothing unless every check passed."""
+def _open_for_resume(run_dir: Path, budget: dict | None, executor_overrides: dict | None, plan: bool):
+    """Lock, read and check a run to resume (its memory plan too when ``plan``); writes nothing
+    unless every check passed."""
     if not RunStore.exists(run_dir):
         RunStore(run_dir)  # one line: "no run store here"
     lock = DriverLock.acquire(run_dir)
@@ -93,7 +93,7 @@ def _open_for_resume(run_dir: Path, budget: dict | None, executor_overrides: dic
             updates["executor"] = {**cfg.executor.model_dump(), **executor_overrides}
         if updates:
             cfg = SearchConfig.from_dict({**cfg.to_dict(), **updates}, where="resume options")
-        pf = preflight(cfg, pool=stored_models(store))
+        pf = preflight(cfg, pool=stored_models(store), plan=plan)
         genes = store.meta("genes")  # what the checkpoints were written for (runs without a fingerprint too)
         if genes is not None and list(genes) != list(pf.space.names):
             raise ConfigError(f"{where}: its space has {pf.space.dim} genes ({', '.join(pf.space.names[:3])}, ...) but the "
@@ -101,7 +101,7 @@ def _open_for_resume(run_dir: Path, budget: dict | None, executor_overrides: dic
                               "or start a new run in another --run-dir")
         if updates:
             store.set_meta(config=cfg.to_dict())
-        return store, lock, cfg, pf.pool
+        return store, lock, cfg, pf
     except BaseException:
         if store is not None:
             store.close()

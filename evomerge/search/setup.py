@@ -2,8 +2,10 @@
 
 :func:`preflight` runs every check a config must pass before a run directory is created (or a
 resumed run is touched): tasks, models, space, the search kind's optimizer and extras, the
-executor's resources. It is one list of check functions (:data:`PREFLIGHT_CHECKS`); more checks
-(a memory plan that cannot fit, ...) are added with :func:`register_preflight_check`.
+executor's resources, the workers' memory plan. It is one list of check functions
+(:data:`PREFLIGHT_CHECKS`); more checks are added with :func:`register_preflight_check`. What the
+checks build is kept on the :class:`Preflight` and handed on (the tasks to the memory plan, the
+plan to the worker spec), so nothing is built twice.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -48,45 +50,48 @@ def stored_models(store: RunStore) -> ModelPool | None:
     return ModelPool.from_paths(m["base"], [InputModel(**e) for e in m["experts"]])
 
 
-def worker_spec(cfg: SearchConfig, pool: ModelPool) -> WorkerSpec:
-    """The workers' spec; the model worker's inputs are placed by the memory plan (refused with
-    one line if nothing fits: :func:`plan_memory`)."""
+def worker_spec(cfg: SearchConfig, pool: ModelPool, plan=None) -> WorkerSpec:
+    """The workers' spec; the model worker's inputs are placed by the memory plan: ``plan`` (the
+    preflight's, :attr:`Preflight.plan`), else :func:`plan_memory` here (refused with one line if
+    nothing fits)."""
     spec = WorkerSpec(
         models=pool.paths,
         objectives=[o.model_dump() for o in cfg.objectives],
-        validation=[o.model_dump() for o in cfg.validation.objectives] if cfg.validation.when != "none" else [],
+        validation=[o.model_dump() for o in cfg.scored_validation],
         evals_dir=cfg.evaluation.evals_dir, builtin_tasks=cfg.evaluation.builtin_tasks,
         batch_size=cfg.evaluation.batch_size, dtype=cfg.evaluation.dtype,
         device=cfg.executor.device, threads=cfg.executor.threads, factory=cfg.executor.worker,
         options=dict(cfg.executor.worker_options),
     )
-    plan = plan_memory(cfg, pool)
+    if plan is None:
+        plan = plan_memory(cfg, pool)
     if plan is not None:
         spec.placement, spec.devices = plan.placement, plan.split_devices
     return spec
 
 
-def plan_memory(cfg: SearchConfig, pool: ModelPool):
+def plan_memory(cfg: SearchConfig, pool: ModelPool, objectives=None):
     """The model workers' :class:`~evomerge.memory.MemoryPlan` (docs/scale.md), or ``None`` for a
     custom worker (``executor.worker``), which sizes its own memory. Raises ``ConfigError`` (one
-    line saying what to change) when no placement fits."""
+    line saying what to change) when no placement fits. ``objectives``: :func:`check_tasks`'s
+    result (the preflight's), so the plan measures the tasks already built."""
     if cfg.executor.worker is not None:
         return None
     from evomerge.memory import plan_worker
 
-    plan = plan_worker(cfg, pool.paths)
+    plan = plan_worker(cfg, pool.paths, objectives)
     plan.require_fit()
     return plan
 
 
-def check_tasks(cfg: SearchConfig) -> dict[str, str]:
-    """Build the config's lm-eval objectives once here (see evomerge/evaluation/check.py): objective
-    key → the dataset split it scores; unknown tasks, splits, metrics or missing data fail now."""
-    from evomerge.evaluation.check import check_objectives
+def check_tasks(cfg: SearchConfig):
+    """Build the config's lm-eval objectives once here (see evomerge/evaluation/check.py): the
+    :class:`~evomerge.evaluation.check.CheckedObjectives` (``.splits``: objective key → the dataset
+    split it scores; the built tasks, which the memory plan measures); unknown tasks, splits,
+    metrics or missing data fail now."""
+    from evomerge.evaluation.check import check_search_objectives
 
-    val = cfg.validation.objectives if cfg.validation.when != "none" else []
-    return check_objectives([o.to_objective() for o in cfg.objectives], [o.to_objective() for o in val],
-                            evals_dir=cfg.evaluation.evals_dir, builtin_tasks=cfg.evaluation.builtin_tasks)
+    return check_search_objectives(cfg)
 
 
 def stage_bounds(cfg: SearchConfig, space: Space) -> list[tuple[int | None, float | None]]:
@@ -108,7 +113,7 @@ def build_optimizer(cfg: SearchConfig, space: Space, stage: int, fixed: np.ndarr
     genes = space.stages[stage].genes
     o = cfg.optimizer
     lo, hi, x0 = space.lower[genes], space.upper[genes], fixed[genes]
-    options = dict(o.options)
+    options = {**optimizer_class(o.name).parallel_options(len(genes), cfg.window), **o.options}
     if "ties" in option_names(optimizer_class(o.name)) and "ties" not in options:
         options["ties"] = space.tied_genes()[genes].tolist()  # the space's structure, for a prior over it
     ws = o.warm_start
@@ -139,11 +144,16 @@ class Preflight:
     pool: ModelPool | None = None
     space: Space | None = None
     splits: dict[str, str] = field(default_factory=dict)  # objective key -> dataset split scored
+    objectives: Any = None  # evaluation.check.CheckedObjectives: the tasks built (None: a custom worker)
+    with_plan: bool = True  # plan the workers' memory (not for a caller's executor, whose workers are its own)
+    plan: Any = None  # memory.MemoryPlan the workers are placed by (None: not planned, or a custom worker)
 
 
 def _tasks(pf: Preflight) -> None:
     # bad tasks, splits, metrics or data (a custom worker scores its own way)
-    pf.splits = check_tasks(pf.cfg) if pf.cfg.executor.worker is None else {}
+    if pf.cfg.executor.worker is None:
+        pf.objectives = check_tasks(pf.cfg)
+        pf.splits = pf.objectives.splits
 
 
 def _models(pf: Preflight) -> None:
@@ -168,9 +178,15 @@ def _executor(pf: Preflight) -> None:
     check_executor(pf.cfg.executor)
 
 
+def _memory(pf: Preflight) -> None:
+    # workers that cannot fit: one line (docs/scale.md); the plan then places the workers' inputs
+    if pf.with_plan:
+        pf.plan = plan_memory(pf.cfg, pf.pool, pf.objectives)
+
+
 #: the checks :func:`preflight` runs, in order; each takes the :class:`Preflight` and raises a
 #: one-line :class:`~evomerge.errors.EvomergeError` when the run cannot work
-PREFLIGHT_CHECKS: list[Callable[[Preflight], None]] = [_tasks, _models, _space, _kind, _executor]
+PREFLIGHT_CHECKS: list[Callable[[Preflight], None]] = [_tasks, _models, _space, _kind, _executor, _memory]
 
 
 def register_preflight_check(check: Callable[[Preflight], None]) -> Callable[[Preflight], None]:
@@ -180,10 +196,11 @@ def register_preflight_check(check: Callable[[Preflight], None]) -> Callable[[Pr
     return check
 
 
-def preflight(cfg: SearchConfig, *, pool: ModelPool | None = None) -> Preflight:
+def preflight(cfg: SearchConfig, *, pool: ModelPool | None = None, plan: bool = True) -> Preflight:
     """Every check a run of ``cfg`` must pass, before anything is written (``pool``: the models a
-    resumed run started with)."""
-    pf = Preflight(cfg=cfg, pool=pool)
+    resumed run started with; ``plan``: plan the workers' memory — ``Preflight.plan``, handed on
+    to :func:`worker_spec`)."""
+    pf = Preflight(cfg=cfg, pool=pool, with_plan=plan)
     for check in list(PREFLIGHT_CHECKS):
         check(pf)
     return pf

@@ -3,7 +3,8 @@
 Inside :func:`stop_on_signals` the first SIGTERM/SIGHUP raises :class:`Interrupted` (a
 ``KeyboardInterrupt``) in the main thread, so the loop unwinds exactly as on Ctrl-C: every
 finished evaluation is already a committed row of the run store, the optimizer's last checkpoint
-(written after every tell, ``search.checkpoint_every``) stays, and the run is marked
+(at most ``search.checkpoint_seconds`` old; the tells since are replayed from the store) stays,
+and the run is marked
 ``interrupted`` — ``evomerge resume`` continues it. Later signals are ignored while the run
 cleans up (kill -9 remains, and is safe). Outside the main thread nothing is installed, and a
 signal the process ignores already (``nohup`` ignores SIGHUP) stays ignored.

@@ -136,6 +136,11 @@ class SpaceConfig(BaseModel):
     type: str
     decimals: int | None = 4  # recipe values are rounded to this many decimals (None: exact)
 
+    def merge_methods(self) -> tuple[str, ...]:
+        """The merge operators (``OPERATORS`` names) of this space's parameter-space merges; the
+        memory plan sizes what they keep between candidates (the order cache). None by default."""
+        return ()
+
 
 class Space(ABC):
     """A bounded box of genomes and its map to recipes."""

@@ -28,6 +28,9 @@ class HybridConfig(SpaceConfig):
     dfs: DFSConfig = Field(default_factory=DFSConfig)
     ps_fraction: float = Field(default=0.5, gt=0, lt=1)  # share of the evaluation budget for stage 1
 
+    def merge_methods(self) -> tuple[str, ...]:
+        return self.ps.merge_methods()  # the DFS stage's layer flow stacks that merge's blocks
+
 
 @register_space("hybrid", HybridConfig)
 class HybridSpace(Space):

@@ -68,6 +68,9 @@ class PSConfig(SpaceConfig):
     filters: list[str] = Field(default_factory=list)
     experts: list[str] | None = None
 
+    def merge_methods(self) -> tuple[str, ...]:
+        return (self.operator,)
+
     @field_validator("filters")
     @classmethod
     def _filters(cls, v: list[str]) -> list[str]:

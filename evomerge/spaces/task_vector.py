@@ -24,6 +24,9 @@ class TaskVectorConfig(SpaceConfig):
     options: dict[str, Any] = Field(default_factory=dict)
     experts: list[str] | None = None
 
+    def merge_methods(self) -> tuple[str, ...]:
+        return (self.operator,)
+
 
 @register_space("task_vector", TaskVectorConfig)
 class TaskVectorSpace(PSSpace):

@@ -22,11 +22,15 @@ For each operator, in its own subprocess (so that memory high-water marks don't 
     python scripts/bench/merge_throughput.py [--rows 65536 --cols 640] [--threads 2] [--device cpu]
     python scripts/bench/merge_throughput.py --model      # also: in-place merges of a 110M Llama + export
     python scripts/bench/merge_throughput.py --model-only --device cuda --dtype bfloat16
+    python scripts/bench/merge_throughput.py --model-only --zoo smollm2 --device cuda --dtype bfloat16
 
 ``--model`` builds (once, cached, in ``--dtype``) a Llama-shaped base and 3 experts (by default
-~110M parameters: ``--hidden 768 --layers 12 --vocab 16000``) and times
-in-place merges into a resident model on ``--device`` (inputs resident there
-too), against a copy of the same bytes; on CPU also the streaming export and mergekit-yaml when a
+~110M parameters: ``--hidden 768 --layers 12 --vocab 16000``), or with ``--zoo PRESET`` takes a
+built zoo's real base and experts (twice: inputs as stored, as a search worker holds them, and
+cast to ``--dtype``), and times in-place merges of each ``--methods`` operator (default: the
+task-arithmetic family) into a resident ``--dtype`` model on ``--device`` (inputs resident there
+too), against a copy of the same bytes (bytes moved = every input tensor read once + the model
+written once); on CPU also the streaming export and mergekit-yaml when a
 mergekit venv exists (``scripts/mergekit_venv.sh``).
 """
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -154,7 +159,9 @@ def worker(name: str, rows: int, cols: int, experts: int, reps: int, device: str
                 steady_peak_per_tensor=None if steady_peak is None else max(steady_peak, 0) / tensor_bytes)
 
 
-def operator_table(args) -> list[dict]:
+def operator_table(args, on_row=lambda rows: None) -> list[dict]:
+    """Every operator's row, printed as it comes; ``on_row(rows)`` after each (a stage cut short
+    by a time limit keeps the rows it finished)."""
     names = [x for x in args.only.split(",") if x] or [x for x in OPERATORS if x != "passthrough"]
     rows = []
     print(f"device {args.device}, {args.threads} threads, tensor {args.rows}x{args.cols} float32 "
@@ -171,6 +178,7 @@ def operator_table(args) -> list[dict]:
             r["nocache_steady_s"] = nc["steady_s"] if nc else None
             r["nocache_peak_per_tensor"] = nc["peak_per_tensor"] if nc else None
         rows.append(r)
+        on_row(rows)
         sp = r["steady_peak_per_tensor"]
         line = (f"{name:17} {r['experts']:2d} {r['first_s']:8.3f} {r['first_cpu_s']:6.2f} {r['steady_s']:9.3f} "
                 f"{r['gbps']:7.2f} "
@@ -218,7 +226,41 @@ def build_models(root: Path, hidden: int, layers: int, vocab: int, dtype: torch.
     return paths
 
 
-def model_benchmark(args) -> None:
+TA_FAMILY = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+             "della_linear")  # the task-vector operators: base + Σ weighted (sparsified) deltas
+
+
+def zoo_models(preset: str) -> dict[str, Path]:
+    """A built zoo's base and experts as ``base``, ``e0``, ``e1``, ... (built or reused)."""
+    from evomerge.zoo import build_zoo
+
+    info = build_zoo(preset)
+    return {"base": info.base, **{f"e{k}": p for k, p in enumerate(info.experts.values())}}
+
+
+def cast_models(paths: dict[str, Path], root: Path, dtype: torch.dtype) -> dict[str, Path]:
+    """The same models with every floating tensor in ``dtype`` (written once under ``root``)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for k, src in paths.items():
+        dst = root / k
+        if not (dst / "model.safetensors").is_file():
+            tmp = root / f".{k}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+            sd = {n: t.to(dtype) if t.is_floating_point() else t for n, t in load_file(src / "model.safetensors").items()}
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            tmp.rename(dst)
+        out[k] = dst
+    return out
+
+
+def model_benchmark(args, on_update=lambda result: None) -> dict:
+    """Whole-model in-place merges; ``on_update(result)`` after each operator (a run cut short by
+    a time limit keeps what it measured)."""
     from evomerge.merge.export import export_model
     from evomerge.merge.materialize import apply_in_place, build_model
     from evomerge.merge.mergekit import recipe_to_mergekit
@@ -226,41 +268,67 @@ def model_benchmark(args) -> None:
     from evomerge.paths import cache_root
     from evomerge.recipe import Recipe
 
-    def recipe_for(method: str) -> Recipe:
+    def recipe_for(method: str, paths: dict[str, Path]) -> Recipe:
+        experts = [k for k in paths if k != "base"]
         return Recipe(merge_method=method, base_model=str(paths["base"]),
-                      models=[{"model": str(paths[f"e{k}"]), "parameters": {"weight": w, "density": d}}
-                              for k, (w, d) in enumerate(PARAMS[:3])],
+                      models=[{"model": str(paths[k]), "parameters": {"weight": w, "density": d}}
+                              for k, (w, d) in zip(experts, PARAMS)],
                       parameters={"normalize": True})
 
     dtype = getattr(torch, args.dtype)
-    shape = f"h{args.hidden}-l{args.layers}-v{args.vocab}"
-    paths = build_models(cache_root() / "bench-merge" / f"{shape}-{args.dtype}", args.hidden, args.layers, args.vocab, dtype)
-    src = Sources.from_recipe(recipe_for("ties")).resident(args.device)
-    model = build_model(src, device=args.device, dtype=dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    elem = torch.empty((), dtype=dtype).element_size()
-    moved = (1 + 3 + 1) * elem * n_params  # read base + 3 experts, write the model (all in --dtype)
-    bw = copy_bandwidth(moved, args.device)[0]
-    print(f"\nmodel: {n_params / 1e6:.1f}M parameters in {args.dtype} on {args.device}, one merge moves "
-          f"{moved / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.2f} GB/s")
-    times = {}
-    for method in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della"):
-        r = recipe_for(method)
-        apply_in_place(model, r, src)
-        apply_in_place(model, r, src)  # builds the order caches
-        times[method] = min(_timed(lambda: apply_in_place(model, r, src), args.device) for _ in range(args.reps))
-        print(f"in-place {method:16s} {times[method]:6.3f} s  {moved / times[method] / bw:6.1%} of copy bandwidth",
-              flush=True)
-    if args.device != "cpu":
-        return
-    r = recipe_for("ties")
+    methods = [m for m in args.methods.split(",") if m]
+    if args.zoo:
+        stored = zoo_models(args.zoo)
+        runs = {"stored": stored,  # as a search worker holds them (the zoo's dtype)
+                args.dtype: cast_models(stored, cache_root() / "bench-merge" / f"{stored['base'].parent.name}-{args.dtype}",
+                                        dtype)}
+        what = f"the {args.zoo} zoo (base + {len(stored) - 1} experts)"
+    else:
+        shape = f"h{args.hidden}-l{args.layers}-v{args.vocab}"
+        runs = {args.dtype: build_models(cache_root() / "bench-merge" / f"{shape}-{args.dtype}", args.hidden,
+                                         args.layers, args.vocab, dtype)}
+        what = "a random Llama (base + 3 experts)"
+    result = {"device": args.device, "dtype": args.dtype, "models": what, "runs": []}
+    for inputs, paths in runs.items():
+        src = Sources.from_recipe(recipe_for("ties", paths)).resident(args.device)
+        model = build_model(src, device=args.device, dtype=dtype)
+        n_params = sum(p.numel() for p in model.parameters())
+        read = sum(math.prod(d.shape(n)) * d.dtype(n).itemsize
+                   for d in dict.fromkeys(src.dirs.values()) for n in d.tensor_names)
+        written = sum(p.numel() * p.element_size() for p in model.parameters())
+        moved = read + written  # read every input tensor once, write the model once
+        bw = copy_bandwidth(moved, args.device)[0]
+        in_dtype = sorted({str(d.dtype(n)).replace("torch.", "") for d in src.dirs.values() for n in d.tensor_names})
+        print(f"\nmodel: {what}, {n_params / 1e6:.1f}M parameters in {args.dtype} on {args.device}, inputs in "
+              f"{'/'.join(in_dtype)}; one merge moves {moved / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.2f} GB/s")
+        run = {"inputs": inputs, "input_dtypes": in_dtype, "params": n_params, "moved_bytes": moved,
+               "copy_gbps": bw / 1e9, "methods": {}}
+        result["runs"].append(run)
+        for method in methods:
+            r = recipe_for(method, paths)
+            apply_in_place(model, r, src)
+            apply_in_place(model, r, src)  # builds the order caches
+            t = min(_timed(lambda: apply_in_place(model, r, src), args.device) for _ in range(args.reps))
+            run["methods"][method] = {"seconds": t, "gbps": moved / t / 1e9, "of_copy": moved / t / bw}
+            on_update(result)
+            print(f"in-place {method:16s} {t:6.3f} s  {moved / t / 1e9:7.1f} GB/s  {moved / t / bw:6.1%} of copy "
+                  "bandwidth", flush=True)
+        src.close()
+        del model, src
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if args.device != "cpu" or args.zoo:
+        return result
+    paths = runs[args.dtype]
+    times = {m: v["seconds"] for m, v in result["runs"][-1]["methods"].items()}
+    r = recipe_for("ties", paths)
     with tempfile.TemporaryDirectory() as tmp:
         t_export = _timed(lambda: export_model(r, Path(tmp) / "out"), "cpu")
     print(f"export ties to disk      {t_export:6.2f} s")
     exe = args.mergekit_venv / "bin" / "mergekit-yaml"
     if not exe.is_file():
         print(f"mergekit: no venv at {args.mergekit_venv} (run scripts/mergekit_venv.sh); comparison skipped")
-        return
+        return result
     import yaml
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,8 +337,9 @@ def model_benchmark(args) -> None:
         t_mk = _timed(lambda: subprocess.run([str(exe), str(cfg), str(Path(tmp) / "out")], check=True,
                                              capture_output=True,
                                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}), "cpu")
-    print(f"mergekit-yaml ties        {t_mk:6.2f} s  → evomerge export is {t_mk / t_export:.2f}x faster, "
-          f"in-place {t_mk / times['ties']:.2f}x faster")
+    print(f"mergekit-yaml ties        {t_mk:6.2f} s  → evomerge export is {t_mk / t_export:.2f}x faster"
+          + (f", in-place {t_mk / times['ties']:.2f}x faster" if "ties" in times else ""))
+    return result
 
 
 def main() -> None:
@@ -282,9 +351,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default="", help="comma-separated operator names (default: all but passthrough)")
-    ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--json", type=Path, help="also write the results here (operator rows and/or whole-model merges)")
     ap.add_argument("--model", action="store_true", help="also time whole-model merges (110M Llama)")
     ap.add_argument("--model-only", action="store_true", help="only the whole-model merges")
+    ap.add_argument("--zoo", help="whole-model merges: a zoo preset's base and experts (e.g. smollm2) instead of a "
+                    "random Llama; timed with the inputs as stored and cast to --dtype")
+    ap.add_argument("--methods", default=",".join(TA_FAMILY), help="whole-model merges: comma-separated operators")
     ap.add_argument("--hidden", type=int, default=768, help="whole-model merges: hidden size (768: 110M)")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=16000)
@@ -298,12 +370,15 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.rows, args.cols, args.experts, args.reps, args.device)))
         return
+    out = {"device": args.device, "threads": args.threads}
     if not args.model_only:
-        rows = operator_table(args)
-        if args.json:
-            args.json.write_text(json.dumps({"device": args.device, "threads": args.threads, "rows": rows}, indent=1))
+        out["rows"] = operator_table(args, on_row=lambda rows: args.json and args.json.write_text(
+            json.dumps({**out, "rows": rows}, indent=1)))
     if args.model or args.model_only:
-        model_benchmark(args)
+        out["model"] = model_benchmark(args, on_update=lambda m: args.json and args.json.write_text(
+            json.dumps({**out, "model": m}, indent=1)))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Worker scaling of the search loop: measured with 1 and 2 workers, modelled up to 64.
 
 **Measured** (``--measure``): the same search (demo zoo, TIES per layer, the job of
-vs_mergekit_evolve.py) with ``executor: local`` (1 worker) and ``{type: ray, workers: 2}``,
-candidates/min from the run store; each optimizer configuration listed in ``--optimizers``.
+vs_mergekit_evolve.py) with ``{type: ray, workers: 1}`` and ``{type: ray, workers: 2}`` (one CPU
+each), candidates/min and the workers' busy share from the run store; each optimizer
+configuration listed in ``--optimizers``.
 
 **Modelled**: a discrete-event simulation of the loop as it is written (evomerge/search/loop.py):
 ``window`` candidates in flight (default 2·W), results told in ASK order (deterministic mode: a
@@ -128,7 +129,12 @@ def measured_times(run_dir: Path) -> tuple[np.ndarray, float]:
     return times, driver
 
 
-def measure(args) -> dict[tuple[str, int], float]:
+def measure(args) -> dict[tuple[str, int], dict[str, float]]:
+    """1 and 2 real workers, each a Ray actor with one CPU and one torch thread (the same executor
+    for both, so the ratio is the loop's, not the executors'). Per run: candidates/min, and the
+    workers' busy share, Σ per-candidate seconds / (W · span): below 1 means idle workers (the
+    loop), while a lower candidates/min at a busy share near 1 means slower candidates (cores
+    shared with the driver, memory bandwidth)."""
     from evomerge.config import SearchConfig
     from evomerge.search import run_search
     from evomerge.store import RunStore
@@ -145,7 +151,7 @@ def measure(args) -> dict[tuple[str, int], float]:
                     "objectives": [{"task": t, "weight": 0.5, "limit": args.limit} for t in args.tasks.split(",")],
                     "validation": {"when": "none"}, "optimizer": {"name": name, "options": options},
                     "budget": {"evaluations": args.evaluations}, "search": {"references": False},
-                    "executor": "local" if w == 1 else {"type": "ray", "workers": w},
+                    "executor": {"type": "ray", "workers": w, "num_cpus": 1},
                     "evaluation": {"fidelity": args.fidelity}, "seed": 0,
                 }
                 run = Path(tmp) / f"{opt}-{w}"
@@ -154,10 +160,14 @@ def measure(args) -> dict[tuple[str, int], float]:
                 wall = time.perf_counter() - t0
                 with RunStore(run) as s:
                     trials = s.trials(fidelity="all")
-                    span = max(t.created for t in trials) - min(t.created - t.seconds.get("total_s", 0) for t in trials)
-                out[(opt, w)] = 60.0 * len(trials) / span
-                print(f"measured {opt:>16} workers={w}: {out[(opt, w)]:.1f} candidates/min "
-                      f"(first ask to last result {span:.0f} s; with start-up {wall:.0f} s)", flush=True)
+                busy = sum(t.seconds.get("total_s", 0) for t in trials)
+                span = max(t.created for t in trials) - min(t.created - t.seconds.get("total_s", 0) for t in trials)
+                out[(opt, w)] = {"rate": 60.0 * len(trials) / span, "busy": busy / (w * span),
+                                 "s_per_candidate": busy / len(trials)}
+                m = out[(opt, w)]
+                print(f"measured {opt:>16} workers={w}: {m['rate']:.1f} candidates/min, busy {m['busy']:.2f}, "
+                      f"{m['s_per_candidate']:.2f} s/candidate (first ask to last result {span:.0f} s; "
+                      f"with start-up {wall:.0f} s)", flush=True)
     return out
 
 
@@ -186,8 +196,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.measure:
         measured = measure(args)
-        print("\nmeasured efficiency, 2 workers: " + ", ".join(
-            f"{o} {measured[(o, 2)] / (2 * measured[(o, 1)]):.2f}" for o in args.optimizers.split(",")))
+        print("\nmeasured, 2 workers against 1: " + "; ".join(
+            f"{o} efficiency {measured[(o, 2)]['rate'] / (2 * measured[(o, 1)]['rate']):.2f} "
+            f"(busy {measured[(o, 2)]['busy']:.2f}, s/candidate ×"
+            f"{measured[(o, 2)]['s_per_candidate'] / measured[(o, 1)]['s_per_candidate']:.2f})"
+            for o in args.optimizers.split(",")))
     if args.from_run:
         times, driver = measured_times(args.from_run)
         src = f"{len(times)} candidates of {args.from_run} (mean {times.mean():.2f} s, cv {times.std() / times.mean():.2f})"

@@ -97,8 +97,8 @@ def _register_gta(name: str, sparsify: str | None, consensus: bool, normalize: b
     fn.__name__ = name
     fn.__doc__ = doc
     register(name, needs_base=True, model_params=model_params, global_params=global_params,
-             ranges=_GTA_RANGES, random=sparsify if sparsify in ("random", "della") else "", min_models=1,
-             choices=choices)(fn)
+             ranges=_GTA_RANGES, random=sparsify in ("random", "della"), min_models=1,
+             choices=choices, sparsify=sparsify)(fn)
 
 
 _register_gta("task_arithmetic", None, False, normalize=False, rescale=False, doc=(

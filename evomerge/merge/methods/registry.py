@@ -22,13 +22,16 @@ class Operator:
     model_params: dict[str, Any] = field(default_factory=dict)  # name -> default (None = required)
     global_params: dict[str, Any] = field(default_factory=dict)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # allowed closed ranges
-    random: str = ""  # random operators: the name of their mask family ("" = deterministic)
+    random: bool = False
     min_models: int = 1
     max_models: int | None = None
     doc: str = ""
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # allowed string values
     optional_base: bool = False  # gets the base tensor when the recipe has one (else None)
     wants_site: bool = False  # gets ``options["site"]``: the tensor's TensorSite (name, layer)
+    #: the sparsifier (a key of ``sparsify.SPARSIFIERS``) it applies to each τ_k = θ_k − θ0, if any:
+    #: what a worker's order cache holds for it (``sparsify.cache_entry``, sized by the memory plan)
+    sparsify: str | None = None
 
     def check(self, pname: str, value: Any, where: str | None = None) -> Any:
         """Raise a :class:`ConfigError` naming ``where`` when ``value`` is not allowed."""
@@ -55,8 +58,8 @@ OPERATORS: dict[str, Operator] = {}
 
 
 def register(name: str, *, needs_base: bool, model_params=None, global_params=None, ranges=None,
-             random: str = "", min_models: int = 1, max_models: int | None = None, choices=None,
-             optional_base: bool = False, wants_site: bool = False):
+             random: bool = False, min_models: int = 1, max_models: int | None = None, choices=None,
+             optional_base: bool = False, wants_site: bool = False, sparsify: str | None = None):
     """Decorator: add an operator to the registry under ``name``."""
 
     def deco(fn: OperatorFn) -> OperatorFn:
@@ -65,6 +68,7 @@ def register(name: str, *, needs_base: bool, model_params=None, global_params=No
             global_params=dict(global_params or {}), ranges=dict(ranges or {}), random=random,
             min_models=min_models, max_models=max_models, doc=(fn.__doc__ or "").strip(),
             choices=dict(choices or {}), optional_base=optional_base, wants_site=wants_site,
+            sparsify=sparsify,
         )
         return fn
 

@@ -167,6 +167,11 @@ def order_cache_bytes() -> int:
     return _CACHE.nbytes
 
 
+def order_cache_limit() -> int:
+    """The order cache's bound in bytes (``EVOMERGE_ORDER_CACHE_MB``; 0 turns it off)."""
+    return _OrderCache.limit()
+
+
 def resident(t: torch.Tensor, b: torch.Tensor | None) -> bool:
     """Whether the (θ_k, θ0) pair was seen before, unchanged (a search worker's resident
     experts; records this sighting). The fused kernels run compiled only for resident pairs."""
@@ -175,11 +180,8 @@ def resident(t: torch.Tensor, b: torch.Tensor | None) -> bool:
 
 def _stable_order(t: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """The cached stable ascending order of |t − b| (flat positions), or None."""
-    n = t.numel()
-    idx_dtype = torch.int32 if n < 2**31 else torch.int64
-
-    return _CACHE.get("order", t, b, n * torch.empty((), dtype=idx_dtype).element_size(),
-                      lambda: _build_order(t, b, idx_dtype))
+    idx_dtype, nbytes = cache_entry("magnitude", t.shape)
+    return _CACHE.get("order", t, b, nbytes, lambda: _build_order(t, b, idx_dtype))
 
 
 _BUCKETS = 16
@@ -253,7 +255,7 @@ def _row_ranks(t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     rt = _rows(t)
     rb = _rows(b) if b is not None else None
     n_rows, cols = rt.shape
-    dtype = torch.int16 if cols <= 2**15 else torch.int32 if cols < 2**31 else torch.int64
+    dtype = cache_entry("della", t.shape)[0]
     ranks = torch.empty((n_rows, cols), dtype=dtype, device=t.device)
     step = max(1, ROW_CHUNK // max(cols, 1))
     ar = torch.arange(cols, dtype=dtype, device=t.device)
@@ -267,10 +269,35 @@ def _row_ranks(t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
 
 def row_ranks(t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """:func:`_row_ranks`, from the order cache when (t, b) is a resident pair."""
-    n_rows, cols = _rows(t).shape
-    size = 2 if cols <= 2**15 else 4 if cols < 2**31 else 8
-    cached = _CACHE.get("rows", t, b, t.numel() * size, lambda: _row_ranks(t, b)) if b is not None else None
+    nbytes = cache_entry("della", t.shape)[1]
+    cached = _CACHE.get("rows", t, b, nbytes, lambda: _row_ranks(t, b)) if b is not None else None
     return cached if cached is not None else _row_ranks(t, b)
+
+
+def cache_entry(method: str, shape) -> tuple[torch.dtype, int]:
+    """What the order cache holds for one resident (θ_k, θ0) pair of a tensor of ``shape`` merged
+    with sparsifier ``method`` (a key of :data:`SPARSIFIERS`): (dtype of its entries, bytes
+    charged against ``EVOMERGE_ORDER_CACHE_MB``). The one home of these sizes: the cache's
+    builders take their dtype from it and the memory plan (:mod:`evomerge.memory`) sums its bytes.
+
+    Counted: ``magnitude`` and ``magnitude_outliers`` windows (TIES, breadcrumbs) — the stable
+    order of |τ|, an int32 per entry (int64 from 2^31 entries); ``della`` — the per-row magnitude
+    ranks, an int16 per entry for rows of at most 2^15 entries, else int32 (int64 from 2^31).
+    ``random`` (DARE) caches no order, but its ``l1`` rescale keeps the prefix sums of one
+    bucket histogram per (pair, key) — 4097 int64 whatever the shape; with the engine's keys
+    (common random numbers) a search has one key per pair. Not counted here: the ``l1`` rescale's
+    per-pair grid and Σ|τ| (a few bytes, charged 0) and the 0-byte sightings of :func:`resident`.
+    """
+    numel = math.prod(shape)
+    kind = SPARSIFIERS[method]
+    if kind == "window":
+        dtype = torch.int32 if numel < 2**31 else torch.int64
+    elif kind == "della":
+        cols = numel // shape[0] if len(shape) >= 2 and shape[0] else numel  # _rows
+        dtype = torch.int16 if cols <= 2**15 else torch.int32 if cols < 2**31 else torch.int64
+    else:
+        return torch.int64, (KEEP_STEPS + 1) * torch.int64.itemsize
+    return dtype, numel * dtype.itemsize
 
 
 # ---------------------------------------------------------------------- exact order statistics
@@ -535,7 +562,7 @@ def _l1_lookup(t: torch.Tensor, base: torch.Tensor, e: Expert) -> int | None:
     m = round(e.density * KEEP_STEPS)  # p̂ is a multiple of 2^-12: exact
     if m <= 0 or e.grid == 0:  # nothing kept, or no rescale (l1_factor gives 1 for grid 0)
         return 0
-    prefix = _CACHE.get(("l1hist", e.key), t, base, (KEEP_STEPS + 1) * 8,
+    prefix = _CACHE.get(("l1hist", e.key), t, base, cache_entry("random", t.shape)[1],
                         lambda: _l1_prefix(e.t, base.reshape(-1), e.key, e.grid))
     return None if prefix is None else int(prefix[m])
 
@@ -544,7 +571,7 @@ def _l1_prefix(t: torch.Tensor, b: torch.Tensor, key: int, grid: float) -> torch
     """Prefix sums P (4097 int64, P[0] = 0) of H[j] = Σ trunc(|t_i − b_i|·grid) over the flat
     positions whose bucket under ``key`` is j: P[m] is the l1 pass's Σ|τ̂| at keep probability
     m·2⁻¹², term for term (the same float32 |d|·grid truncated to int64)."""
-    hist = torch.zeros(KEEP_STEPS, dtype=torch.int64, device=b.device)
+    hist = torch.zeros(KEEP_STEPS, dtype=cache_entry("random", b.shape)[0], device=b.device)
     chunk = CHUNK if b.device.type == "cpu" else fused.DEVICE_CHUNK
     for s, e in pieces(b.numel(), [], chunk):  # pieces split at key blocks
         d = torch.sub(t[s:e], b[s:e], out=scratch("fused.l1", b[s:e]))
