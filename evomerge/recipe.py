@@ -226,8 +226,7 @@ class Recipe(BaseModel):
 
     def merge_key(self) -> str:
         """Identity of the parameter-space merge alone, independent of where the models live:
-        paths become aliases and the layer flow is left out. Random operators are seeded from
-        it, so moving the models (or exporting on another machine) gives the same weights."""
+        paths become aliases and the layer flow is left out."""
         portable = self.model_copy(update={
             "base_model": "base" if self.base_model is not None else None,
             "models": [m.model_copy(update={"model": m.alias, "name": None}) for m in self.models],
@@ -235,6 +234,15 @@ class Recipe(BaseModel):
             "tokenizer_source": None,
         })
         return portable.hash()
+
+    def mask_key(self, family: str) -> str:
+        """Identity of a random operator's masks (with ``seed`` and the tensor name, which the
+        engine mixes in): the mask ``family`` (the operator's sparsification) and the models'
+        aliases in order — not paths (moving the models keeps the masks), and not weights,
+        densities or any other coefficient, so that every candidate of a search shares its masks
+        (common random numbers, docs/operators.md *Randomness*)."""
+        data = {"family": family, "models": [m.alias for m in self.models]}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ I/O
     def to_yaml(self) -> str:

@@ -87,6 +87,8 @@ def test_compiled_kernels_equal_the_eager_pass_bitwise(compile_small, name, opti
         assert compile_small.ran > ran, "the compiled kernel did not run"
         assert torch.equal(first, eager)
         assert torch.equal(steady, eager), (name, options, (steady - eager).abs().max().item())
+        for _ in range(2):  # DARE's l1: the histogram is built, then looked up (one compiled pass)
+            assert torch.equal(merge(name, base, ts, params, options), eager)
 
 
 def test_compiled_kernels_write_into_non_contiguous_outputs(compile_small):
@@ -111,6 +113,29 @@ def test_uniforms_match_the_integer_definition():
         assert got.tolist() == [counter_rng.uniform_reference(key, i) for i in range(2 ** 31 - 5, 2 ** 31)]
     u = counter_rng.uniforms(torch.arange(1 << 16, dtype=torch.int32), 7)
     assert 0 <= u.min() and u.max() < 1 and torch.equal(u, (u * 2 ** 24).floor() / 2 ** 24)  # 24-bit grid
+
+
+def test_keep_probabilities_are_on_a_2_to_the_minus_12_grid_and_buckets_decide():
+    kp = counter_rng.keep_probability
+    assert [kp(x) for x in (0.0, 1e-5, 0.3, 0.5, 0.99995, 1.0, -0.2, 1.7)] == [
+        0.0, 0.0, 1229 / 4096, 0.5, 1.0, 1.0, 0.0, 1.0]
+    assert kp(0.5 / 4096) == 1 / 4096 and kp(0.4999 / 4096) == 0.0  # halves round up
+    idx = torch.arange(1 << 16, dtype=torch.int32)
+    for key in (0, 977, 2 ** 31 - 1):
+        u = counter_rng.uniforms(idx, key)
+        j = counter_rng.buckets_into(torch.empty_like(idx), 0, key, torch.empty_like(idx))
+        assert torch.equal(j.long(), (u * 4096).floor().long())  # the top 12 bits of u
+        assert [counter_rng.bucket_reference(key, i) for i in (0, 1, 65535)] == j[[0, 1, 65535]].tolist()
+        for m in (1, 1229, 2048, 4095):  # u < m/4096 ⇔ bucket < m
+            assert torch.equal(u < m / 4096, j < m)
+
+
+def test_a_keep_probability_of_zero_drops_everything_and_never_divides_by_it():
+    tau = torch.randn(5000, generator=torch.Generator().manual_seed(0))
+    for mode in ("inverse_p", "l1"):
+        d = sp.sparsify_(tau.clone(), "random", {"density": 1e-5}, {"rescale": True, "rescale_mode": mode},
+                         torch.Generator().manual_seed(0))
+        assert torch.equal(d, torch.zeros_like(d))
 
 
 def test_keys_come_from_the_generator_and_blocks_get_their_own():
@@ -187,6 +212,79 @@ def test_l1_sums_are_exact_fixed_point_integers(monkeypatch):
         assert got[2 * j + 1] == int(torch.floor((tau * keep).abs().double() * e.grid).long().sum())
     monkeypatch.setattr(fused, "CHUNK", 777)  # any chunking: the same integers
     assert fused.l1_sums(base.reshape(-1), ex, spec, False, before=True) == got
+
+
+# ---------------------------------------------------------------------- common random numbers, l1 lookup
+def test_every_model_gets_a_key_whatever_the_densities():
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    keys = sp.random_keys("random", [{"density": 0.5}, {"density": 0.3}, {"density": 0.7}], g())
+    assert keys == counter_rng.draw_keys(g(), 3)
+    assert sp.random_keys("random", [{"density": 1.0}, {"density": 0.0}, {"density": 0.7}], g()) == keys
+    assert sp.random_keys("magnitude", [{"density": 0.5}] * 3, None) == [0, 0, 0]
+
+
+def test_kept_sets_are_nested_in_the_density():
+    tau = torch.randn(300, 400, generator=torch.Generator().manual_seed(3))
+    kept = [sp.sparsify_(tau.clone(), "random", {"density": p}, {}, torch.Generator().manual_seed(8)) != 0
+            for p in (0.1, 0.35, 0.6, 0.95)]
+    for lo, hi in zip(kept[:-1], kept[1:]):
+        assert not (lo & ~hi).any() and lo.sum() < hi.sum()
+
+
+def _pass_sum(base, t, key, grid, density, compile_ok):
+    e = fused.Expert(t.reshape(-1), key=key, density=density, grid=grid)
+    return fused.l1_sums(base.reshape(-1), [e], sp.spec("random", {"rescale": True}), compile_ok, before=False)[0]
+
+
+@pytest.mark.parametrize("kind", ["normal", "quantised", "mostly unchanged"])
+def test_histogram_lookup_equals_the_l1_pass_exactly(compile_small, monkeypatch, kind):
+    base, (t, *_) = experts((301, 433), k=1, quantised=kind == "quantised")
+    if kind == "mostly unchanged":
+        t = torch.where(torch.rand(t.shape, generator=torch.Generator().manual_seed(1)) < 0.1, t, base)
+    key = counter_rng.draw_keys(torch.Generator().manual_seed(2), 1)[0]
+    grid = fused.l1_grid(fused.l1_bound(t.reshape(-1), base.reshape(-1)), t.numel())
+    prefix = sp._l1_prefix(t.reshape(-1), base.reshape(-1), key, grid)
+    assert prefix.shape == (4097,) and prefix[0] == 0 and bool((prefix[1:] >= prefix[:-1]).all())
+    assert int(prefix[4096]) == _pass_sum(base, t, key, grid, 1.0, False)  # everything kept: Σ|τ|
+    for chunk in (1000, 4096 + 3, 1 << 18):
+        monkeypatch.setattr(fused, "CHUNK", chunk)
+        monkeypatch.setattr(sp, "CHUNK", chunk)
+        assert torch.equal(sp._l1_prefix(t.reshape(-1), base.reshape(-1), key, grid), prefix)
+        for m in (1, 37, 1229, 2048, 3000, 4095):
+            ran = compile_small.ran
+            assert int(prefix[m]) == _pass_sum(base, t, key, grid, m / 4096, False)
+            assert int(prefix[m]) == _pass_sum(base, t, key, grid, m / 4096, True)
+            assert compile_small.ran > ran
+
+
+@pytest.mark.parametrize("compile_on", [False, True])
+def test_resident_dare_merges_take_one_pass_and_equal_the_two_pass_merge(compile_small, monkeypatch, compile_on):
+    base, ts = experts((120, 150), quantised=False)
+    calls = []
+    real = fused.l1_sums
+    monkeypatch.setattr(fused, "l1_sums", lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
+    compiled.reset(enabled=compile_on)
+    sp.release_order_cache()
+    for name in ("dare_ties", "dare_linear"):
+        for params in (W, [{**p, "weight": p["weight"] * 1.5, "density": p["density"] * 0.8} for p in W]):
+            sp.release_order_cache()
+            got, passes = [], []
+            for _ in range(5):
+                got.append(merge(name, base, ts, params, {}))
+                passes.append(calls[:])
+                calls.clear()
+            # l1 passes per merge (experts per pass): Σ|τ| and Σ|τ̂| on the pass path; each pair's Σ|τ|
+            # cached, then Σ|τ̂|; the histograms built (no l1 pass); from then on none: one fused pass
+            assert passes == [[3], [1, 1, 1, 3], [], [], []], (name, passes)
+            assert sp.order_cache_bytes() == 3 * 4097 * 8  # three (pair, key) histograms, counted
+            assert all(torch.equal(g, got[0]) for g in got[1:])
+    with monkeypatch.context() as m:  # a cache bound for two histograms: the third expert's Σ|τ̂| by a pass
+        m.setenv("EVOMERGE_ORDER_CACHE_MB", str(4097 * 8 * 2.5 / 2 ** 20))
+        sp.release_order_cache()
+        got = [merge("dare_ties", base, ts, W, {}) for _ in range(4)]
+        assert sp.order_cache_bytes() == 2 * 4097 * 8 and calls[-2:] == [1, 1]
+        assert all(torch.equal(g, got[0]) for g in got[1:])
+    sp.release_order_cache()
 
 
 # ---------------------------------------------------------------------- the compile policy

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from evomerge.cli import main as cli_main
 from evomerge.errors import ConfigError, EvomergeError, ModelError
 from evomerge.merge.export import export_model
-from evomerge.merge.materialize import apply_in_place, build_model, merged_tensors
+from evomerge.merge.materialize import apply_in_place, build_model, merged_tensors, output_layout
 from evomerge.merge.sources import Sources
 from evomerge.models import ModelDir
 from evomerge.recipe import Recipe, TensorSite, resolve
@@ -335,6 +335,58 @@ def test_random_operators_do_not_depend_on_where_models_live(tiny_models, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
     c = dict(merged_tensors(dare(tiny_models, seed=1), Sources.from_recipe(here)))
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], c["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_random_masks_are_common_to_recipes_that_differ_in_coefficients(tiny_models):
+    """Common random numbers: masks are seeded from the seed, the tensor, the sparsification and
+    the models — not from weights, densities, λ or ε — so recipes that differ in coefficients keep
+    nested entry sets (density p1 < p2: the kept set at p1 is a subset; DELLA at a fixed ε), and a
+    model's mask does not move when another model's density reaches 1."""
+    name = "model.layers.0.mlp.up_proj.weight"
+    sources = Sources.from_recipe(Recipe(merge_method="dare_linear", base_model=str(tiny_models["base"]),
+                                         models=[{"model": str(tiny_models[e])} for e in ("e0", "e1")]))
+    base = sources.get("base", name, None).float()
+    layout = [o for o in output_layout(Recipe(merge_method="dare_linear", base_model=str(tiny_models["base"]),
+                                              models=[{"model": str(tiny_models["e0"])}]), sources) if o.name == name]
+
+    def support(method, params, seed=0, options=None, expert=0):
+        """The entries of expert ``expert``'s τ kept by a merge in which only it has a nonzero weight."""
+        models = [{"model": str(tiny_models[f"e{k}"]), "parameters": {"weight": 0.0, "density": 0.5, **p}}
+                  for k, p in enumerate(params)]
+        models[expert]["parameters"]["weight"] = params[expert].get("weight", 0.7)
+        r = Recipe(merge_method=method, base_model=str(tiny_models["base"]), seed=seed, models=models,
+                   parameters={"rescale": False, **(options or {})})
+        merged = dict(merged_tensors(r, sources, layout))[name]
+        tau = sources.get(f"e{expert}", name, None).float() - base
+        assert bool((tau != 0).all())  # every entry moved: the merge's support is the mask
+        return merged != base
+
+    for method in ("dare_linear", "della_linear"):
+        a = support(method, [{"weight": 0.7, "density": 0.5}, {"density": 0.3}])
+        assert 0.35 < a.float().mean().item() < 0.65
+        # other coefficients: another weight, λ, other experts' densities — the same mask
+        assert torch.equal(a, support(method, [{"weight": 0.2, "density": 0.5}, {"density": 1.0}],
+                                      options={"lambda": 0.6}))
+        assert not torch.equal(a, support(method, [{"weight": 0.7, "density": 0.5}, {"density": 0.3}], seed=1))
+        lo, hi = (support(method, [{"density": d}, {}]) for d in (0.2, 0.8))  # nested in the density
+        assert not (lo & ~a).any() and not (a & ~hi).any() and lo.sum() < a.sum() < hi.sum()
+    # the second expert's mask does not depend on the first expert's density
+    b = support("dare_linear", [{"density": 0.4}, {"weight": 0.5, "density": 0.5}], expert=1)
+    assert torch.equal(b, support("dare_linear", [{"density": 1.0}, {"weight": 0.9, "density": 0.5}], expert=1))
+    # the masks are a property of the sparsification: DARE's differ from DELLA's
+    assert not torch.equal(support("dare_linear", [{}, {}]), support("della_linear", [{"epsilon": 0.0}, {}]))
+
+
+def test_mask_key_ignores_coefficients_and_paths_but_not_models():
+    def recipe(w, d, models=("/a/x", "/a/y"), **kw):
+        return Recipe(merge_method="dare_ties", base_model="/a/base", **kw,
+                      models=[{"model": m, "parameters": {"weight": w, "density": d}} for m in models])
+
+    key = recipe(0.5, 0.5).mask_key("random")
+    assert key == recipe(0.9, 0.2, parameters={"lambda": 0.3}).mask_key("random")
+    assert key == recipe(0.5, 0.5, models=("/b/x", "/b/y")).mask_key("random")  # aliases, not paths
+    assert key != recipe(0.5, 0.5, models=("/a/y", "/a/x")).mask_key("random")  # the models' order
+    assert key != recipe(0.5, 0.5).mask_key("della")
 
 
 def test_reference_alias_is_the_base_else_the_first_input(tiny_models):

@@ -6,7 +6,8 @@ materialises every τ̂_k and mixes whole tensors; the operators select threshol
 (or from the cached order), hash chunk by chunk (or in a compiled kernel) and mix in one fused
 pass. Both use the same float32 operations in the same order and the l1 norms are exact integer
 sums, so the results must be bit-identical (``torch.equal``; ±0 compare equal) on the pass path,
-while the order is being cached, and from the cache.
+while the order is being cached, and from the cache (for DARE with the ``l1`` rescale: while the
+histogram of its mask buckets is built, and from that histogram).
 """
 
 from __future__ import annotations
@@ -72,10 +73,13 @@ def ref_uniforms(key: int, n: int) -> torch.Tensor:
 
 
 def ref_keys(params, gen):
-    """One key per model whose density is in (0, 1), drawn in models order."""
-    random = [0 < float(p.get("density", 1.0)) < 1 for p in params]
-    drawn = iter(torch.randint(0, 2 ** 31, (sum(random),), generator=gen).tolist())
-    return [next(drawn) if r else None for r in random]
+    """One key per model (whatever its density), drawn in models order."""
+    return torch.randint(0, 2 ** 31, (len(params),), generator=gen).tolist()
+
+
+def ref_keep_probability(density: float) -> float:
+    """DARE keeps u < p̂: the density rounded to the nearest multiple of 2^-12 (halves up)."""
+    return min(max(math.floor(density * 4096 + 0.5), 0), 4096) / 4096
 
 
 def ref_tau_hat(t, base, method, p, options, key):
@@ -89,7 +93,7 @@ def ref_tau_hat(t, base, method, p, options, key):
     if method in ("random", "della"):
         u = ref_uniforms(key, tau.numel())
         probs = ref_probs(t - base, density, float(p.get("epsilon", 0.15))) if method == "della" else None
-        keep = u < (probs if probs is not None else density)
+        keep = u < (probs if probs is not None else ref_keep_probability(density))
         hat = tau * keep.float()
     else:
         hat = torch.where(ref_keep(tau, method, p), tau, torch.zeros(()))
@@ -100,7 +104,8 @@ def ref_tau_hat(t, base, method, p, options, key):
         if grid and before / grid >= 1e-7 and after / grid >= 1e-7:
             hat = hat * (before / after)
     elif rescale:
-        hat = hat / probs.clamp(min=1e-12) if method == "della" else hat / density
+        p = ref_keep_probability(density) if method == "random" else density
+        hat = hat / probs.clamp(min=1e-12) if method == "della" else hat / p if p > 0 else hat
     return hat
 
 
@@ -175,13 +180,13 @@ OPTIONS = [{}, {"normalize": True, "lambda": 0.8}, {"rescale": True, "rescale_mo
            {"rescale": True, "rescale_mode": "l1"}, {"sign_method": "count"}]
 
 
-def check(name, shape, kind, options, params=PARAMS, calls=3):
+def check(name, shape, kind, options, params=PARAMS, calls=4):
     base, ts = experts(shape, kind)
     op = get_operator(name)
     opts = {k: v for k, v in {**op.global_params, **options}.items()}
     want = ref_merge(name, base, ts, params, opts, torch.Generator().manual_seed(9))
     full = [{**op.model_params, **{k: v for k, v in p.items() if k in op.model_params}} for p in params]
-    for call in range(calls):  # pass path, cache build, cached order
+    for call in range(calls):  # pass path, cache build, cached order (DARE's l1: histogram build, lookup)
         got = op.fn(base, ts, full, opts, torch.Generator().manual_seed(9), out=torch.empty_like(base))
         assert torch.equal(got, want), (name, call, (got - want).abs().max().item())
 
@@ -236,6 +241,20 @@ def test_order_cache_bound(monkeypatch):
         sp.window(t, base, "magnitude", {"density": 0.3})
         sp.row_ranks(t, base)
     assert sp.order_cache_bytes() == 0
+
+
+def test_sightings_are_bounded(monkeypatch):
+    """Callers that never repeat a (kind, pair) — e.g. a new key per call — cannot grow the record
+    of sightings without bound: the oldest are forgotten first."""
+    sp.release_order_cache()
+    monkeypatch.setattr(sp, "_SEEN_MAX", 3)
+    base, (t, *_) = experts((10, 10), "normal")
+    for key in range(5):
+        assert sp._CACHE.get(("l1hist", key), t, base, 8, lambda: 1) is None
+    assert list(sp._CACHE.seen) == [(("l1hist", k), id(t), id(base)) for k in (2, 3, 4)]
+    assert sp._CACHE.get(("l1hist", 4), t, base, 8, lambda: "built") == "built"  # seen: built
+    assert sp._CACHE.get(("l1hist", 0), t, base, 8, lambda: "built") is None  # forgotten: seen anew
+    sp.release_order_cache()
 
 
 def test_row_ranks_are_stable_and_compact():
@@ -336,7 +355,7 @@ def test_cache_entry_per_sparsifier():
     assert sp.cache_entry("magnitude", (100,))[1] == 16 * 100 + 24 * sp._MEMO + sp._TABLE_OVERHEAD  # every rank
     assert sp.cache_entry("della", (1000, 640)) == (torch.int16, 2 * 640_000)  # row ranks
     assert sp.cache_entry("della", (10, 40_000)) == (torch.int32, 4 * 400_000)
-    assert sp.cache_entry("random", (1000, 640)) == (None, 0)
+    assert sp.cache_entry("random", (1000, 640)) == (torch.int64, 4097 * 8)  # DARE's l1 histogram
     assert sp.cache_entry("magnitude", (0, 640)) == (None, 0)
     assert get_operator("ties").sparsify == "magnitude" and get_operator("task_arithmetic").sparsify is None
 

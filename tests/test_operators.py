@@ -192,7 +192,8 @@ def test_dare_masks_and_rescale_modes():
     d = sparsify_(tau.clone(), "random", {"density": 0.3}, {"rescale": True, "rescale_mode": "inverse_p"}, g)
     kept = d != 0
     assert abs(kept.float().mean().item() - 0.3) < 0.01  # 60k draws: ±0.002 at 1σ
-    close(d[kept], tau[kept] / 0.3)  # survivors scaled by 1/density (DARE paper)
+    # survivors scaled by 1/p̂ (DARE paper), p̂ = round(0.3·4096)/4096 = 1229/4096: the keep probability's grid
+    close(d[kept], tau[kept] / (1229 / 4096))
     g = torch.Generator().manual_seed(5)
     d_l1 = sparsify_(tau.clone(), "random", {"density": 0.3}, {"rescale": True, "rescale_mode": "l1"}, g)
     assert torch.equal(d_l1 != 0, kept)  # same generator state → same mask
@@ -203,8 +204,9 @@ def test_dare_masks_and_rescale_modes():
 
 
 def test_della_with_zero_epsilon_is_dare():
+    # exactly so at densities on DARE's keep-probability grid (multiples of 2^-12): 0.375 = 1536/4096
     base, ex = _big(2)
-    params = [{"weight": 0.5, "density": 0.4, "epsilon": 0.0}] * 3
+    params = [{"weight": 0.5, "density": 0.375, "epsilon": 0.0}] * 3
     close(run("della", ex, params, base=base, seed=11, rescale_mode="inverse_p"),
           run("dare_ties", ex, params, base=base, seed=11, rescale_mode="inverse_p", normalize=True))
 

@@ -38,7 +38,7 @@ from evomerge.recipe import MERGED, Recipe, TensorSite, resolve
 @dataclass(frozen=True)
 class _Plan:
     op: Operator
-    seed_key: str  # identifies the parameter-space merge (not the layer flow) for RNG seeding
+    seed_key: str  # random operators: their mask family (Recipe.mask_key), seeding the generator
 
 
 def _plan(recipe: Recipe) -> _Plan:
@@ -50,7 +50,7 @@ def _plan(recipe: Recipe) -> _Plan:
         raise ConfigError(f"merge_method {op.name} takes {want} models, the recipe lists {n}")
     if op.needs_base and recipe.base_model is None:
         raise ConfigError(f"merge_method {op.name} needs `base_model`")
-    return _Plan(op=op, seed_key=recipe.merge_key())
+    return _Plan(op=op, seed_key=recipe.mask_key(op.sparsify or op.name) if op.random else "")
 
 
 def _value(recipe: Recipe, model_index: int | None, pname: str, default: Any, site: TensorSite,
@@ -77,6 +77,9 @@ def _value(recipe: Recipe, model_index: int | None, pname: str, default: Any, si
 
 
 def _seed(seed_key: str, recipe_seed: int, name: str) -> int:
+    """The generator seed of a random operator for tensor ``name``: a function of the mask family
+    (``seed_key``), the recipe's ``seed`` and the tensor name only, so that recipes differing in
+    coefficients share their masks (their keep sets are nested in the density)."""
     h = hashlib.sha256(f"{seed_key}:{recipe_seed}:{name}".encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 

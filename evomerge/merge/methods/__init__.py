@@ -12,9 +12,11 @@ Contract (every operator):
   this tensor (e.g. ``{"weight": 0.5, "density": 0.7}``), defaults filled in;
 * ``options``: the operator's global parameters resolved for this tensor (e.g. ``normalize``);
 * ``generator``: a seeded ``torch.Generator`` on the tensors' device for random operators
-  (DARE, DELLA), seeded from the recipe so that one recipe always yields the same weights.
-  Random operators draw from it and from nothing else, in ``models`` order (DARE and DELLA draw
-  one key per model and hash positions with it, :mod:`.counter_rng`);
+  (DARE, DELLA), seeded from the recipe's mask family (``seed``, tensor name, sparsification,
+  models — not its coefficients: ``Recipe.mask_key``) so that one recipe always yields the same
+  weights and recipes that differ in coefficients share their masks. Random operators draw from
+  it and from nothing else, in ``models`` order (DARE and DELLA draw one key per model, whatever
+  its density, and hash positions with it, :mod:`.counter_rng`);
 * ``out`` (optional): a float32 tensor of the same shape that receives the result (e.g. the
   resident model's parameter), so that a search worker allocates nothing per candidate. It
   must not alias any input.

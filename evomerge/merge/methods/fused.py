@@ -23,9 +23,10 @@ are exact. Entry-wise definitions, for expert k (live: w_k ≠ 0) and entry i:
 
 * d = θ_k − θ0; window: τ̂ = 0 where |d| ≤ lo_x or |d| > hi_x, else d (the window's bounds
   for the piece of the tensor that holds i, see ``Window.bounds``; NaN is kept);
-* random: τ̂ = d · 1[u_k(i) < p], u from :mod:`.counter_rng`, p = density (DARE) or DELLA's
-  clamp(rank·c1 + c0, 0, 1) (rank: the entry's magnitude rank in its row);
-* τ̂ ← τ̂ · factor (``l1`` rescale) or τ̂ / divisor (``inverse_p``: density; DELLA: clamp(p, 1e-12));
+* random: τ̂ = d · 1[u_k(i) < p], u from :mod:`.counter_rng`, p = p̂ (DARE: the density rounded
+  to a multiple of 2⁻¹², ``counter_rng.keep_probability``) or DELLA's clamp(rank·c1 + c0, 0, 1)
+  (rank: the entry's magnitude rank in its row);
+* τ̂ ← τ̂ · factor (``l1`` rescale) or τ̂ / divisor (``inverse_p``: p̂; DELLA: clamp(p, 1e-12));
 * x_k = τ̂ · w_k; mix = x_0 + x_1 + …; with consensus γ from s = Σ x_k (or Σ sign(x_k)),
   agree_k = x_k > 0 where s ≥ 0 else x_k < 0, mix = Σ x_k·agree_k, normalised by
   Σ w_k·agree_k (1 where nobody agrees); θ = θ0 + mix·scale.
@@ -81,7 +82,7 @@ class Expert:
     weight: float = 1.0
     window: Any = None
     key: int = 0
-    density: float = 1.0  # random: keep probability
+    density: float = 1.0  # random: keep probability (DARE: p̂, a multiple of 2^-12)
     ranks: torch.Tensor | None = None  # DELLA: flat row ranks
     c1: float = 0.0  # DELLA: p = clamp(rank·c1 + c0, 0, 1)
     c0: float = 1.0

@@ -19,7 +19,8 @@ Performance (searches merge thousands of times):
   DELLA caches its per-row magnitude ranks (int16 when rows are at most 32768 long, ½ float32
   tensor per expert): its keep probability depends on every entry's rank, so they cannot be
   condensed — inherent to DELLA. The ``l1`` rescale caches each pair's Σ|τ| and bound (a few
-  bytes). :func:`cache_entry` says what one pair costs; the cache is keyed by tensor identity
+  bytes), and DARE's ``l1`` rescale a 4096-bin histogram per (pair, key) (see *l1 lookup*
+  below). :func:`cache_entry` says what one pair costs; the cache is keyed by tensor identity
   (weak references, in-place changes detected by the version counter), bounded by
   ``EVOMERGE_ORDER_CACHE_MB`` (default 2048; 0 turns it off; tensors beyond the bound use the
   pass path) and freed by :func:`release_order_cache`. Tensors seen once (an export reads each
@@ -38,6 +39,15 @@ Performance (searches merge thousands of times):
   2k + 1 pieces, in each of which the window is a plain magnitude threshold
   (:meth:`Window.bounds`): the trim is one compare per entry in the fused pass — no gather, no
   scatter, no index arithmetic.
+* **l1 lookup (DARE).** Expert k keeps entry i iff bucket_k(i) < m = p̂·4096 (the top 12 bits of
+  its hash, :mod:`.counter_rng`), so Σ|τ̂_k| = Σ_{j<m} H[j] with H[j] = Σ trunc(|τ_i|·grid) over
+  the entries in bucket j — the same fixed-point terms :func:`.fused.l1_sums` adds, hence equal to
+  its pass exactly. The engine's keys do not depend on coefficients (common random numbers), so a
+  search worker's (pair, key) is the same for every candidate: the second time it is seen (once
+  the pair's Σ|τ| is cached) the prefix sums of H (4097 int64, 32 KB) are built in one pass
+  (:func:`_l1_prefix`) and every later DARE merge with the ``l1`` rescale is ONE fused pass. DELLA's keep probability depends on
+  each entry's row rank and on (density, ε), which no 1-D table of u answers: it keeps the
+  Σ|τ̂| pass (docs/operators.md, *Performance*).
 * **Pass path.** Without a cached order, :func:`_order_key` finds an exact order statistic with a
   strided sample, one chunked counting pass and ``kthvalue`` on the few candidates.
 * Temporaries live in per-thread scratch buffers (:mod:`evomerge.merge.methods.scratch`).
@@ -62,7 +72,8 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.methods.counter_rng import draw_keys
+from evomerge.merge.methods.counter_rng import (BLOCK, KEEP_STEPS, block_key, buckets_into, draw_keys,
+                                                keep_probability)
 from evomerge.merge.methods import fused
 from evomerge.merge.methods.fused import CHUNK, Expert, Spec, della_rule, pieces, tau_hat_
 from evomerge.merge.methods.scratch import scratch
@@ -70,6 +81,7 @@ from evomerge.merge.methods.scratch import scratch
 _SMALL = 1 << 18  # below this, torch.kthvalue is as fast as anything else
 _SAMPLE = 1 << 15
 _CHUNK = 1 << 20
+_SEEN_MAX = 1 << 16  # sightings remembered (oldest forgotten first): callers that never repeat a key
 ROW_CHUNK = 1 << 18  # entries per chunk of whole rows when DELLA's ranks are built
 
 
@@ -110,6 +122,8 @@ class _OrderCache:
             s = self.seen.get(key)
             if s is None or not same(s):
                 self._purge()
+                while len(self.seen) >= _SEEN_MAX:
+                    del self.seen[next(iter(self.seen))]
                 self.seen[key] = (weakref.ref(t), weakref.ref(b), stamp)
                 return None
             if self.nbytes + nbytes > self.limit():
@@ -413,9 +427,11 @@ def cache_entry(method: str, shape: Sequence[int]) -> tuple[torch.dtype | None, 
     (:class:`_RankTable`): 16 bytes a slot, 3·(CUT_GRID + 1) slots (~50 KB) whatever the size, one
     per entry up to 4·CUT_GRID entries, plus the memo and the objects around them (dtype None:
     nothing per entry); ``della`` — the per-row magnitude ranks, an int16 per entry for rows of
-    at most 2^15 entries, else int32 (int64 from 2^31). ``random`` (DARE) caches no order. Not
-    counted here: the ``l1`` rescale's per-pair grid and Σ|τ| (a few bytes, charged 0), the l1
-    histograms kept per (pair, key), and the 0-byte sightings of :func:`resident`.
+    at most 2^15 entries, else int32 (int64 from 2^31). ``random`` (DARE) caches no order, but
+    its ``l1`` rescale keeps the prefix sums of one bucket histogram per (pair, key) — 4097 int64
+    whatever the shape; with the engine's keys (common random numbers) a search has one key per
+    pair. Not counted here: the ``l1`` rescale's per-pair grid and Σ|τ| (a few bytes, charged 0)
+    and the 0-byte sightings of :func:`resident`.
     """
     numel = math.prod(shape)
     kind = SPARSIFIERS[method]
@@ -425,7 +441,7 @@ def cache_entry(method: str, shape: Sequence[int]) -> tuple[torch.dtype | None, 
         cols = numel // shape[0] if len(shape) >= 2 and shape[0] else numel  # _rows
         dtype = torch.int16 if cols <= 2**15 else torch.int32 if cols < 2**31 else torch.int64
         return dtype, numel * dtype.itemsize
-    return None, 0
+    return torch.int64, (KEEP_STEPS + 1) * torch.int64.itemsize
 
 
 # ---------------------------------------------------------------------- exact order statistics
@@ -628,14 +644,13 @@ def spec(method: str, options: dict[str, Any], consensus: bool = False, normaliz
 
 
 def random_keys(method: str, params: list[dict[str, Any]], generator: torch.Generator | None) -> list[int]:
-    """Counter-RNG keys of a random sparsifier: one per model whose density is in (0, 1), drawn
-    from ``generator`` in models order (0 for the others, which keep all or nothing)."""
+    """Counter-RNG keys of a random sparsifier: one per model, drawn from ``generator`` in models
+    order — for every model, whatever its density, so that a model's key (hence its mask) does
+    not shift when another model's density reaches 0 or 1."""
     if SPARSIFIERS[method] == "window":
         return [0] * len(params)
     need_generator(generator)
-    random = [0 < float(p.get("density", 1.0)) < 1 for p in params]
-    keys = iter(draw_keys(generator, sum(random)))
-    return [next(keys) if r else 0 for r in random]
+    return draw_keys(generator, len(params))
 
 
 def sparsifier(t: torch.Tensor, base: torch.Tensor | None, method: str, p: dict[str, Any],
@@ -650,7 +665,8 @@ def sparsifier(t: torch.Tensor, base: torch.Tensor | None, method: str, p: dict[
     if kind == "window":
         return Expert(flat, weight, window=window(t, base, method, p), divisor=density if inverse_p else 1.0)
     if kind == "random":
-        return Expert(flat, weight, key=key, density=density, divisor=density if inverse_p else 1.0)
+        p_hat = keep_probability(density)
+        return Expert(flat, weight, key=key, density=p_hat, divisor=p_hat if inverse_p and 0 < p_hat < 1 else 1.0)
     c1, c0 = della_rule(density, float(p.get("epsilon", 0.15)), _rows(t).shape[1])
     ranks = row_ranks(t, base).reshape(-1) if 0 < density < 1 else None
     return Expert(flat, weight, key=key, ranks=ranks, c1=c1, c0=c0)
@@ -660,18 +676,50 @@ def with_l1_factors(experts: list[Expert], tensors: list[torch.Tensor], base: to
                     compile_ok: bool) -> list[Expert]:
     """``experts`` (τ_k = tensors[k] − base) with mergekit's l1 rescale factor Σ|τ_k| / Σ|τ̂_k|
     (1 where either norm is below 1e-7), from exact fixed-point sums (:func:`.fused.l1_sums`).
-    A resident pair's grid and Σ|τ| are cached, leaving one pass for the Σ|τ̂| of a new mask."""
+    A resident pair's grid and Σ|τ| are cached, leaving one pass for the Σ|τ̂| of a new mask —
+    none for DARE once the (pair, key)'s histogram is cached (see the module docstring)."""
     flat_b = base.reshape(-1)
     stats = [_CACHE.get("l1", t, base, 0, lambda e=e: _l1_stats(e, flat_b)) for t, e in zip(tensors, experts)]
     if all(st is not None for st in stats):
         experts = [replace(e, grid=st[0]) for e, st in zip(experts, stats)]
         befores = [st[1] for st in stats]
-        afters = fused.l1_sums(flat_b, experts, sp, compile_ok, before=False)
+        afters = [_l1_lookup(t, base, e) if sp.kind == "random" else None for t, e in zip(tensors, experts)]
+        missing = [j for j, a in enumerate(afters) if a is None]
+        if missing:
+            sums = fused.l1_sums(flat_b, [experts[j] for j in missing], sp, compile_ok, before=False)
+            for j, a in zip(missing, sums):
+                afters[j] = a
     else:
         experts = [replace(e, grid=fused.l1_grid(fused.l1_bound(e.t, flat_b), e.t.numel())) for e in experts]
         sums = fused.l1_sums(flat_b, experts, sp, compile_ok, before=True)
         befores, afters = sums[0::2], sums[1::2]
     return [replace(e, factor=l1_factor(before, after, e.grid)) for e, before, after in zip(experts, befores, afters)]
+
+
+def _l1_lookup(t: torch.Tensor, base: torch.Tensor, e: Expert) -> int | None:
+    """Σ trunc(|τ̂|·grid) of a DARE expert (grid set) from its (pair, key)'s cached prefix sums,
+    built on the second sighting; None when not cached."""
+    m = round(e.density * KEEP_STEPS)  # p̂ is a multiple of 2^-12: exact
+    if m <= 0 or e.grid == 0:  # nothing kept, or no rescale (l1_factor gives 1 for grid 0)
+        return 0
+    prefix = _CACHE.get(("l1hist", e.key), t, base, cache_entry("random", t.shape)[1],
+                        lambda: _l1_prefix(e.t, base.reshape(-1), e.key, e.grid))
+    return None if prefix is None else int(prefix[m])
+
+
+def _l1_prefix(t: torch.Tensor, b: torch.Tensor, key: int, grid: float) -> torch.Tensor:
+    """Prefix sums P (4097 int64, P[0] = 0) of H[j] = Σ trunc(|t_i − b_i|·grid) over the flat
+    positions whose bucket under ``key`` is j: P[m] is the l1 pass's Σ|τ̂| at keep probability
+    m·2⁻¹², term for term (the same float32 |d|·grid truncated to int64)."""
+    hist = torch.zeros(KEEP_STEPS, dtype=cache_entry("random", b.shape)[0], device=b.device)
+    chunk = CHUNK if b.device.type == "cpu" else fused.DEVICE_CHUNK
+    for s, e in pieces(b.numel(), [], chunk):  # pieces split at key blocks
+        d = torch.sub(t[s:e], b[s:e], out=scratch("fused.l1", b[s:e]))
+        q = scratch("fused.q", b[s:e], torch.int64).copy_(d.abs_().mul_(grid))
+        j = buckets_into(scratch("fused.bits", b[s:e], torch.int32), s % BLOCK, block_key(key, s // BLOCK),
+                         scratch("fused.aux", b[s:e], torch.int32))
+        hist.index_add_(0, j, q)
+    return torch.cat([hist.new_zeros(1), hist.cumsum(0)]).cpu()
 
 
 def _l1_stats(e: Expert, flat_b: torch.Tensor) -> tuple[float, int]:
