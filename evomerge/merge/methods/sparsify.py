@@ -13,7 +13,7 @@ Performance (searches merge thousands of times):
   (multiples of 1/:data:`CUT_GRID`, what searches decode ``density`` and ``gamma`` to) can
   produce — 3·(CUT_GRID + 1) slots, ~50 KB per pair whatever its size; every rank for tensors of
   at most 4·CUT_GRID entries (:func:`_table_slot`, :class:`_RankTable`). They are read off the
-  stable order at those ranks, built bucket by bucket with ~0.6x the tensor transiently and
+  stable order at those ranks, built bucket by bucket with ~0.3–0.5x the tensor transiently and
   then dropped (:func:`_order_at`): no permutation is kept. Any other rank (a hand-written,
   off-grid density) takes the exact pass path once and is remembered (the last 16 per pair).
   DELLA caches its per-row magnitude ranks (int16 when rows are at most 32768 long, ½ float32
@@ -285,7 +285,7 @@ def _rank_table(t: torch.Tensor, b: torch.Tensor) -> _RankTable | None:
 
 def _build_table(t: torch.Tensor, b: torch.Tensor) -> _RankTable:
     """The rank table of |t − b|: the order at the slots' ranks and the ranks just below them
-    (:func:`_order_at`, ~0.6x the tensor transiently; no permutation is kept)."""
+    (:func:`_order_at`, ~0.3–0.5x the tensor transiently; no permutation is kept)."""
     n = t.numel()
     if n <= _ALL_RANKS:
         slots = torch.arange(n)
@@ -328,7 +328,7 @@ def _buckets(ft: torch.Tensor, fb: torch.Tensor) -> list[tuple[float, float, str
 def _order_at(t: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(|τ|, position) of the entries at the sorted, distinct 0-based ``ranks`` of the stable
     ascending order of |τ| = |t − b| (= ``torch.sort(..., stable=True)`` at those ranks), with
-    ~0.6x the tensor of transient memory instead of a whole sort's ~4x.
+    ~0.3–0.5x the tensor of transient memory instead of a whole sort's ~4x.
 
     Small tensors are sorted whole. Otherwise each magnitude bucket (:func:`_buckets`) is
     gathered in one chunked pass (positions ascending) and sorted on its own; a ``point``
@@ -344,6 +344,7 @@ def _order_at(t: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor) -> tuple[to
     x = scratch("order.abs", ft[:chunk])
     mask, upper = scratch("order.mask", ft[:chunk], torch.bool), scratch("order.upper", ft[:chunk], torch.bool)
     ranks_c = ranks.cpu()
+    pos_dtype = torch.int32 if n < 2**31 else torch.int64
     start = 0  # rank of the bucket's first entry
 
     def wanted(lo: int, hi: int) -> slice:  # the ranks in [lo, hi), as a slice of ``ranks``
@@ -368,15 +369,22 @@ def _order_at(t: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor) -> tuple[to
             idx = torch.nonzero(mc).squeeze(1)
             if idx.numel():
                 vals.append(xc[idx])
-                pos.append(idx + i)
-        if vals:
-            s = torch.sort(torch.cat(vals), stable=True)
+                pos.append(idx.add_(i).to(pos_dtype))
+        if vals:  # one list at a time, freed once joined: ~20 bytes per bucket entry at the peak
+            v = torch.cat(vals)
+            vals.clear()
+            s = torch.sort(v, stable=True)
+            del v
             count = s.values.numel()
             w = wanted(start, start + count)
             local = ranks_c[w] - start
             mags[w] = s.values[local].cpu()
-            poss[w] = torch.cat(pos)[s.indices[local]].cpu()
+            at = s.indices[local]
             del s
+            p = torch.cat(pos)
+            pos.clear()
+            poss[w] = p[at].cpu().to(torch.int64)
+            del p
         start += count
     if start != n:  # cannot happen for finite inputs; never return a wrong order
         s = torch.sort(torch.sub(ft, fb).abs_(), stable=True)
