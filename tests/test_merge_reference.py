@@ -348,10 +348,41 @@ def test_off_grid_ranks_take_the_pass_path_and_are_remembered():
     sp.release_order_cache()
 
 
+@pytest.mark.parametrize("fixed", [{"gamma": 0.01}, {"density": 0.53}], ids=["default-gamma", "fixed-density"])
+def test_breadcrumbs_with_one_value_off_the_grid_sweeps_the_other_from_the_table(fixed):
+    sp.release_order_cache()
+    base, (t, *_) = experts((700, 500), "quantised")
+    n, order = t.numel(), torch.sort((t - base).reshape(-1).abs(), stable=True)
+
+    def ref(r):
+        v = float(order.values[r])
+        return v, int(order.indices[r]) if float(order.values[r - 1]) == v and v != 0 else 0
+
+    swept = "density" if "gamma" in fixed else "gamma"
+    for _ in range(2):  # the second sighting builds the table, with the offset of the fixed value
+        sp.window(t, base, "magnitude_outliers", {"density": 0.5, "gamma": 0.5, **fixed})
+    table = sp._rank_table(t, base)
+    assert table.offset == int(next(iter(fixed.values())) * n)
+    for j in range(1, 1024, 37):
+        p = {"density": 0.5, "gamma": 0.5, **fixed, swept: j / 1024}
+        d, g = float(p["density"]), float(p["gamma"])
+        r0 = max(0, n - int(d * n) - int(g * n))
+        r1 = r0 + int(d * n)
+        w = sp.window(t, base, "magnitude_outliers", p)
+        if r0 > 0:
+            assert (w.lo, w.lo_pos) == ref(r0) == table.key(r0)
+        if r1 < n:
+            assert (w.hi, w.hi_pos) == ref(r1)
+    remembered = {r for r in table.memo if r >= 0}  # the pass path ran for the fixed cut only
+    assert remembered <= {n - int(0.01 * n), int(0.53 * n)} and len(remembered) <= 1
+    sp.release_order_cache()
+
+
 def test_cache_entry_per_sparsifier():
     big = sp.cache_entry("magnitude", (4096, 4096))
-    assert big == sp.cache_entry("magnitude_outliers", (4096 * 4096,)) == (None, sp._table_bytes(4096 * 4096))
-    assert big[1] == 16 * 3 * 1025 + 24 * sp._MEMO + sp._TABLE_OVERHEAD < 64 * 1024  # not 4 bytes per entry
+    assert big == (None, sp._table_bytes(4096 * 4096)) == (None, 16 * 3 * 1025 + 24 * sp._MEMO + sp._TABLE_OVERHEAD)
+    assert big[1] < 64 * 1024  # not 4 bytes per entry
+    assert sp.cache_entry("magnitude_outliers", (4096 * 4096,)) == (None, big[1] + 16 * 1025)  # + the offset grid
     assert sp.cache_entry("magnitude", (100,))[1] == 16 * 100 + 24 * sp._MEMO + sp._TABLE_OVERHEAD  # every rank
     assert sp.cache_entry("della", (1000, 640)) == (torch.int16, 2 * 640_000)  # row ranks
     assert sp.cache_entry("della", (10, 40_000)) == (torch.int32, 4 * 400_000)

@@ -219,8 +219,23 @@ _MEMO = 16  # off-grid ranks remembered per pair (first in, first out)
 _TABLE_OVERHEAD = 2048  # ≥ the Python objects around the arrays and the cache entry (tests check it)
 
 
-def _slots(n: int) -> int:
-    return n if n <= _ALL_RANKS else 3 * (CUT_GRID + 1)
+def _slots(n: int, offset: bool = False) -> int:
+    if n <= _ALL_RANKS:
+        return n
+    return 3 * (CUT_GRID + 1) + (CUT_GRID + 1 if offset else 0)
+
+
+def _on_grid(x: float) -> bool:
+    return (x * CUT_GRID).is_integer()
+
+
+def _grid_index(n: int, f: int) -> int | None:
+    """The j with int(j/CUT_GRID · n) = f (n > 4·CUT_GRID: at most one), or None."""
+    j = (f + 1) * CUT_GRID // n
+    for j in (j, j - 1):
+        if 0 <= j <= CUT_GRID and int(j / CUT_GRID * n) == f:
+            return j
+    return None
 
 
 def _table_slot(n: int, rank: int) -> int | None:
@@ -247,18 +262,26 @@ def _table_slot(n: int, rank: int) -> int | None:
 class _RankTable:
     """The window sort keys (:func:`_key`) of one resident pair at the ranks grid densities
     produce (:func:`_table_slot`), plus a memo of the last :data:`_MEMO` other ranks asked for.
-    Float64 magnitudes (exact for float32 |τ|) and int64 positions: 16 bytes a slot."""
+    Float64 magnitudes (exact for float32 |τ|) and int64 positions: 16 bytes a slot.
 
-    __slots__ = ("n", "mags", "poss", "memo", "memo_mags", "memo_poss", "next", "lock")
+    With an ``offset`` c (breadcrumbs with one of density and gamma off the grid, e.g. the
+    default gamma 0.01, fixed through a search) it also keeps ranks n − c − f_j, j = 0 …
+    CUT_GRID: the lower cut n − int(x·n) − int(y·n) for the off-grid x (c = int(x·n)) and any
+    grid y — 1025 more slots."""
 
-    def __init__(self, n: int, mags: list[float], poss: list[int]) -> None:
-        self.n, self.mags, self.poss = n, array("d", mags), array("q", poss)
+    __slots__ = ("n", "mags", "poss", "offset", "memo", "memo_mags", "memo_poss", "next", "lock")
+
+    def __init__(self, n: int, mags: list[float], poss: list[int], offset: int | None = None) -> None:
+        self.n, self.mags, self.poss, self.offset = n, array("d", mags), array("q", poss), offset
         self.memo = array("q", [-1] * _MEMO)
         self.memo_mags, self.memo_poss = array("d", [0.0] * _MEMO), array("q", [0] * _MEMO)
         self.next, self.lock = 0, threading.Lock()
 
     def key(self, rank: int) -> tuple[float, int] | None:
         s = _table_slot(self.n, rank)
+        if s is None and self.offset is not None:
+            j = _grid_index(self.n, self.n - self.offset - rank)
+            s = None if j is None else 3 * (CUT_GRID + 1) + j
         if s is not None:
             return self.mags[s], self.poss[s]
         with self.lock:
@@ -274,32 +297,37 @@ class _RankTable:
             self.memo[m], self.memo_mags[m], self.memo_poss[m] = rank, key[0], key[1]
 
 
-def _table_bytes(n: int) -> int:
-    return 16 * _slots(n) + 24 * _MEMO + _TABLE_OVERHEAD
+def _table_bytes(n: int, offset: bool = False) -> int:
+    return 16 * _slots(n, offset) + 24 * _MEMO + _TABLE_OVERHEAD
 
 
-def _rank_table(t: torch.Tensor, b: torch.Tensor) -> _RankTable | None:
-    """The cached rank table of (t, b), or None (see :class:`_OrderCache`)."""
-    return _CACHE.get("order", t, b, _table_bytes(t.numel()), lambda: _build_table(t, b))
+def _rank_table(t: torch.Tensor, b: torch.Tensor, offset: int | None = None) -> _RankTable | None:
+    """The cached rank table of (t, b), or None (see :class:`_OrderCache`); ``offset``: see
+    :class:`_RankTable` (used when the table is built)."""
+    offset = offset if t.numel() > _ALL_RANKS else None
+    return _CACHE.get("order", t, b, _table_bytes(t.numel(), offset is not None),
+                      lambda: _build_table(t, b, offset))
 
 
-def _build_table(t: torch.Tensor, b: torch.Tensor) -> _RankTable:
+def _build_table(t: torch.Tensor, b: torch.Tensor, offset: int | None = None) -> _RankTable:
     """The rank table of |t − b|: the order at the slots' ranks and the ranks just below them
     (:func:`_order_at`, ~0.3–0.5x the tensor transiently; no permutation is kept)."""
     n = t.numel()
     if n <= _ALL_RANKS:
-        slots = torch.arange(n)
+        slots, offset = torch.arange(n), None
     else:
         f = torch.tensor([int(j / CUT_GRID * n) for j in range(CUT_GRID + 1)])
         slots = (f[:, None] + torch.arange(3)).reshape(-1)
-    ranks = slots.clamp(max=n - 1)
+        if offset is not None:
+            slots = torch.cat([slots, n - offset - f])
+    ranks = slots.clamp(0, n - 1)
     need = torch.unique(torch.cat([ranks, (ranks - 1).clamp(min=0)]))  # sorted
     mags, poss = _order_at(t, b, need)
     at = mags[torch.searchsorted(need, ranks)]
     below = mags[torch.searchsorted(need, (ranks - 1).clamp(min=0))]
     straddles = (ranks > 0) & (below == at) & (at != 0)  # as :func:`_key` on the pass path
     keys = torch.where(straddles, poss[torch.searchsorted(need, ranks)], 0)
-    return _RankTable(n, at.double().tolist(), keys.tolist())
+    return _RankTable(n, at.double().tolist(), keys.tolist(), offset)
 
 
 _BUCKETS = 16
@@ -432,9 +460,10 @@ def cache_entry(method: str, shape: Sequence[int]) -> tuple[torch.dtype | None, 
     (:mod:`evomerge.memory`) sums its bytes.
 
     Counted: ``magnitude`` and ``magnitude_outliers`` windows (TIES, breadcrumbs) — a rank table
-    (:class:`_RankTable`): 16 bytes a slot, 3·(CUT_GRID + 1) slots (~50 KB) whatever the size, one
-    per entry up to 4·CUT_GRID entries, plus the memo and the objects around them (dtype None:
-    nothing per entry); ``della`` — the per-row magnitude ranks, an int16 per entry for rows of
+    (:class:`_RankTable`): 16 bytes a slot, 3·(CUT_GRID + 1) slots (~50 KB) whatever the size —
+    breadcrumbs 1025 more (~66 KB) for an off-grid density or gamma — one per entry up to
+    4·CUT_GRID entries, plus the memo and the objects around them (dtype None: nothing per
+    entry); ``della`` — the per-row magnitude ranks, an int16 per entry for rows of
     at most 2^15 entries, else int32 (int64 from 2^31). ``random`` (DARE) caches no order, but
     its ``l1`` rescale keeps the prefix sums of one bucket histogram per (pair, key) — 4097 int64
     whatever the shape; with the engine's keys (common random numbers) a search has one key per
@@ -444,7 +473,7 @@ def cache_entry(method: str, shape: Sequence[int]) -> tuple[torch.dtype | None, 
     numel = math.prod(shape)
     kind = SPARSIFIERS[method]
     if kind == "window":
-        return None, _table_bytes(numel) if numel else 0
+        return None, _table_bytes(numel, method == "magnitude_outliers") if numel else 0
     if kind == "della":
         cols = numel // shape[0] if len(shape) >= 2 and shape[0] else numel  # _rows
         dtype = torch.int16 if cols <= 2**15 else torch.int32 if cols < 2**31 else torch.int64
@@ -586,14 +615,16 @@ def _key(t: torch.Tensor, base: torch.Tensor | None, rank: int,
     return key
 
 
-def rank_window(t: torch.Tensor, base: torch.Tensor | None, r0: int, r1: int) -> Window:
-    """:class:`Window` for ascending-|τ| ranks [r0, r1) of τ = t − base: exactly r1 − r0 entries."""
+def rank_window(t: torch.Tensor, base: torch.Tensor | None, r0: int, r1: int,
+                offset: int | None = None) -> Window:
+    """:class:`Window` for ascending-|τ| ranks [r0, r1) of τ = t − base: exactly r1 − r0 entries
+    (``offset``: where later lower cuts will lie, see :class:`_RankTable`)."""
     n = t.numel()
     if r1 <= r0:
         return Window(nothing=True)
     if r0 == 0 and r1 == n:
         return Window(everything=True)
-    table = _rank_table(t, base) if base is not None else None
+    table = _rank_table(t, base, offset) if base is not None else None
     w: dict[str, Any] = {}
     if r0 > 0:
         w["lo"], w["lo_pos"] = _key(t, base, r0, table)
@@ -630,9 +661,11 @@ def window(t: torch.Tensor, base: torch.Tensor | None, method: str, p: dict[str,
         return Window(nothing=True)
     if method == "magnitude":
         return rank_window(t, base, n - max(1, int(density * n)), n)
+    gamma = float(p.get("gamma", 0.01))
     target = int(density * n)
-    n_bot = max(0, n - target - int(float(p.get("gamma", 0.01)) * n))
-    return rank_window(t, base, n_bot, n_bot + target)
+    n_bot = max(0, n - target - int(gamma * n))
+    off_grid = [x for x in (density, gamma) if not _on_grid(x)]  # one, fixed in a search: an offset
+    return rank_window(t, base, n_bot, n_bot + target, int(off_grid[0] * n) if len(off_grid) == 1 else None)
 
 
 def need_generator(generator: torch.Generator | None) -> None:
