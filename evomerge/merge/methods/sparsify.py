@@ -12,7 +12,9 @@ Performance (searches merge thousands of times):
   (θ_k, θ0) tensor pair is seen, those keys are cached for every rank a pair of grid values
   (multiples of 1/:data:`CUT_GRID`, what searches decode ``density`` and ``gamma`` to) can
   produce — 3·(CUT_GRID + 1) slots, ~50 KB per pair whatever its size; every rank for tensors of
-  at most 4·CUT_GRID entries (:func:`_table_slot`, :class:`_RankTable`). They are read off the
+  at most 4·CUT_GRID entries (:func:`_table_slot`, :class:`_RankTable`); breadcrumbs with one
+  of density and gamma off the grid (its default gamma 0.01) also keeps the lower cuts that
+  value makes with every grid value of the other (~66 KB). They are read off the
   stable order at those ranks, built bucket by bucket with ~0.3–0.5x the tensor transiently and
   then dropped (:func:`_order_at`): no permutation is kept. Any other rank (a hand-written,
   off-grid density) takes the exact pass path once and is remembered (the last 16 per pair).
