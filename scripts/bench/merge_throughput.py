@@ -59,6 +59,17 @@ sys.path.insert(0, str(REPO))
 from evomerge.merge.methods import OPERATORS  # noqa: E402
 
 PARAMS = [(0.5, 0.6), (0.3, 0.5), (0.7, 0.7), (0.4, 0.4), (0.6, 0.3), (0.2, 0.8)]  # (weight, density)
+# per-model inputs the bench gives every operator that takes them, from (weight, density):
+# metric_weighted's score is the weight; an operator needing others (fisher: per-model Fisher
+# files) is skipped, saying why
+STAND_INS = {"weight": lambda w, d: w, "density": lambda w, d: d, "score": lambda w, d: w}
+GLOBAL_STAND_INS = {"t": 0.3, "alpha": 0.5, "beta": 1.0}  # slerp's t, LiNeS' schedule
+
+
+def missing_inputs(op) -> list[str]:
+    """The operator's required parameters the bench cannot stand in for."""
+    return ([p for p, v in op.model_params.items() if v is None and p not in STAND_INS]
+            + [p for p, v in op.global_params.items() if v is None and p not in GLOBAL_STAND_INS])
 
 
 def _sync(device: str) -> None:
@@ -141,9 +152,14 @@ def worker(name: str, rows: int, cols: int, experts: int, reps: int, device: str
     base = torch.randn(rows, cols, device=device, generator=g)
     tensors = [base + 0.01 * torch.randn(rows, cols, device=device, generator=g) for _ in range(k)]
     out = torch.zeros_like(base)  # written once, as the resident parameter it stands for
-    params = [{p: v for p, v in {**op.model_params, "weight": w, "density": d}.items() if p in op.model_params}
-              for w, d in PARAMS[:k]]
-    opts = {**op.global_params, **({"t": 0.3} if "t" in op.global_params or name == "slerp" else {})}
+    params = [{p: v for p, v in {**op.model_params, **{q: f(w, d) for q, f in STAND_INS.items()}}.items()
+               if p in op.model_params} for w, d in PARAMS[:k]]
+    opts = {**op.global_params, **{p: v for p, v in GLOBAL_STAND_INS.items() if p in op.global_params}}
+    if op.wants_site:  # a middle block of a 4-block model (LiNeS scales by depth)
+        from evomerge.recipe import TensorSite
+
+        opts["site"] = TensorSite(name="model.layers.1.mlp.down_proj.weight", group="layers.1", block=1,
+                                  num_blocks=4)
     b = base if op.needs_base else None
     tensor_bytes = base.numel() * 4
 
@@ -193,6 +209,9 @@ def operator_table(args, on_row=lambda rows: None) -> list[dict]:
     by a time limit keeps the rows it finished)."""
     names = [x for x in args.only.split(",") if x] or [x for x in OPERATORS if x != "passthrough"]
     rows = []
+    for name in [n for n in names if missing_inputs(OPERATORS[n])]:
+        print(f"{name:17} skipped: needs {', '.join(missing_inputs(OPERATORS[name]))} (no stand-in)")
+    names = [n for n in names if not missing_inputs(OPERATORS[n])]
     print(f"device {args.device}, {args.threads} threads, tensor {args.rows}x{args.cols} float32 "
           f"({args.rows * args.cols * 4 / 2**20:.0f} MiB), up to {args.experts} experts; one subprocess per operator")
     print(f"{'operator':17} {'k':>2} {'first s':>8} {'(cpu)':>6} {'steady s':>9} {'GB/s':>7} {'copy GB/s':>9} "
