@@ -224,17 +224,6 @@ class Recipe(BaseModel):
         """Content hash: same recipe ⇒ same hash ⇒ same weights ⇒ evaluated once."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
 
-    def merge_key(self) -> str:
-        """Identity of the parameter-space merge alone, independent of where the models live:
-        paths become aliases and the layer flow is left out."""
-        portable = self.model_copy(update={
-            "base_model": "base" if self.base_model is not None else None,
-            "models": [m.model_copy(update={"model": m.alias, "name": None}) for m in self.models],
-            "layer_flow": None,
-            "tokenizer_source": None,
-        })
-        return portable.hash()
-
     def mask_key(self, family: str) -> str:
         """Identity of a random operator's masks (with ``seed`` and the tensor name, which the
         engine mixes in): the mask ``family`` (the operator's sparsification) and the models'

@@ -66,6 +66,8 @@ class CarryError(EvomergeError):
 
 
 def sha256_file(path: Path) -> str:
+    """evomerge.zoo.gguf.sha256_file's twin, kept here because ``status`` runs on the GPU machine
+    before the wheels are installed, and evomerge.zoo.gguf imports pydantic (through evomerge.io)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(MiB), b""):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 
 import torch
@@ -16,10 +15,9 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-def scratch(slot: int | str, like: torch.Tensor, dtype: torch.dtype | None = None,
-            shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """A reusable uninitialised buffer shaped like ``like`` (or ``shape``; slot ``slot`` of this
-    thread), on ``like``'s device, of ``like``'s dtype unless ``dtype`` is given.
+def scratch(slot: int | str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A reusable uninitialised buffer shaped like ``like`` (slot ``slot`` of this thread), on
+    ``like``'s device, of ``like``'s dtype unless ``dtype`` is given.
 
     Operators number their per-model slots 0, 1, …; helpers use named slots.
 
@@ -29,12 +27,11 @@ def scratch(slot: int | str, like: torch.Tensor, dtype: torch.dtype | None = Non
     dtype = dtype or like.dtype
     key = (slot, dtype, like.device)
     buf = _SCRATCH.bufs.get(key)
-    shape = tuple(like.shape) if shape is None else tuple(shape)
-    n = math.prod(shape)
+    n = like.numel()
     if buf is None or buf.numel() < n:
         buf = torch.empty(max(n, 1), dtype=dtype, device=like.device)
         _SCRATCH.bufs[key] = buf
-    return buf[:n].view(shape)
+    return buf[:n].view(like.shape)
 
 
 def release_scratch() -> None:

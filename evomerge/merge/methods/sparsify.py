@@ -699,7 +699,7 @@ def random_keys(method: str, params: list[dict[str, Any]], generator: torch.Gene
 def sparsifier(t: torch.Tensor, base: torch.Tensor | None, method: str, p: dict[str, Any],
                options: dict[str, Any], key: int, weight: float = 1.0) -> Expert:
     """What ``method`` keeps of τ = t − base and how it rescales (all but the l1 factor, which
-    :func:`~evomerge.merge.methods.fused.l1_factors` measures), as a fused-pass expert."""
+    :func:`with_l1_factors` measures), as a fused-pass expert."""
     density = float(p.get("density", 1.0))
     inverse_p = (bool(options.get("rescale", False)) and options.get("rescale_mode", "l1") == "inverse_p"
                  and 0 < density < 1)
